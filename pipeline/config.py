@@ -1,0 +1,101 @@
+"""Structured config schema: every key a job accepts, typed, registered with Hydra's ConfigStore."""
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class Mode(str, Enum):
+    disaggregated = "disaggregated"
+    colocated = "colocated"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    # Exactly one source: a GGUF file shipped in a Python package ("package/file.gguf"),
+    # or an HF checkpoint given as a local directory or a hub id.
+    bundled_gguf: Optional[str] = None
+    checkpoint: Optional[str] = None
+    dtype: str = "float32"
+    max_model_len: int = 2048
+
+
+@dataclass
+class InputConfig:
+    path: str = "???"
+    prompt_column: str = "prompt"
+    id_column: str = "id"
+    apply_chat_template: bool = True
+
+
+@dataclass
+class OutputConfig:
+    path: str = "???"
+    overwrite: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+
+
+@dataclass
+class PoolConfig:
+    size: int = 1
+    batch_size: int = 32
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # Engine threads; None lets the engine use every core it may run on.
+    cpu_threads: Optional[int] = None
+
+
+@dataclass
+class PoolsConfig:
+    tokenize: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.1))
+    prefill: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.5))
+    decode: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.5))
+    colocated: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.5))
+    detokenize: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.1))
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    # CPU only: KV cache space per engine; None sizes it from the pool's batch.
+    kv_cache_gib: Optional[float] = None
+    # GPU only.
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    # On one machine, give each engine pool its own cores so the pools do not compete.
+    bind_cores: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    # None starts Ray in this process; otherwise the address of a running cluster.
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+
+
+@dataclass
+class JobConfig:
+    mode: Mode = Mode.disaggregated
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)

