@@ -57,10 +57,13 @@ class PoolConfig:
 
 @dataclass
 class PoolsConfig:
+    # num_cpus is what Ray reserves per actor, not the cores an engine uses (see
+    # engine.bind_cores). The defaults leave one whole logical CPU free on a small machine:
+    # Ray Data's file-listing task asks for one and never starts without it.
     tokenize: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.1))
-    prefill: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.5))
-    decode: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.5))
-    colocated: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.5))
+    prefill: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.4))
+    decode: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.4))
+    colocated: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.8))
     detokenize: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.1))
 
 
@@ -83,6 +86,8 @@ class ClusterConfig:
     # None starts Ray in this process; otherwise the address of a running cluster.
     address: Optional[str] = None
     num_cpus: Optional[int] = None
+    # CPUs reserved by each Parquet read or write task.
+    io_num_cpus: float = 0.25
 
 
 @dataclass

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from pipeline.cache import cache_dir
 from pipeline.config import ModelConfig
+from pipeline.errors import JobError
 
 log = logging.getLogger(__name__)
 
 
-class ModelError(RuntimeError):
+class ModelError(JobError):
     pass
 
 

@@ -1,0 +1,20 @@
+"""Resolves the configured model ahead of a job: converts a bundled GGUF into the cache dir once.
+
+    python -m jobs.prepare_model [model=...]"""
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import ModelConfig, register
+from pipeline.model import resolve_model
+
+register()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    model = resolve_model(ModelConfig(**OmegaConf.to_container(cfg.model)))
+    print(f"model {cfg.model.name} ready at {model.path} (fingerprint {model.fingerprint})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""What the three vLLM stages (prefill, decode, colocated) share: an engine in the actor's own
+process on its own cores, the generation budget, and metering."""
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from pipeline.columns import FINISH_REASON, GENERATED_TOKENS, PROMPT_TOKENS, TOKEN_LIST, pending, with_columns
+from pipeline.config import EngineConfig, PoolConfig, SamplingConfig
+from pipeline.engine import bind_threads, build_engine
+from pipeline.metrics import StageMeter
+from pipeline.model import ResolvedModel
+from pipeline.placement import Placement
+
+if TYPE_CHECKING:
+    from vllm import RequestOutput, SamplingParams
+
+
+class EngineStage:
+    stage: str
+    kv_role: str | None = None
+
+    def __init__(
+        self,
+        model: ResolvedModel,
+        engine: EngineConfig,
+        sampling: SamplingConfig,
+        pool: PoolConfig,
+        placement: Placement,
+        sink_name: str,
+    ):
+        if engine.device == "cpu":
+            bind_threads(placement.cores, placement.threads)
+        self.llm = build_engine(model, engine, pool.batch_size, self.kv_role)
+        self.model = model
+        self.sampling = sampling
+        self.meter = StageMeter(self.stage, sink_name)
+
+    def budget(self, num_prompt_tokens: int) -> int:
+        """Tokens a request may generate: max_tokens, or fewer where the context ends first."""
+        return min(self.sampling.max_tokens, self.model.max_model_len - num_prompt_tokens)
+
+    def generate(self, prompts: list[list[int]], params: list["SamplingParams"]) -> list["RequestOutput"]:
+        if not prompts:
+            return []
+        return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+    @staticmethod
+    def rows(batch: pa.Table) -> tuple[list[int], list[list[int]]]:
+        """Indices of the rows still to generate, and every row's prompt tokens."""
+        return pending(batch), batch.column(PROMPT_TOKENS).to_pylist()
+
+    @staticmethod
+    def with_generation(batch: pa.Table, tokens: list, finish: list) -> pa.Table:
+        return with_columns(
+            batch,
+            **{GENERATED_TOKENS: pa.array(tokens, TOKEN_LIST), FINISH_REASON: pa.array(finish, pa.string())},
+        )

@@ -1,0 +1,33 @@
+"""Shared fixtures: configs composed with Hydra as a user would, the bundled model resolved
+once, one Ray cluster for the whole session."""
+from pathlib import Path
+
+import pytest
+import ray
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pipeline.config import JobConfig, register
+from pipeline.model import ResolvedModel, resolve_model
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register()
+
+
+def job_config(*overrides: str) -> JobConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("config", overrides=["input.path=unset", "output.path=unset", *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.fixture(scope="session")
+def model() -> ResolvedModel:
+    return resolve_model(job_config().model)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    # Workers import test-defined stages (tests.*) from the repo root.
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(CONF.parent)}})
+    yield
+    ray.shutdown()
