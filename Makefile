@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP) $(SAMPLE)
-	$(PY) -m jobs.compare input.path=$(SAMPLE)
+	$(PY) -m jobs.bench input.path=$(SAMPLE) output.path=outputs/bench
 
 clean:
 	rm -rf $(VENV) outputs

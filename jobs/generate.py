@@ -3,7 +3,6 @@
     python -m jobs.generate input.path=prompts.parquet output.path=out/ [mode=colocated]
 
 Exit codes: 0 done, 2 bad configuration, input or output (one-line message)."""
-import logging
 import sys
 
 import hydra
@@ -23,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     try:
         metrics = run(job)
     except JobError as error:
-        logging.getLogger("kvrelay").error("%s", error)
+        print(f"kvrelay: error: {error}", file=sys.stderr)
         sys.exit(2)
     print_summary(job, metrics)
 

@@ -88,7 +88,7 @@ def kv_cache_bytes(model: ResolvedModel, engine: EngineConfig, max_num_seqs: int
 def sampling_params(cfg: SamplingConfig, max_tokens: int, kv_key: str | None = None) -> "SamplingParams":
     from vllm import SamplingParams
 
-    from pipeline.kv.connector import KEY
+    from pipeline.kv.handoff import KEY
 
     return SamplingParams(
         max_tokens=max_tokens,

@@ -22,20 +22,25 @@ def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, pyarrow.fs.FileSys
     return fs, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
 
-def read_prompts(cfg: InputConfig, num_cpus: float) -> tuple[ray.data.Dataset, list[str]]:
-    """The prompt dataset with an id column (a deterministic per-row hash when the input has
-    none), and the input's column names."""
-    fs, arrow_fs, path = _filesystem(cfg.path)
-    if not fs.exists(path):
-        raise JobError(f"input.path {cfg.path} does not exist")
-    read = dict(filesystem=arrow_fs, num_cpus=num_cpus)
-    ds = ray.data.read_parquet(path, **read)
-    columns = list(ds.schema().names)
-    if cfg.prompt_column not in columns:
-        raise JobError(f"input has no column '{cfg.prompt_column}' (columns: {', '.join(columns)})")
-    if cfg.id_column not in columns:
-        ds = ray.data.read_parquet(path, include_row_hash=True, **read).rename_columns({"row_hash": cfg.id_column})
-    return ds, columns
+class PromptSource:
+    def __init__(self, cfg: InputConfig):
+        self.cfg = cfg
+        fs, self.arrow_fs, self.path = _filesystem(cfg.path)
+        if not fs.exists(self.path):
+            raise JobError(f"input.path {cfg.path} does not exist")
+
+    def read(self, num_cpus: float) -> tuple[ray.data.Dataset, list[str]]:
+        """The prompt dataset with an id column (a deterministic per-row hash when the input
+        has none), and the input's column names."""
+        read = dict(filesystem=self.arrow_fs, num_cpus=num_cpus)
+        ds = ray.data.read_parquet(self.path, **read)
+        columns = list(ds.schema().names)
+        if self.cfg.prompt_column not in columns:
+            raise JobError(f"input has no column '{self.cfg.prompt_column}' (columns: {', '.join(columns)})")
+        if self.cfg.id_column not in columns:
+            ds = ray.data.read_parquet(self.path, include_row_hash=True, **read)
+            ds = ds.rename_columns({"row_hash": self.cfg.id_column})
+        return ds, columns
 
 
 def read_output(url: str, columns: list[str] | None = None) -> pa.Table:

@@ -14,7 +14,7 @@ from ray.data import ActorPoolStrategy
 
 from pipeline.config import ClusterConfig, JobConfig, Mode, PoolConfig
 from pipeline.errors import JobError
-from pipeline.io import OutputTarget, read_prompts
+from pipeline.io import OutputTarget, PromptSource
 from pipeline.metrics import start_sink
 from pipeline.model import ResolvedModel, resolve_model
 from pipeline.placement import place_engines
@@ -96,11 +96,12 @@ def check_capacity(stages: list[Stage]) -> None:
 def run(cfg: JobConfig) -> dict:
     """Runs one job to completion; returns the metrics also written to metrics.json."""
     started = time.perf_counter()
+    source = PromptSource(cfg.input)
     output = OutputTarget(cfg.output)
     output.prepare()
     model = resolve_model(cfg.model)
     start_ray(cfg.cluster)
-    ds, carried = read_prompts(cfg.input, cfg.cluster.io_num_cpus)
+    ds, carried = source.read(cfg.cluster.io_num_cpus)
     rows_in = ds.count()
     if rows_in == 0:
         raise JobError(f"input.path {cfg.input.path} has no rows")

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from jobs.sample import SENTENCES
-from pipeline.io import read_output, read_prompts
+from pipeline.io import PromptSource, read_output
 from pipeline.job import build, plan, run
 from pipeline.kv import payload
 from pipeline.metrics import start_sink
@@ -96,7 +96,7 @@ def test_decode_really_uses_the_payload(ray_cluster, model, prompts, disaggregat
     """The same pipeline with noise in place of the KV generates different text."""
     clean, _ = disaggregated
     cfg = job_config("mode=disaggregated", *_overrides(prompts, "unused"))
-    ds, carried = read_prompts(cfg.input, cfg.cluster.io_num_cpus)
+    ds, carried = PromptSource(cfg.input).read(cfg.cluster.io_num_cpus)
     sink, _handle = start_sink()
     stages = plan(cfg, model, carried, sink)
     at = [s.name for s in stages].index("decode")

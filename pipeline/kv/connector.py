@@ -1,10 +1,6 @@
-"""vLLM KV connector that hands whole-prompt KV caches to and from the calling process.
-
-The engine runs in the stage actor's own process (in-process engine core, uni executor), so
-the worker side of this connector and the stage share module state: the prefill stage takes
-saved KV from `take_saved`, the decode stage offers KV with `offer` before it submits the
-request. Requests name their KV by a key in
-`SamplingParams.extra_args["kv_transfer_params"]["kvrelay_key"]`.
+"""vLLM KV connector that hands whole-prompt KV caches to and from the calling process,
+through `pipeline.kv.handoff` (the engine runs in the stage actor's own process: in-process
+engine core, uni executor).
 
 Producer: saves a request's prompt KV after the step that completes its prefill (the last
 chunk of a chunked prefill). Consumer: reports all but the last prompt token as external, so
@@ -22,6 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.model_executor.models.utils import extract_layer_index
 
+from pipeline.kv import handoff
 from pipeline.kv.layout import PagedLayer, gather_tokens, scatter_tokens
 
 if TYPE_CHECKING:
@@ -32,28 +29,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-KEY = "kvrelay_key"
-
-_saved: dict[str, torch.Tensor] = {}
-_offered: dict[str, torch.Tensor] = {}
-
-
-def offer(key: str, kv: torch.Tensor) -> None:
-    """Make canonical KV [layers, 2, tokens, kv_heads, head_dim] available to the next request
-    that names `key`."""
-    _offered[key] = kv
-
-
-def withdraw(key: str) -> None:
-    _offered.pop(key, None)
-
-
-def take_saved(key: str) -> torch.Tensor:
-    return _saved.pop(key)
-
-
 def _key(request: "Request") -> str | None:
-    return (request.kv_transfer_params or {}).get(KEY)
+    return (request.kv_transfer_params or {}).get(handoff.KEY)
 
 
 @dataclass
@@ -132,8 +109,7 @@ class KVRelayConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         for load in meta.loads:
-            kv = _offered.pop(load.key)
-            scatter_tokens(self._layers, load.block_ids, kv, load.start, load.stop)
+            scatter_tokens(self._layers, load.block_ids, handoff.take_offered(load.key), load.start, load.stop)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -145,4 +121,4 @@ class KVRelayConnector(KVConnectorBase_V1):
         # Runs after the forward pass has written every layer of this step.
         meta = self._get_connector_metadata()
         for save in meta.saves:
-            _saved[save.key] = gather_tokens(self._layers, save.block_ids, save.stop).cpu()
+            handoff.save(save.key, gather_tokens(self._layers, save.block_ids, save.stop).cpu())

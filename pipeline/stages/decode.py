@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from pipeline.columns import ERROR, FINISH_REASON, GENERATED_TOKENS, with_columns
 from pipeline.engine import CONSUMER, sampling_params
-from pipeline.kv import connector, payload
+from pipeline.kv import handoff, payload
 from pipeline.kv.payload import PayloadMismatch
 from pipeline.stages.engine_stage import EngineStage
 
@@ -33,7 +33,7 @@ class Decode(EngineStage):
                     errors[i] = str(error)
             keys = [uuid.uuid4().hex for _ in ready]
             for i, key in zip(ready, keys):
-                connector.offer(key, payloads[i].kv)
+                handoff.offer(key, payloads[i].kv)
             try:
                 # The prompt plus the first token: the engine loads the prompt's KV and
                 # computes only the first token's.
@@ -43,7 +43,7 @@ class Decode(EngineStage):
                 )
             finally:
                 for key in keys:
-                    connector.withdraw(key)
+                    handoff.withdraw(key)
             for i, out in zip(ready, outputs):
                 tokens[i] = tokens[i] + list(out.outputs[0].token_ids)
                 finish[i] = out.outputs[0].finish_reason

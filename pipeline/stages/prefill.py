@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from pipeline.columns import FINISH_REASON
 from pipeline.engine import PRODUCER, sampling_params
-from pipeline.kv import connector, payload
+from pipeline.kv import handoff, payload
 from pipeline.kv.payload import KVPayload
 from pipeline.stages.engine_stage import EngineStage
 
@@ -26,7 +26,7 @@ class Prefill(EngineStage):
             finish = batch.column(FINISH_REASON).to_pylist()
             payloads: list[KVPayload | None] = [None] * batch.num_rows
             for i, key, out in zip(rows, keys, outputs):
-                kv = connector.take_saved(key)
+                kv = handoff.take_saved(key)
                 completion = out.outputs[0]
                 tokens[i] = list(completion.token_ids)
                 if completion.finish_reason == "stop" or self.budget(len(prompts[i])) == 1:

@@ -10,17 +10,13 @@ from pipeline.model import ResolvedModel
 
 class Tokenize:
     def __init__(self, model: ResolvedModel, input: InputConfig, sink_name: str):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model.path)
-        self.vocab_size = len(self.tokenizer)
-        self.input = input
-        self.max_model_len = model.max_model_len
+        self.encoder = PromptEncoder(model, input)
+        self.prompt_column = input.prompt_column
         self.meter = StageMeter("tokenize", sink_name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with self.meter.batch() as report:
-            tokens, errors = zip(*map(self.encode, batch.column(self.input.prompt_column).to_pylist()))
+            tokens, errors = zip(*map(self.encoder.encode, batch.column(self.prompt_column).to_pylist()))
             report.rows = batch.num_rows
             report.input_tokens = sum(len(t) for t in tokens)
             return with_columns(
@@ -33,13 +29,25 @@ class Tokenize:
                 },
             )
 
+
+class PromptEncoder:
+    """Prompt -> token ids, or the reason there are none. Shared with the plain-vLLM baseline."""
+
+    def __init__(self, model: ResolvedModel, input: InputConfig):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model.path)
+        self.vocab_size = len(self.tokenizer)
+        self.apply_chat_template = input.apply_chat_template
+        self.max_model_len = model.max_model_len
+
     def encode(self, prompt: object) -> tuple[list[int], str | None]:
         if isinstance(prompt, list):
             tokens = prompt
             if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in tokens):
                 return [], "prompt token ids must be integers in the vocabulary"
         elif isinstance(prompt, str):
-            tokens = self.tokenize(prompt)
+            tokens = self.tokenize(prompt) if prompt.strip() else []
         else:
             return [], f"prompt is {type(prompt).__name__ if prompt is not None else 'null'}, not text"
         if not tokens:
@@ -49,7 +57,7 @@ class Tokenize:
         return tokens, None
 
     def tokenize(self, prompt: str) -> list[int]:
-        if self.input.apply_chat_template and self.tokenizer.chat_template:
+        if self.apply_chat_template and self.tokenizer.chat_template:
             prompt = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
