@@ -5,7 +5,7 @@ read_parquet -> tokenize -> colocated pool ---------------------------------> de
 """
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -45,6 +45,7 @@ class Stage:
     fn: type
     actors: PoolConfig
     constructor: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
 
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         return ds.map_batches(
@@ -55,6 +56,7 @@ class Stage:
             num_cpus=self.actors.num_cpus,
             num_gpus=self.actors.num_gpus,
             fn_constructor_kwargs=self.constructor,
+            runtime_env={"env_vars": self.env} if self.env else None,
         )
 
 
@@ -65,7 +67,8 @@ def plan(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str) ->
         Stage("tokenize", Tokenize, pools.tokenize, dict(model=model, input=cfg.input, sink_name=sink)),
         *(
             Stage(name, fn, getattr(pools, name), dict(model=model, engine=cfg.engine, sampling=cfg.sampling,
-                                                       pool=getattr(pools, name), placement=placements[name], sink_name=sink))
+                                                       pool=getattr(pools, name), placement=placements[name], sink_name=sink),
+                  placements[name].env())
             for name, fn in engines
         ),
         Stage("detokenize", Detokenize, pools.detokenize,
@@ -126,7 +129,11 @@ def summarize(cfg: JobConfig, rows_in: int, written: dict, stages: dict, wall: f
         **written,
         "wall_seconds": round(wall, 3),
         "output_tokens_per_second": round(written["output_tokens"] / wall, 2),
-        "stages": {name: {"busy_seconds": s["busy_seconds"], "rows": s["rows"], "workers": s["workers"]} for name, s in stages.items()},
+        "stages": {
+            name: {"busy_seconds": s["busy_seconds"], "rows": s["rows"], "workers": len(s["worker_cores"]),
+                   "worker_cores": s["worker_cores"]}
+            for name, s in stages.items()
+        },  # fmt: skip
         "kv_bytes_moved": kv_bytes,
         "kv_bytes_per_prompt_token": kv_bytes / kv_tokens if kv_tokens else None,
     }

@@ -1,6 +1,7 @@
 """Job metrics: stages report each batch to one named actor; the driver summarises at the end.
 
-Reports are fire-and-forget, so metering costs a stage one small message per batch."""
+A stage waits for its report to land (one small round trip per batch), so when the dataset
+is done, so are its metrics."""
 import os
 import time
 import uuid
@@ -25,20 +26,26 @@ class BatchReport:
 class MetricsSink:
     def __init__(self) -> None:
         self._stages: dict[str, dict] = defaultdict(lambda: defaultdict(float))
-        self._workers: dict[str, set] = defaultdict(set)
+        self._cores: dict[str, dict[str, list[int]]] = defaultdict(dict)
 
-    def record(self, stage: str, worker: str, seconds: float, report: BatchReport) -> None:
+    def join(self, stage: str, worker: str, cores: list[int]) -> None:
+        self._cores[stage][worker] = cores
+
+    def record(self, stage: str, seconds: float, report: BatchReport) -> None:
         totals = self._stages[stage]
         totals["busy_seconds"] += seconds
         totals["batches"] += 1
         for name, value in vars(report).items():
             totals[name] += value
-        self._workers[stage].add(worker)
 
     def stages(self) -> dict[str, dict]:
+        """Per stage: busy seconds, batches, the BatchReport sums, and the cores each worker
+        may run on."""
         return {
-            stage: {**{k: (round(v, 3) if k == "busy_seconds" else int(v)) for k, v in totals.items()},
-                    "workers": len(self._workers[stage])}
+            stage: {
+                **{k: (round(v, 3) if k == "busy_seconds" else int(v)) for k, v in totals.items()},
+                "worker_cores": list(self._cores[stage].values()),
+            }
             for stage, totals in self._stages.items()
         }
 
@@ -56,15 +63,15 @@ class StageMeter:
     stage: str
     sink_name: str
     _sink: ray.actor.ActorHandle = field(init=False)
-    _worker: str = field(init=False)
 
     def __post_init__(self) -> None:
         self._sink = ray.get_actor(self.sink_name)
-        self._worker = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
+        worker = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
+        ray.get(self._sink.join.remote(self.stage, worker, sorted(os.sched_getaffinity(0))))
 
     @contextmanager
     def batch(self) -> Iterator[BatchReport]:
         report = BatchReport()
         start = time.perf_counter()
         yield report
-        self._sink.record.remote(self.stage, self._worker, time.perf_counter() - start, report)
+        ray.get(self._sink.record.remote(self.stage, time.perf_counter() - start, report))

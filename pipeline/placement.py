@@ -14,6 +14,12 @@ class Placement:
     cores: list[int] | None  # None: the engine may use every core of its node
     threads: int | None
 
+    def env(self) -> dict[str, str]:
+        """The engine actor's process environment. OpenMP reads its thread count once, when the
+        process loads it; set later, threads that vLLM starts disagree with the main thread
+        (and the CPU attention kernel refuses to run)."""
+        return {"OMP_NUM_THREADS": str(self.threads)} if self.threads else {}
+
 
 def engine_pools(cfg: JobConfig) -> dict[str, PoolConfig]:
     if cfg.mode is Mode.colocated:

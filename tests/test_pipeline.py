@@ -1,5 +1,7 @@
 """End to end on the real engine and model: the disaggregated pipeline generates exactly what
 the colocated one does, because the decode pool really uses the prefill pool's KV."""
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -8,6 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from jobs.sample import SENTENCES
+from pipeline.columns import with_columns
 from pipeline.io import PromptSource, read_output
 from pipeline.job import build, plan, run
 from pipeline.kv import payload
@@ -70,6 +73,13 @@ def test_disaggregated_tokens_equal_colocated(colocated, disaggregated):
     assert all(len(t) == MAX_TOKENS or t[-1] == 2 for t in tokens.values())
 
 
+def test_engine_pools_run_on_their_own_cores(disaggregated):
+    _, metrics = disaggregated
+    (prefill,), (decode,) = metrics["stages"]["prefill"]["worker_cores"], metrics["stages"]["decode"]["worker_cores"]
+    assert prefill and decode and set(prefill).isdisjoint(decode)
+    assert set(prefill) | set(decode) == os.sched_getaffinity(0)
+
+
 def test_kv_bytes_per_prompt_token_match_the_model_geometry(disaggregated, model):
     _, metrics = disaggregated
     assert model.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4 == 46_080
@@ -80,16 +90,12 @@ def test_kv_bytes_per_prompt_token_match_the_model_geometry(disaggregated, model
 class Scramble:
     """Replaces every KV payload with noise of the same shape and dtype."""
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        noisy = [payload.KVPayload(torch.randn_like(p.kv), p.fingerprint) if p else None for p in payload.from_columns(batch)]
-        table = batch.drop_columns(list(payload.COLUMNS))
-        kv = payload.to_columns(noisy, self.model)
-        return table.append_column(payload.KV, kv[payload.KV]).append_column(
-            payload.KV_DTYPE, kv[payload.KV_DTYPE]
-        ).append_column(payload.KV_FINGERPRINT, kv[payload.KV_FINGERPRINT])
-
     def __init__(self, model):
         self.model = model
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        noisy = [payload.KVPayload(torch.randn_like(p.kv), p.fingerprint) if p else None for p in payload.from_columns(batch)]
+        return with_columns(batch, **payload.to_columns(noisy, self.model))
 
 
 def test_decode_really_uses_the_payload(ray_cluster, model, prompts, disaggregated):

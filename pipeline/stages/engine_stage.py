@@ -7,7 +7,7 @@ import pyarrow as pa
 from pipeline.columns import FINISH_REASON, GENERATED_TOKENS, PROMPT_TOKENS, TOKEN_LIST, pending, with_columns
 from pipeline.config import EngineConfig, PoolConfig, SamplingConfig
 from pipeline.engine import bind_threads, build_engine
-from pipeline.metrics import StageMeter
+from pipeline.metrics import BatchReport, StageMeter
 from pipeline.model import ResolvedModel
 from pipeline.placement import Placement
 
@@ -44,10 +44,14 @@ class EngineStage:
             return []
         return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
-    @staticmethod
-    def rows(batch: pa.Table) -> tuple[list[int], list[list[int]]]:
-        """Indices of the rows still to generate, and every row's prompt tokens."""
-        return pending(batch), batch.column(PROMPT_TOKENS).to_pylist()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.meter.batch() as report:
+            return self.process(batch, pending(batch), batch.column(PROMPT_TOKENS).to_pylist(), report)
+
+    def process(self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport) -> pa.Table:
+        """Generate for `rows` (the batch's rows still pending); `prompts` holds every row's
+        prompt tokens."""
+        raise NotImplementedError
 
     @staticmethod
     def with_generation(batch: pa.Table, tokens: list, finish: list) -> pa.Table:

@@ -4,7 +4,8 @@ import uuid
 
 import pyarrow as pa
 
-from pipeline.columns import FINISH_REASON
+from pipeline.columns import FINISH_REASON, with_columns
+from pipeline.metrics import BatchReport
 from pipeline.engine import PRODUCER, sampling_params
 from pipeline.kv import handoff, payload
 from pipeline.kv.payload import KVPayload
@@ -15,30 +16,25 @@ class Prefill(EngineStage):
     stage = "prefill"
     kv_role = PRODUCER
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        with self.meter.batch() as report:
-            rows, prompts = self.rows(batch)
-            keys = [uuid.uuid4().hex for _ in rows]
-            outputs = self.generate(
-                [prompts[i] for i in rows], [sampling_params(self.sampling, 1, key) for key in keys]
-            )
-            tokens: list = [None] * batch.num_rows
-            finish = batch.column(FINISH_REASON).to_pylist()
-            payloads: list[KVPayload | None] = [None] * batch.num_rows
-            for i, key, out in zip(rows, keys, outputs):
-                kv = handoff.take_saved(key)
-                completion = out.outputs[0]
-                tokens[i] = list(completion.token_ids)
-                if completion.finish_reason == "stop" or self.budget(len(prompts[i])) == 1:
-                    finish[i] = completion.finish_reason
-                else:
-                    payloads[i] = KVPayload(kv, self.model.fingerprint)
-            report.rows = len(rows)
-            report.input_tokens = sum(len(prompts[i]) for i in rows)
-            report.output_tokens = len(rows)
-            report.kv_bytes = sum(p.kv.nbytes for p in payloads if p)
-            report.kv_tokens = sum(p.num_tokens for p in payloads if p)
-            batch = self.with_generation(batch, tokens, finish)
-            for name, column in payload.to_columns(payloads, self.model).items():
-                batch = batch.append_column(name, column)
-            return batch
+    def process(self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport) -> pa.Table:
+        keys = [uuid.uuid4().hex for _ in rows]
+        outputs = self.generate(
+            [prompts[i] for i in rows], [sampling_params(self.sampling, 1, key) for key in keys]
+        )
+        tokens: list = [None] * batch.num_rows
+        finish = batch.column(FINISH_REASON).to_pylist()
+        payloads: list[KVPayload | None] = [None] * batch.num_rows
+        for i, key, out in zip(rows, keys, outputs):
+            kv = handoff.take_saved(key)
+            completion = out.outputs[0]
+            tokens[i] = list(completion.token_ids)
+            if completion.finish_reason == "stop" or self.budget(len(prompts[i])) == 1:
+                finish[i] = completion.finish_reason
+            else:
+                payloads[i] = KVPayload(kv, self.model.fingerprint)
+        report.rows = len(rows)
+        report.input_tokens = sum(len(prompts[i]) for i in rows)
+        report.output_tokens = len(rows)
+        report.kv_bytes = sum(p.kv.nbytes for p in payloads if p)
+        report.kv_tokens = sum(p.num_tokens for p in payloads if p)
+        return with_columns(self.with_generation(batch, tokens, finish), **payload.to_columns(payloads, self.model))
