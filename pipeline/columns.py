@@ -1,6 +1,8 @@
 """Column names of the output contract and of the columns stages hand each other, and the one
 way stages add columns to a batch (pyarrow in, pyarrow out, so carried input columns keep
 their exact types)."""
+from collections import Counter
+
 import pyarrow as pa
 
 # Output contract (names follow Ray Data LLM's).
@@ -15,6 +17,7 @@ OUTPUT = (ID, GENERATED_TEXT, GENERATED_TOKENS, NUM_INPUT_TOKENS, NUM_GENERATED_
 
 # Between stages only.
 PROMPT_TOKENS = "prompt_token_ids"
+ROW = "__kvrelay_row"  # job-wide input row number: orders and deduplicates the committed output
 
 TOKEN_LIST = pa.list_(pa.int32())
 
@@ -35,3 +38,12 @@ def pending(table: pa.Table) -> list[int]:
     errors = table.column(ERROR).to_pylist()
     finished = table.column(FINISH_REASON).to_pylist()
     return [i for i, (e, f) in enumerate(zip(errors, finished)) if e is None and f is None]
+
+
+def row_error(kind: str, detail: str) -> str:
+    """A row's error: a stable kind to filter and count by, then what exactly was wrong."""
+    return f"{kind}: {detail}"
+
+
+def error_kinds(errors: pa.ChunkedArray) -> dict[str, int]:
+    return dict(Counter(e.split(":", 1)[0] for e in errors.drop_null().to_pylist()))

@@ -11,6 +11,25 @@ class Mode(str, Enum):
     colocated = "colocated"
 
 
+class Overlong(str, Enum):
+    """A prompt that leaves no room in the context for max_tokens."""
+
+    error = "error"
+    truncate_left = "truncate_left"
+
+
+class DuplicateIds(str, Enum):
+    error = "error"  # the first row with an id is generated, later ones get an error
+    keep = "keep"
+
+
+class OnLoadFailure(str, Enum):
+    """A KV payload that is missing or fails its checksum at decode time."""
+
+    recompute = "recompute"  # the decode worker prefills the prompt itself
+    error = "error"
+
+
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"
@@ -28,12 +47,17 @@ class InputConfig:
     prompt_column: str = "prompt"
     id_column: str = "id"
     apply_chat_template: bool = True
+    overlong: Overlong = Overlong.error
+    duplicate_ids: DuplicateIds = DuplicateIds.error
 
 
 @dataclass
 class OutputConfig:
     path: str = "???"
+    # Rerunning a job into its own output resumes it; overwrite starts it over.
     overwrite: bool = False
+    # Rows per output file: the unit of commit, and of work redone after a crash.
+    shard_rows: int = 1000
 
 
 @dataclass
@@ -53,6 +77,8 @@ class PoolConfig:
     num_gpus: float = 0.0
     # Engine threads; None lets the engine use every core it may run on.
     cpu_threads: Optional[int] = None
+    # A worker that dies is replaced this many times; its batch is redone each time.
+    max_restarts: int = 3
 
 
 @dataclass
@@ -81,6 +107,18 @@ class EngineConfig:
     bind_cores: bool = True
 
 
+class Codec(str, Enum):
+    none = "none"
+    fp8 = "fp8"  # e4m3, one scale per layer, K/V and head
+    int8 = "int8"  # symmetric, one scale per layer, K/V and head
+
+
+@dataclass
+class KVConfig:
+    codec: Codec = Codec.none
+    on_load_failure: OnLoadFailure = OnLoadFailure.recompute
+
+
 @dataclass
 class ClusterConfig:
     # None starts Ray in this process; otherwise the address of a running cluster.
@@ -99,6 +137,7 @@ class JobConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 

@@ -20,6 +20,7 @@ class BatchReport:
     output_tokens: int = 0
     kv_bytes: int = 0
     kv_tokens: int = 0
+    kv_recomputed: int = 0
 
 
 @ray.remote(num_cpus=0)

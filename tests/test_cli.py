@@ -1,8 +1,11 @@
 """The command line as a scheduler runs it: a subprocess, a Parquet file in, the whole output
 contract out, and a one-line message with exit code 2 when the job cannot start."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +15,21 @@ import pytest
 from pipeline.io import read_output
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "", None, "Name three primary colours."]
+GOOD = [
+    "What is the capital of France?", "Write a haiku about rain.", "Name three primary colours.",
+    "How many legs does a spider have?", "Translate to English: 東京は日本の首都です 🚀", "What is 2 + 2?",
+    "Give a synonym for happy.", "Which planet is the largest?", "What colour is the sky on a clear day?",
+    "Name a fruit that is yellow.", "What do bees make?", "Spell the word cat backwards.",
+]  # fmt: skip
+BAD = [  # prompt, id, error kind
+    ("", "bad-empty", "empty_prompt"),
+    (None, "bad-null", "null_prompt"),
+    (b"\xc3\x28 broken", "bad-utf8", "invalid_utf8"),
+    ("word " * 3000, "bad-overlong", "overlong_prompt"),
+    ("Another question?", "g0", "duplicate_id"),
+    ("A row without an id.", None, "null_id"),
+]
+SHARDS = 5  # 18 rows, 4 per shard
 
 
 def generate(*overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -21,40 +38,68 @@ def generate(*overrides: str, timeout: float = 600) -> subprocess.CompletedProce
     )
 
 
-@pytest.mark.slow
-def test_cli_writes_the_whole_output_contract(tmp_path):
-    source = tmp_path / "prompts.parquet"
+def _prompts(path: Path) -> None:
+    prompts = [p.encode() for p in GOOD] + [p.encode() if isinstance(p, str) else p for p, _, _ in BAD]
+    ids = [f"g{i}" for i in range(len(GOOD))] + [i for _, i, _ in BAD]
     pq.write_table(
-        pa.table({"prompt": PROMPTS, "topic": ["geo", "poem", "none", "none", "art"], "priority": [1, 2, 3, 4, 5]}),
-        source,
-    )
-    out = tmp_path / "out"
-    done = generate(f"input.path={source}", f"output.path=file://{out}", "sampling.max_tokens=8")
+        pa.table({
+            "id": ids,
+            "prompt": pa.array(prompts, pa.binary()).view(pa.string()),  # Parquet keeps invalid UTF-8 as it is
+            "topic": [f"t{i}" for i in range(len(ids))],
+            "priority": list(range(len(ids))),
+        }),
+        path,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cli_after_a_crash_resumes_and_writes_every_row_exactly_once(tmp_path):
+    """The job is killed (driver, Ray and workers) after its first shard is committed; the same
+    command then finishes it. The output holds every input row once: completions for the good
+    prompts, a per-row error for each bad one."""
+    source, out = tmp_path / "prompts.parquet", tmp_path / "out"
+    _prompts(source)
+    command = [sys.executable, "-m", "jobs.generate", f"input.path={source}", f"output.path=file://{out}",
+               "sampling.max_tokens=8", "output.shard_rows=4",
+               *(f"pools.{p}.batch_size=4" for p in ("tokenize", "prefill", "decode", "detokenize"))]  # fmt: skip
+    crashed = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "part-000000.parquet").exists():
+        assert crashed.poll() is None, "the job ended before committing a shard"
+        time.sleep(0.05)
+    os.killpg(crashed.pid, signal.SIGKILL)
+    crashed.wait()
+    assert not (out / "_SUCCESS").exists()
+
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert str(out) in done.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["shards"]["total"] == SHARDS and 1 <= metrics["shards"]["resumed"] <= SHARDS
 
     table = read_output(str(out))
     assert table.schema.field("generated_tokens").type == pa.list_(pa.int32())
     for column in ("id", "generated_text", "num_input_tokens", "num_generated_tokens", "finish_reason", "error", "topic", "priority"):
         assert column in table.column_names
-    rows = {r["priority"]: r for r in table.to_pylist()}
-    assert sorted(rows) == [1, 2, 3, 4, 5] and len({r["id"] for r in rows.values()}) == 5
-    assert rows[3]["error"] == "prompt is empty" and rows[4]["error"] == "prompt is null, not text"
-    for good, topic in ((1, "geo"), (2, "poem"), (5, "art")):
-        row = rows[good]
-        assert row["error"] is None and row["topic"] == topic
+    rows = table.to_pylist()
+    assert [r["priority"] for r in rows] == list(range(len(rows))) == list(range(18))  # each row once, in input order
+    for row in rows[: len(GOOD)]:
+        assert row["error"] is None and row["topic"] == f"t{row['priority']}"
         assert row["num_generated_tokens"] == len(row["generated_tokens"]) > 0 and row["generated_text"]
         assert row["finish_reason"] in ("stop", "length") and row["num_input_tokens"] > 0
-    assert "Paris" in rows[1]["generated_text"]
+    assert "Paris" in rows[0]["generated_text"]
+    for row, (_, row_id, kind) in zip(rows[len(GOOD) :], BAD):
+        assert row["id"] == row_id
+        assert row["error"].startswith(f"{kind}: ") and row["generated_tokens"] is None, row
 
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert (metrics["rows_in"], metrics["rows_out"], metrics["rows_errored"]) == (5, 5, 2)
-    assert metrics["output_tokens"] == sum(r["num_generated_tokens"] for r in rows.values())
-    assert metrics["input_tokens"] == sum(r["num_input_tokens"] for r in rows.values())
+    assert (metrics["rows_in"], metrics["rows_out"], metrics["rows_errored"]) == (18, 18, len(BAD))
+    assert metrics["errors"] == {kind: 1 for _, _, kind in BAD}
+    assert metrics["output_tokens"] == sum(r["num_generated_tokens"] for r in rows)
+    assert metrics["input_tokens"] == sum(r["num_input_tokens"] for r in rows)
     assert metrics["kv_bytes_per_prompt_token"] == 46_080 and metrics["output_tokens_per_second"] > 0
-    assert set(metrics["stages"]) == {"tokenize", "prefill", "decode", "detokenize"}
-    assert all(s["busy_seconds"] > 0 for s in metrics["stages"].values())
     assert (out / "_SUCCESS").exists()
+
+    other = generate(f"input.path={source}", f"output.path=file://{out}", "sampling.max_tokens=9", timeout=120)
+    assert other.returncode == 2 and "different job (differs in: sampling" in other.stderr
 
 
 def test_missing_input_fails_with_one_line_and_exit_code_2(tmp_path):

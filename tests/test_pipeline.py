@@ -1,7 +1,11 @@
 """End to end on the real engine and model: the disaggregated pipeline generates exactly what
 the colocated one does, because the decode pool really uses the prefill pool's KV."""
+import dataclasses
 import os
+import threading
+import time
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,10 +15,13 @@ from transformers import AutoTokenizer
 
 from jobs.sample import SENTENCES
 from pipeline.columns import with_columns
-from pipeline.io import PromptSource, read_output
-from pipeline.job import build, plan, run
+from pipeline.config import PoolConfig
+from pipeline.io import read_output
+from pipeline.job import Stage, build, plan, run
 from pipeline.kv import payload
+from pipeline.kv.payload import KVPayload
 from pipeline.metrics import start_sink
+from pipeline.source import PromptSource
 from tests.conftest import job_config
 
 pytestmark = pytest.mark.slow
@@ -39,6 +46,15 @@ def prompts(model, tmp_path_factory):
         pa.table({"id": [f"p{n}" for n in LENGTHS], "prompt": [tokens[i : i + n] for i, n in enumerate(LENGTHS)]}),
         path,
     )
+    return path
+
+
+@pytest.fixture(scope="module")
+def few_prompts(prompts, tmp_path_factory):
+    """The prompts of 16 to 300 tokens: enough KV to matter, quick to prefill."""
+    table = pq.read_table(prompts)
+    path = tmp_path_factory.mktemp("few") / "prompts.parquet"
+    pq.write_table(table.filter(pa.array([16 <= len(p) <= 300 for p in table.column("prompt").to_pylist()])), path)
     return path
 
 
@@ -87,28 +103,116 @@ def test_kv_bytes_per_prompt_token_match_the_model_geometry(disaggregated, model
     assert metrics["kv_bytes_moved"] == model.kv_bytes_per_token * sum(LENGTHS)
 
 
-class Scramble:
-    """Replaces every KV payload with noise of the same shape and dtype."""
+class Tamper:
+    """Between prefill and decode, by row: replaces the KV with noise (under a valid checksum),
+    damages its bytes, drops it, or labels it as another model's."""
 
-    def __init__(self, model):
+    def __init__(self, actions: dict[str, str], model):
+        self.actions = actions
         self.model = model
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        noisy = [payload.KVPayload(torch.randn_like(p.kv), p.fingerprint) if p else None for p in payload.from_columns(batch)]
-        return with_columns(batch, **payload.to_columns(noisy, self.model))
+        payloads = payload.from_column(batch)
+        for i, row_id in enumerate(batch.column("id").to_pylist()):
+            p, action = payloads[i], self.actions.get(row_id)
+            if p is None or action is None:
+                continue
+            if action == "noise":
+                kv = p.decode(self.model, p.num_tokens)
+                payloads[i] = KVPayload.encode(torch.randn_like(kv), self.model, p.codec)
+            elif action == "damage":
+                data = p.data.copy()
+                data[::997] ^= 0xFF
+                payloads[i] = dataclasses.replace(p, data=data)
+            elif action == "drop":
+                payloads[i] = None
+            elif action == "foreign":
+                payloads[i] = dataclasses.replace(p, fingerprint="0000000000000000")
+        return with_columns(batch, **{payload.KV: payload.to_column(payloads)})
 
 
-def test_decode_really_uses_the_payload(ray_cluster, model, prompts, disaggregated):
-    """The same pipeline with noise in place of the KV generates different text."""
-    clean, _ = disaggregated
-    cfg = job_config("mode=disaggregated", *_overrides(prompts, "unused"))
-    ds, carried = PromptSource(cfg.input).read(cfg.cluster.io_num_cpus)
-    sink, _handle = start_sink()
-    stages = plan(cfg, model, carried, sink)
+FEW = [n for n in LENGTHS if 16 <= n <= 300]
+TAMPERED = {f"p{n}": ("noise", "damage", "drop", "foreign", None)[k % 5] for k, n in enumerate(FEW)}
+
+
+def _tampered_run(model, prompts, *overrides: str) -> tuple[pa.Table, dict]:
+    cfg = job_config("mode=disaggregated", *_overrides(prompts, "unused"), *overrides)
+    source = PromptSource(cfg.input, cfg.output.shard_rows)
+    sink_name, sink = start_sink()
+    stages = plan(cfg, model, source.schema.names, sink_name)
     at = [s.name for s in stages].index("decode")
-    ds = build(ds, stages[:at]).map_batches(Scramble, fn_constructor_kwargs={"model": model}, batch_format="pyarrow",
-                                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)  # fmt: skip
-    scrambled = _tokens_by_id(pa.concat_tables(ray.get(build(ds, stages[at:]).to_arrow_refs())))
-    long_prompts = [f"p{n}" for n in LENGTHS if n >= 16]
-    changed = [k for k in long_prompts if scrambled[k] != clean[k]]
-    assert len(changed) >= 0.9 * len(long_prompts), f"only {len(changed)} of {len(long_prompts)} changed"
+    tamper = Stage("tamper", Tamper, PoolConfig(num_cpus=0), {"actions": TAMPERED, "model": model})
+    ds = build(source, source.shards, [*stages[:at], tamper, *stages[at:]], cfg.cluster.io_num_cpus)
+    rows = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    stage_metrics = ray.get(sink.stages.remote())
+    ray.kill(sink)
+    return rows, stage_metrics
+
+
+def _fate(table: pa.Table, clean: dict, action: str | None) -> list:
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    return [(by_id[k]["generated_tokens"] == clean[k], by_id[k]["error"]) for k, a in TAMPERED.items() if a == action]
+
+
+def test_tampered_payloads_are_refused_and_the_rest_complete(ray_cluster, model, few_prompts, disaggregated):
+    """kv.on_load_failure=error: damaged or missing KV and another model's KV are row errors;
+    noise under a valid checksum changes the output (decode really uses the payload); the
+    other rows are untouched."""
+    clean, _ = disaggregated
+    table, _ = _tampered_run(model, few_prompts, "kv.on_load_failure=error")
+    assert table.num_rows == len(FEW)
+    noise = _fate(table, clean, "noise")
+    assert sum(same for same, _ in noise) <= 1 and all(error is None for _, error in noise), noise
+    assert all(e.startswith("kv_corrupt: KV payload fails its checksum") for _, e in _fate(table, clean, "damage"))
+    assert all(e.startswith("kv_missing: KV payload is missing") for _, e in _fate(table, clean, "drop"))
+    assert all(e.startswith("kv_mismatch: KV payload is from model 0000000000000000") for _, e in _fate(table, clean, "foreign"))
+    untouched = [k for k, action in TAMPERED.items() if action is None]
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    assert all(by_id[k]["error"] is None and by_id[k]["generated_tokens"] == clean[k] for k in untouched)
+
+
+def test_lost_payloads_are_recomputed_by_the_decode_pool(ray_cluster, model, few_prompts, disaggregated):
+    clean, _ = disaggregated
+    table, stages = _tampered_run(model, few_prompts, "kv.on_load_failure=recompute")
+    assert all(same and error is None for same, error in _fate(table, clean, "damage") + _fate(table, clean, "drop"))
+    assert all(e.startswith("kv_mismatch") for _, e in _fate(table, clean, "foreign"))
+    lost = sum(a in ("damage", "drop") for a in TAMPERED.values())
+    assert stages["decode"]["kv_recomputed"] == lost > 0
+
+
+def test_killed_workers_are_replaced_and_their_rows_redone(ray_cluster, few_prompts, colocated, tmp_path):
+    """SIGKILL the prefill worker and then the decode worker, each once it has finished a batch
+    and is working on the next: Ray starts replacements, the lost batches are redone, and
+    every row comes out once with the same tokens."""
+    output = tmp_path / "out"
+    small = [f"pools.{p}.batch_size=4" for p in ("tokenize", "prefill", "decode", "detokenize")]
+    cfg = job_config("mode=disaggregated", *_overrides(few_prompts, output), "output.shard_rows=4", *small)
+    killed: list[str] = []
+    killer = threading.Thread(target=_kill_each_after_one_batch, args=(["prefill", "decode"], killed), daemon=True)
+    killer.start()
+    metrics = run(cfg)
+    killer.join(timeout=5)
+    assert killed == ["prefill", "decode"]
+    table = read_output(str(output))
+    assert table.column("id").to_pylist() == [f"p{n}" for n in FEW]  # each row once, in input order
+    assert _tokens_by_id(table) == {k: colocated[k] for k in TAMPERED}
+    assert metrics["stages"]["prefill"]["workers"] == 2 and metrics["stages"]["decode"]["workers"] == 2
+    assert metrics["shards"] == {"total": -(-len(FEW) // 4), "resumed": 0}
+
+
+def _kill_each_after_one_batch(stages: list[str], killed: list[str]) -> None:
+    before = _metric_sinks()
+    while not (started := _metric_sinks() - before):
+        time.sleep(0.2)
+    sink = ray.get_actor(started.pop())
+    for stage in stages:
+        while ray.get(sink.stages.remote()).get(stage, {}).get("batches", 0) < 1:
+            time.sleep(0.2)
+        for process in psutil.process_iter(["cmdline"]):
+            if f"MapBatches({stage.capitalize()})" in " ".join(process.info["cmdline"] or ()):
+                process.kill()
+                killed.append(stage)
+
+
+def _metric_sinks() -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvrelay-metrics")}

@@ -1,74 +1,115 @@
-"""The KV payload column: a request's prompt KV in canonical layout
-[layers, 2, tokens, kv_heads, head_dim], in the cache dtype, with what is needed to check it
-before use. Stored as Ray's variable-shaped tensor column (Arrow, no pickle); bfloat16, which
-numpy lacks, travels as its raw 16-bit words."""
+"""The KV payload: one request's prompt KV as it travels from prefill to decode, in one Arrow
+struct column that round-trips through Ray's object store and Parquet without pickle.
+
+Format 1: the KV in canonical layout [layers, 2 (K, V), tokens, kv_heads, head_dim], encoded by
+a codec (pipeline.kv.codec), plus what decode needs to refuse a payload it must not use: the
+model fingerprint, cache dtype, codec, shape and a CRC32 of the encoded bytes."""
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
-from ray.data.extensions import ArrowVariableShapedTensorArray
 
+from pipeline.columns import row_error
+from pipeline.kv.codec import codec
 from pipeline.model import ResolvedModel
 
+FORMAT = 1
 KV = "kv_payload"
-KV_DTYPE = "kv_dtype"
-KV_FINGERPRINT = "kv_fingerprint"
-COLUMNS = (KV, KV_DTYPE, KV_FINGERPRINT)
+TYPE = pa.struct(
+    [
+        ("format", pa.int16()),
+        ("fingerprint", pa.string()),
+        ("dtype", pa.string()),
+        ("codec", pa.string()),
+        ("shape", pa.list_(pa.int32())),
+        ("checksum", pa.uint32()),
+        ("data", pa.large_binary()),
+    ]
+)
 
-_NUMPY_UNSUPPORTED = {torch.bfloat16: torch.uint16}
+
+class PayloadError(ValueError):
+    def __init__(self, kind: str, detail: str):
+        super().__init__(row_error(kind, detail))
 
 
-class PayloadMismatch(ValueError):
-    """The payload cannot be used by this engine; the message says why."""
+class PayloadMismatch(PayloadError):
+    """Made for another engine (model, format, shape): refused, never recomputed."""
+
+
+class PayloadLost(PayloadError):
+    """Missing or damaged on the way: decode may recompute it (kv.on_load_failure)."""
 
 
 @dataclass(frozen=True)
 class KVPayload:
-    kv: torch.Tensor
     fingerprint: str
+    dtype: str
+    codec: str
+    shape: tuple[int, ...]
+    checksum: int
+    data: np.ndarray  # uint8; on the decode side a read-only view of the Arrow buffer
+    format: int = FORMAT
+
+    @classmethod
+    def encode(cls, kv: torch.Tensor, model: ResolvedModel, codec_name: str) -> "KVPayload":
+        data = codec(codec_name).encode(kv)
+        return cls(model.fingerprint, model.dtype, codec_name, tuple(kv.shape), zlib.crc32(data), data)
 
     @property
     def num_tokens(self) -> int:
-        return self.kv.shape[2]
+        return self.shape[2]
 
-    def check(self, model: ResolvedModel, num_tokens: int) -> None:
+    def decode(self, model: ResolvedModel, num_tokens: int) -> torch.Tensor:
+        """The KV for a prompt of `num_tokens` on `model`, or why this payload is not it."""
+        if self.format != FORMAT:
+            raise PayloadMismatch("kv_mismatch", f"KV payload format {self.format}; this kvrelay reads {FORMAT}")
         if self.fingerprint != model.fingerprint:
-            raise PayloadMismatch(f"KV payload is from model {self.fingerprint}, engine runs {model.fingerprint}")
+            raise PayloadMismatch("kv_mismatch", f"KV payload is from model {self.fingerprint}, engine runs {model.fingerprint}")
         expected = (model.layers, 2, num_tokens, model.kv_heads, model.head_dim)
-        if tuple(self.kv.shape) != expected:
-            raise PayloadMismatch(f"KV payload shape {tuple(self.kv.shape)}, expected {expected}")
-        if self.kv.dtype != getattr(torch, model.dtype):
-            raise PayloadMismatch(f"KV payload dtype {self.kv.dtype}, engine cache is {model.dtype}")
+        if self.shape != expected:
+            raise PayloadMismatch("kv_mismatch", f"KV payload shape {self.shape}, expected {expected}")
+        if self.dtype != model.dtype:
+            raise PayloadMismatch("kv_mismatch", f"KV payload dtype {self.dtype}, engine cache is {model.dtype}")
+        if zlib.crc32(self.data) != self.checksum:
+            raise PayloadLost("kv_corrupt", "KV payload fails its checksum")
+        return codec(self.codec).decode(self.data, self.shape, getattr(torch, self.dtype))
 
 
-def to_columns(payloads: list[KVPayload | None], model: ResolvedModel) -> dict[str, pa.Array]:
-    """Rows without a payload get an empty (zero-token) tensor and null metadata."""
-    dtype = getattr(torch, model.dtype)
-    empty = torch.empty(model.layers, 2, 0, model.kv_heads, model.head_dim, dtype=dtype)
-    arrays = [_to_numpy(p.kv if p else empty) for p in payloads]
-    return {
-        KV: ArrowVariableShapedTensorArray.from_numpy(arrays),
-        KV_DTYPE: pa.array([model.dtype if p else None for p in payloads], pa.string()),
-        KV_FINGERPRINT: pa.array([p.fingerprint if p else None for p in payloads], pa.string()),
+def to_column(payloads: list[KVPayload | None]) -> pa.StructArray:
+    """Null for rows without a payload. The encoded bytes are copied once, into one buffer."""
+    present = [p for p in payloads if p is not None]
+    sizes = np.array([p.data.nbytes if p else 0 for p in payloads], dtype=np.int64)
+    offsets = pa.py_buffer(np.concatenate([[0], np.cumsum(sizes)]))
+    data = pa.py_buffer(np.concatenate([p.data for p in present]) if present else np.empty(0, np.uint8))
+    mask = pa.array([p is None for p in payloads])
+    fields = {
+        "format": pa.array([p.format if p else None for p in payloads], pa.int16()),
+        "fingerprint": pa.array([p.fingerprint if p else None for p in payloads], pa.string()),
+        "dtype": pa.array([p.dtype if p else None for p in payloads], pa.string()),
+        "codec": pa.array([p.codec if p else None for p in payloads], pa.string()),
+        "shape": pa.array([list(p.shape) if p else None for p in payloads], pa.list_(pa.int32())),
+        "checksum": pa.array([p.checksum if p else None for p in payloads], pa.uint32()),
+        "data": pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(payloads), [None, offsets, data]),
     }
+    return pa.StructArray.from_arrays(list(fields.values()), fields=list(TYPE), mask=mask)
 
 
-def from_columns(table: pa.Table) -> list[KVPayload | None]:
-    arrays = [a for chunk in table.column(KV).chunks for a in chunk.to_numpy()]
-    dtypes = table.column(KV_DTYPE).to_pylist()
-    prints = table.column(KV_FINGERPRINT).to_pylist()
-    return [
-        KVPayload(_from_numpy(a, d), f) if d is not None else None for a, d, f in zip(arrays, dtypes, prints)
-    ]
+def from_column(table: pa.Table) -> list[KVPayload | None]:
+    """Zero-copy: each payload's bytes are a view of the column's Arrow buffer."""
+    payloads: list[KVPayload | None] = []
+    for chunk in table.column(KV).chunks:
+        fields = dict(zip(TYPE.names, chunk.flatten()))  # flatten applies the struct's own offset
+        data = _views(fields.pop("data"))
+        meta = [dict(zip(fields, values)) for values in zip(*(f.to_pylist() for f in fields.values()))]
+        for valid, row, view in zip(chunk.is_valid().to_pylist(), meta, data):
+            payloads.append(KVPayload(**{**row, "shape": tuple(row["shape"]), "data": view}) if valid else None)
+    return payloads
 
 
-def _to_numpy(kv: torch.Tensor) -> np.ndarray:
-    storage = _NUMPY_UNSUPPORTED.get(kv.dtype)
-    return (kv.view(storage) if storage else kv).contiguous().numpy()
-
-
-def _from_numpy(array: np.ndarray, dtype: str) -> torch.Tensor:
-    target = getattr(torch, dtype)
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    return tensor.view(target) if target in _NUMPY_UNSUPPORTED else tensor
+def _views(array: pa.LargeBinaryArray) -> list[np.ndarray]:
+    offsets = np.frombuffer(array.buffers()[1], np.int64)[array.offset : array.offset + len(array) + 1]
+    buffer = np.frombuffer(array.buffers()[2] or b"", np.uint8)
+    return [buffer[start:stop] for start, stop in zip(offsets[:-1], offsets[1:])]

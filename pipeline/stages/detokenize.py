@@ -9,6 +9,7 @@ from pipeline.columns import (
     ID,
     NUM_GENERATED_TOKENS,
     NUM_INPUT_TOKENS,
+    ROW,
     TOKEN_LIST,
 )
 from pipeline.metrics import StageMeter
@@ -38,6 +39,7 @@ class Detokenize:
                 NUM_GENERATED_TOKENS: pa.array([len(t or ()) for t in tokens], pa.int32()),
                 FINISH_REASON: batch.column(FINISH_REASON),
                 ERROR: batch.column(ERROR),
+                ROW: batch.column(ROW),
             }
             columns.update({name: batch.column(name) for name in self.carried if name not in columns})
             return pa.table(columns)

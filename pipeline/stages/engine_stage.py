@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from pipeline.columns import FINISH_REASON, GENERATED_TOKENS, PROMPT_TOKENS, TOKEN_LIST, pending, with_columns
-from pipeline.config import EngineConfig, PoolConfig, SamplingConfig
+from pipeline.config import EngineConfig, KVConfig, PoolConfig, SamplingConfig
 from pipeline.engine import bind_threads, build_engine
 from pipeline.metrics import BatchReport, StageMeter
 from pipeline.model import ResolvedModel
@@ -24,6 +24,7 @@ class EngineStage:
         model: ResolvedModel,
         engine: EngineConfig,
         sampling: SamplingConfig,
+        kv: KVConfig,
         pool: PoolConfig,
         placement: Placement,
         sink_name: str,
@@ -33,6 +34,7 @@ class EngineStage:
         self.llm = build_engine(model, engine, pool.batch_size, self.kv_role)
         self.model = model
         self.sampling = sampling
+        self.kv = kv
         self.meter = StageMeter(self.stage, sink_name)
 
     def budget(self, num_prompt_tokens: int) -> int:

@@ -1,0 +1,59 @@
+"""Bad prompts become per-row errors with a stable kind; odd but valid text is generated from."""
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.stages.tokenize import PromptEncoder, prompt_values
+from tests.conftest import job_config
+
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def encoder(model):
+    return PromptEncoder(model, job_config().input, MAX_TOKENS)
+
+
+@pytest.mark.parametrize(
+    "prompt, error",
+    [
+        (None, "null_prompt: prompt is null"),
+        (7, "not_text: prompt is int, not text"),
+        ("", "empty_prompt: prompt is empty"),
+        (" \n\t", "empty_prompt: prompt is empty"),
+        ([], "empty_prompt: prompt is empty"),
+        ([1, -5], "invalid_token_ids: prompt token ids must be integers in the vocabulary"),
+        ([1, 10**9], "invalid_token_ids: prompt token ids must be integers in the vocabulary"),
+        (b"\xff\xfe broken", "invalid_utf8: prompt is not valid UTF-8 (invalid start byte at byte 0)"),
+    ],
+)
+def test_bad_prompts_are_row_errors(encoder, prompt, error):
+    assert encoder.encode(prompt) == ([], error)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["naïve café 東京 🚀👩🏽‍💻", "مرحبا بالعالم", "zero\u200bwidth\u00a0space", "\U0001d54f\U0001d550 maths", "a" * 3],
+)
+def test_exotic_unicode_is_tokenized(encoder, prompt):
+    tokens, error = encoder.encode(prompt)
+    assert error is None and tokens
+    assert prompt in encoder.tokenizer.decode(tokens)
+
+
+def test_invalid_utf8_in_a_text_column_spoils_only_its_row(tmp_path):
+    text = pa.array([b"fine", b"\xc3\x28 bad", None], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": text}), tmp_path / "in.parquet")  # Parquet does not check
+    values = prompt_values(pq.read_table(tmp_path / "in.parquet").column("prompt"))
+    assert values == [b"fine", b"\xc3\x28 bad", None]
+
+
+def test_overlong_prompt_is_an_error_or_keeps_its_end(model):
+    prompt = list(range(1, model.max_model_len + 10))
+    strict = PromptEncoder(model, job_config().input, MAX_TOKENS)
+    assert strict.encode(prompt) == ([], f"overlong_prompt: prompt has {len(prompt)} tokens; model.max_model_len is {model.max_model_len}")
+    lenient = PromptEncoder(model, job_config("input.overlong=truncate_left").input, MAX_TOKENS)
+    tokens, error = lenient.encode(prompt)
+    assert error is None and tokens == prompt[-(model.max_model_len - MAX_TOKENS) :]
+    fits = list(range(1, model.max_model_len))
+    assert lenient.encode(fits) == (fits, None)  # room for one token is enough: not truncated
