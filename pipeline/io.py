@@ -12,9 +12,14 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, pyarrow.fs.FileSyst
     return fs, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
 
-def read_output(url: str, columns: list[str] | None = None) -> pa.Table:
-    """A finished job's rows (the Parquet files beside metrics.json and _SUCCESS)."""
+def parquet_dataset(url: str) -> pyarrow.dataset.Dataset:
+    """A Parquet file or directory, such as a finished job's rows (the files beside
+    metrics.json and _SUCCESS)."""
     _, arrow_fs, root = filesystem(url)
-    files = pyarrow.dataset.dataset(root, filesystem=arrow_fs, format="parquet", exclude_invalid_files=False,
-                                    partitioning=None, ignore_prefixes=[".", "_", METRICS])  # fmt: skip
-    return files.to_table(columns=columns)
+    return pyarrow.dataset.dataset(root, filesystem=arrow_fs, format="parquet", exclude_invalid_files=False,
+                                   partitioning=None, ignore_prefixes=[".", "_", METRICS])  # fmt: skip
+
+
+def read_output(url: str, columns: list[str] | None = None) -> pa.Table:
+    """A finished job's rows."""
+    return parquet_dataset(url).to_table(columns=columns)
