@@ -80,7 +80,7 @@ def test_cli_after_a_crash_resumes_and_writes_every_row_exactly_once(tmp_path):
     assert table.schema.field("generated_tokens").type == pa.list_(pa.int32())
     for column in ("id", "generated_text", "num_input_tokens", "num_generated_tokens", "finish_reason", "error", "topic", "priority"):
         assert column in table.column_names
-    rows = table.to_pylist()
+    rows = table.drop_columns(["prompt"]).to_pylist()  # carried as it came, invalid UTF-8 included
     assert [r["priority"] for r in rows] == list(range(len(rows))) == list(range(18))  # each row once, in input order
     for row in rows[: len(GOOD)]:
         assert row["error"] is None and row["topic"] == f"t{row['priority']}"
