@@ -15,9 +15,15 @@ FINISH_REASON = "finish_reason"
 ERROR = "error"
 OUTPUT = (ID, GENERATED_TEXT, GENERATED_TOKENS, NUM_INPUT_TOKENS, NUM_GENERATED_TOKENS, FINISH_REASON, ERROR)
 
-# Between stages only.
+# Between stages, and in a prefill dataset.
 PROMPT_TOKENS = "prompt_token_ids"
+KV_PAYLOAD = "kv_payload"
+STAGE_COLUMNS = (PROMPT_TOKENS, KV_PAYLOAD, GENERATED_TOKENS, NUM_INPUT_TOKENS, FINISH_REASON, ERROR)
+
+# Between stages only.
+INTERNAL = "__kvrelay_"  # prefix of the columns below, which are never written out
 ROW = "__kvrelay_row"  # job-wide input row number: orders and deduplicates the committed output
+KV_FILE = "__kvrelay_kv_file"  # a payload file to remove once its row is committed
 
 TOKEN_LIST = pa.list_(pa.int32())
 

@@ -11,6 +11,15 @@ class Mode(str, Enum):
     colocated = "colocated"
 
 
+class Phase(str, Enum):
+    """What one job runs: both phases (jobs.generate), or one of them as a job of its own
+    (jobs.prefill writes a prefill dataset, jobs.decode reads it)."""
+
+    generate = "generate"
+    prefill = "prefill"
+    decode = "decode"
+
+
 class Overlong(str, Enum):
     """A prompt that leaves no room in the context for max_tokens."""
 
@@ -113,9 +122,18 @@ class Codec(str, Enum):
     int8 = "int8"  # symmetric, one scale per layer, K/V and head
 
 
+class Transport(str, Enum):
+    object_store = "object_store"  # the payload inline in the Ray Data block
+    storage = "storage"  # the payload in a file under kv.storage_path; the block holds its name
+
+
 @dataclass
 class KVConfig:
     codec: Codec = Codec.none
+    transport: Transport = Transport.object_store
+    # kv.transport=storage: an fsspec URL every prefill and decode worker can reach (local
+    # NVMe, /dev/shm, s3://...). A file is removed once its row is committed.
+    storage_path: Optional[str] = None
     on_load_failure: OnLoadFailure = OnLoadFailure.recompute
 
 
@@ -124,13 +142,18 @@ class ClusterConfig:
     # None starts Ray in this process; otherwise the address of a running cluster.
     address: Optional[str] = None
     num_cpus: Optional[int] = None
-    # CPUs reserved by each Parquet read or write task.
+    # CPUs reserved by each Parquet read task.
     io_num_cpus: float = 0.25
+    # Object-store memory the pipeline's blocks in flight (KV payloads above all) may hold
+    # before Ray Data stops upstream stages: prefill never runs ahead of decode without
+    # limit. None: Ray Data's default, half the object store.
+    object_store_budget_gib: Optional[float] = None
 
 
 @dataclass
 class JobConfig:
     mode: Mode = Mode.disaggregated
+    phase: Phase = Phase.generate
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

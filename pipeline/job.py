@@ -1,10 +1,13 @@
-"""Assembles the Ray Data graph for a mode and runs it:
+"""Assembles the Ray Data graph for a mode and phase, and runs it:
 
 read shards -> tokenize -> prefill pool -> (KV payload column) -> decode pool -> detokenize -> commit shards
 read shards -> tokenize -> colocated pool ---------------------------------> detokenize -> commit shards
+phase=prefill: read shards -> tokenize -> prefill pool -> commit shards (a prefill dataset)
+phase=decode:  read shards (a prefill dataset) -> decode pool -> detokenize -> commit shards
 
 Shards already committed by an earlier run of the same job are not read again.
 """
+import hashlib
 import json
 import logging
 import time
@@ -14,12 +17,14 @@ from typing import Any
 
 import ray
 import ray.data
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, ExecutionResources
 from tqdm import tqdm
 
-from pipeline.config import ClusterConfig, JobConfig, Mode, PoolConfig
+from pipeline.columns import KV_FILE, KV_PAYLOAD, PROMPT_TOKENS, STAGE_COLUMNS
+from pipeline.config import ClusterConfig, JobConfig, Mode, Phase, PoolConfig, Transport
 from pipeline.errors import JobError
-from pipeline.metrics import start_sink
+from pipeline.kv.transport import PayloadStore
+from pipeline.metrics import ObjectStorePeak, start_sink
 from pipeline.model import ResolvedModel, resolve_model
 from pipeline.output import OutputTarget, ShardCommitter
 from pipeline.placement import place_engines
@@ -67,27 +72,34 @@ class Stage:
         )
 
 
-def plan(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str) -> list[Stage]:
+def plan(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str, store: PayloadStore | None) -> list[Stage]:
     pools, placements = cfg.pools, place_engines(cfg)
-    engines = [("colocated", Colocated)] if cfg.mode is Mode.colocated else [("prefill", Prefill), ("decode", Decode)]
-    return [
-        Stage("tokenize", Tokenize, pools.tokenize,
-              dict(model=model, input=cfg.input, max_tokens=cfg.sampling.max_tokens, sink_name=sink)),
-        *(
-            Stage(name, fn, getattr(pools, name), dict(model=model, engine=cfg.engine, sampling=cfg.sampling, kv=cfg.kv,
-                                                       pool=getattr(pools, name), placement=placements[name], sink_name=sink),
-                  placements[name].env())
-            for name, fn in engines
-        ),
-        Stage("detokenize", Detokenize, pools.detokenize,
-              dict(model=model, id_column=cfg.input.id_column, carried=carried, sink_name=sink)),
-    ]  # fmt: skip
+
+    def engine(name: str, fn: type) -> Stage:
+        constructor = dict(model=model, engine=cfg.engine, sampling=cfg.sampling, kv=cfg.kv, store=store,
+                           pool=getattr(pools, name), placement=placements[name], sink_name=sink)  # fmt: skip
+        return Stage(name, fn, getattr(pools, name), constructor, placements[name].env())
+
+    tokenize = Stage("tokenize", Tokenize, pools.tokenize,
+                     dict(model=model, input=cfg.input, max_tokens=cfg.sampling.max_tokens, sink_name=sink))  # fmt: skip
+    detokenize = Stage("detokenize", Detokenize, pools.detokenize,
+                       dict(model=model, id_column=cfg.input.id_column, carried=carried, sink_name=sink))  # fmt: skip
+    if cfg.mode is Mode.colocated:
+        return [tokenize, engine("colocated", Colocated), detokenize]
+    if cfg.phase is Phase.prefill:
+        return [tokenize, engine("prefill", Prefill)]
+    if cfg.phase is Phase.decode:
+        return [engine("decode", Decode), detokenize]
+    return [tokenize, engine("prefill", Prefill), engine("decode", Decode), detokenize]
 
 
-def build(source: PromptSource, shards: list[Shard], stages: list[Stage], io_num_cpus: float) -> ray.data.Dataset:
-    check_capacity(stages, io_num_cpus)
+def build(source: PromptSource, shards: list[Shard], stages: list[Stage], cluster: ClusterConfig) -> ray.data.Dataset:
+    check_capacity(stages, cluster.io_num_cpus)
+    if cluster.object_store_budget_gib is not None:
+        limits = ExecutionResources.for_limits(object_store_memory=cluster.object_store_budget_gib * 2**30)
+        ray.data.DataContext.get_current().execution_options.resource_limits = limits
     ds = ray.data.from_items([{SHARD: s.index} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(source.reader(shards), batch_size=1, batch_format="pyarrow", num_cpus=io_num_cpus)
+    ds = ds.map_batches(source.reader(shards), batch_size=1, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
     for stage in stages:
         ds = stage.apply(ds)
     return ds
@@ -106,9 +118,9 @@ def check_capacity(stages: list[Stage], io_num_cpus: float) -> None:
         )
 
 
-def commit(ds: ray.data.Dataset, output: OutputTarget, shards: list[Shard]) -> None:
+def commit(ds: ray.data.Dataset, output: OutputTarget, shards: list[Shard], on_commit=None) -> None:
     """Streams the finished rows to the driver and commits each shard as it completes."""
-    committer = ShardCommitter(output, shards)
+    committer = ShardCommitter(output, shards, on_commit)
     with tqdm(total=sum(s.num_rows for s in shards), unit="row", desc="committed", dynamic_ncols=True) as progress:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             progress.update(committer.add(batch))
@@ -119,10 +131,12 @@ def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict
     """What must be equal for a rerun to resume into the same output: everything that decides
     which rows exist and what is generated for them, not how the work is spread."""
     job = {
+        "phase": cfg.phase.value,
         "input": source.fingerprint(),
         "prompts": {k: v for k, v in asdict(cfg.input).items() if k != "path"},
         "model": model.fingerprint,
         "sampling": asdict(cfg.sampling),
+        "kv_codec": cfg.kv.codec.value,
         "shard_rows": cfg.output.shard_rows,
     }
     return json.loads(json.dumps(job))  # as the manifest will read back
@@ -132,32 +146,59 @@ def run(cfg: JobConfig) -> dict:
     """Runs one job to completion (or finishes a crashed run of it); returns the metrics also
     written to metrics.json."""
     started = time.perf_counter()
-    source = PromptSource(cfg.input, cfg.output.shard_rows)
+    if cfg.phase is not Phase.generate and cfg.mode is Mode.colocated:
+        raise JobError(f"a {cfg.phase.value} job is one half of mode=disaggregated, not of mode=colocated")
+    if cfg.kv.transport is Transport.storage and not cfg.kv.storage_path:
+        raise JobError("kv.transport=storage needs kv.storage_path (an fsspec URL every worker can reach)")
+    source = PromptSource(cfg.input, cfg.output.shard_rows, _needs(cfg))
     model = resolve_model(cfg.model)
-    output = OutputTarget(cfg.output, identity(cfg, source, model))
+    job = identity(cfg, source, model)
+    output = OutputTarget(cfg.output, job)
     done = output.prepare()
     todo = [s for s in source.shards if s.index not in done]
-    stage_metrics = {}
+    store = PayloadStore(cfg.kv.storage_path, _digest(job)) if cfg.kv.storage_path else None
+    stage_metrics, peak = {}, ObjectStorePeak()
     if todo:
         start_ray(cfg.cluster)
         sink_name, sink = start_sink()
         try:
-            graph = plan(cfg, model, source.schema.names, sink_name)
-            commit(build(source, todo, graph, cfg.cluster.io_num_cpus), output, todo)
+            carried = [c for c in source.schema.names if c not in STAGE_COLUMNS]
+            graph = plan(cfg, model, carried, sink_name, store)
+            # A payload file goes once its row is committed (in a prefill dataset, it is kept).
+            on_commit = partial(_remove_payload_files, store) if store and cfg.phase is not Phase.prefill else None
+            with peak:
+                commit(build(source, todo, graph, cfg.cluster), output, todo, on_commit)
             stage_metrics = ray.get(sink.stages.remote())
         finally:
             ray.kill(sink)
+    if store and cfg.phase is Phase.generate:
+        store.remove_job()
     shards = {"total": len(source.shards), "resumed": len(done)}
     metrics = summarize(cfg, source.num_rows, output.count(), stage_metrics, shards, time.perf_counter() - started)
+    metrics["object_store_peak_bytes"] = peak.bytes
     output.finish(metrics)
     return metrics
 
 
+def _needs(cfg: JobConfig) -> tuple[str, ...]:
+    return (PROMPT_TOKENS, KV_PAYLOAD) if cfg.phase is Phase.decode else (cfg.input.prompt_column,)
+
+
+def _digest(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _remove_payload_files(store: PayloadStore, rows) -> None:
+    if KV_FILE in rows.column_names:
+        store.remove(rows.column(KV_FILE).to_pylist())
+
+
 def summarize(cfg: JobConfig, rows_in: int, written: dict, stages: dict, shards: dict, wall: float) -> dict:
-    moved = stages.get("decode", {})
+    moved = stages.get("decode", stages.get("prefill", {}))
     kv_bytes, kv_tokens = moved.get("kv_bytes", 0), moved.get("kv_tokens", 0)
     return {
         "mode": cfg.mode.value,
+        "phase": cfg.phase.value,
         "model": cfg.model.name,
         "rows_in": rows_in,
         **written,

@@ -3,6 +3,7 @@
 A stage waits for its report to land (one small round trip per batch), so when the dataset
 is done, so are its metrics."""
 import os
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -76,3 +77,31 @@ class StageMeter:
         start = time.perf_counter()
         yield report
         ray.get(self._sink.record.remote(self.stage, time.perf_counter() - start, report))
+
+
+class ObjectStorePeak:
+    """The most object-store memory the cluster held while the job ran, sampled twice a second
+    (the figure `ray memory --stats-only` prints; Ray has no public call for it)."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "ObjectStorePeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        while True:
+            self.bytes = max(self.bytes, get_memory_info_reply(state).store_stats.object_store_bytes_used)
+            if self._stop.wait(self.interval):
+                return

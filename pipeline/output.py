@@ -11,13 +11,14 @@ _SUCCESS marker are written last.
 import json
 import logging
 import uuid
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.columns import ERROR, NUM_GENERATED_TOKENS, NUM_INPUT_TOKENS, ROW, error_kinds
+from pipeline.columns import ERROR, GENERATED_TOKENS, INTERNAL, NUM_INPUT_TOKENS, ROW, error_kinds
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
 from pipeline.io import METRICS, filesystem, read_output
@@ -80,13 +81,13 @@ class OutputTarget:
 
     def count(self) -> dict:
         """Rows, tokens and errors by kind, read back from the committed output itself."""
-        table = read_output(self.url, [ERROR, NUM_INPUT_TOKENS, NUM_GENERATED_TOKENS])
+        table = read_output(self.url, [ERROR, NUM_INPUT_TOKENS, GENERATED_TOKENS])
         return {
             "rows_out": table.num_rows,
             "rows_errored": table.num_rows - table.column(ERROR).null_count,
             "errors": error_kinds(table.column(ERROR)),
             "input_tokens": int(pc.sum(table.column(NUM_INPUT_TOKENS)).as_py() or 0),
-            "output_tokens": int(pc.sum(table.column(NUM_GENERATED_TOKENS)).as_py() or 0),
+            "output_tokens": int(pc.sum(pc.list_value_length(table.column(GENERATED_TOKENS))).as_py() or 0),
         }
 
     def finish(self, metrics: dict) -> None:
@@ -100,8 +101,9 @@ class ShardCommitter:
     """Collects the pipeline's rows per shard, in whatever order they arrive, and commits a
     shard once every one of its rows is in: each row exactly once, in input order."""
 
-    def __init__(self, output: OutputTarget, shards: list[Shard]):
+    def __init__(self, output: OutputTarget, shards: list[Shard], on_commit: Callable[[pa.Table], None] | None = None):
         self.output = output
+        self.on_commit = on_commit  # called with each committed shard's rows, internal columns included
         self.shards = {s.first_row: s for s in shards}
         self.starts = np.array(sorted(self.shards), dtype=np.int64)
         self.pending: dict[int, list[pa.Table]] = {}
@@ -122,7 +124,10 @@ class ShardCommitter:
         if len(rows) < shard.num_rows:
             return 0
         # A batch redone after a worker died may arrive twice; keep one copy of each row.
-        self.output.commit(shard.index, table.take(pa.array(first)).drop_columns([ROW]))
+        table = table.take(pa.array(first))
+        self.output.commit(shard.index, table.drop_columns([c for c in table.column_names if c.startswith(INTERNAL)]))
+        if self.on_commit:
+            self.on_commit(table)
         del self.pending[shard.first_row]
         return shard.num_rows
 

@@ -4,7 +4,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from pipeline.config import JobConfig, Mode, PoolConfig
+from pipeline.config import JobConfig, Mode, Phase, PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ class Placement:
 def engine_pools(cfg: JobConfig) -> dict[str, PoolConfig]:
     if cfg.mode is Mode.colocated:
         return {"colocated": cfg.pools.colocated}
-    return {"prefill": cfg.pools.prefill, "decode": cfg.pools.decode}
+    names = ("prefill", "decode") if cfg.phase is Phase.generate else (cfg.phase.value,)
+    return {name: getattr(cfg.pools, name) for name in names}
 
 
 def place_engines(cfg: JobConfig) -> dict[str, Placement]:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs
 import pyarrow.parquet as pq
 
@@ -45,7 +46,8 @@ class InputFile:
 
 
 class PromptSource:
-    def __init__(self, cfg: InputConfig, shard_rows: int):
+    def __init__(self, cfg: InputConfig, shard_rows: int, needs: tuple[str, ...]):
+        """`needs`: the columns the job reads (the prompt, or a prefill dataset's)."""
         self.cfg = cfg
         self.fs, self.arrow_fs, root = filesystem(cfg.path)
         if not self.fs.exists(root):
@@ -54,8 +56,9 @@ class PromptSource:
         self.num_rows = sum(f.num_rows for f in self.files)
         if self.num_rows == 0:
             raise JobError(f"input.path {cfg.path} has no rows")
-        if cfg.prompt_column not in self.schema.names:
-            raise JobError(f"input has no column '{cfg.prompt_column}' (columns: {', '.join(self.schema.names)})")
+        for column in needs:
+            if column not in self.schema.names:
+                raise JobError(f"input has no column '{column}' (columns: {', '.join(self.schema.names)})")
         self.has_ids = cfg.id_column in self.schema.names
         self.shards = self._cut(shard_rows, self._bad_ids() if self.has_ids else {})
 
@@ -141,5 +144,8 @@ class ShardReader:
         table = table.append_column(ROW, pa.array(rows))
         if not self.has_ids:
             table = table.append_column(self.id_column, pa.array(rows))
-        errors = dict(shard.errors)
-        return table.append_column(ERROR, pa.array([errors.get(int(r)) for r in rows], pa.string()))
+        known = dict(shard.errors)
+        errors = pa.array([known.get(int(r)) for r in rows], pa.string())
+        if ERROR in table.column_names:  # a prefill dataset: its rows' errors stand
+            return table.set_column(table.schema.get_field_index(ERROR), ERROR, pc.coalesce(table[ERROR], errors))
+        return table.append_column(ERROR, errors)

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.columns import KV_PAYLOAD
 from pipeline.config import Codec
 from pipeline.kv import payload
 from pipeline.kv.payload import KVPayload, PayloadLost, PayloadMismatch
@@ -28,7 +29,7 @@ def test_payload_round_trips_through_parquet(model, codec, dtype, tmp_path):
     model = dataclasses.replace(model, dtype=dtype)
     kvs = [_kv(model, n, getattr(torch, dtype), seed=n) if n else None for n in (5, 0, 128, 1)]
     sent = [KVPayload.encode(kv, model, codec) if kv is not None else None for kv in kvs]
-    pq.write_table(pa.table({payload.KV: payload.to_column(sent)}), tmp_path / "kv.parquet")
+    pq.write_table(pa.table({KV_PAYLOAD: payload.to_column(sent)}), tmp_path / "kv.parquet")
     got = payload.from_column(pq.read_table(tmp_path / "kv.parquet"))
     assert got[1] is None
     for kv, a, b in zip(kvs, sent, got):
@@ -45,9 +46,9 @@ def test_payload_round_trips_through_parquet(model, codec, dtype, tmp_path):
 
 def test_reading_a_payload_does_not_copy_its_bytes(model):
     sent = [KVPayload.encode(_kv(model, n), model, "none") for n in (3, 4)]
-    column = pa.table({payload.KV: payload.to_column(sent)}).slice(1)  # an offset into the buffers, too
+    column = pa.table({KV_PAYLOAD: payload.to_column(sent)}).slice(1)  # an offset into the buffers, too
     (got,) = payload.from_column(column)
-    data = column.column(payload.KV).chunk(0).field("data").buffers()[2]
+    data = column.column(KV_PAYLOAD).chunk(0).field("data").buffers()[2]
     assert np.shares_memory(got.data, np.frombuffer(data, np.uint8))
     assert torch.equal(got.decode(model, 4), _kv(model, 4))
 

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from jobs.sample import SENTENCES
-from pipeline.columns import with_columns
+from pipeline.columns import KV_PAYLOAD, with_columns
 from pipeline.config import PoolConfig
 from pipeline.io import read_output
 from pipeline.job import Stage, build, plan, run
@@ -70,9 +70,14 @@ def colocated(ray_cluster, prompts, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def disaggregated(ray_cluster, prompts, tmp_path_factory):
+def disaggregated_run(ray_cluster, prompts, tmp_path_factory):
     output = tmp_path_factory.mktemp("disaggregated")
-    metrics = run(job_config("mode=disaggregated", *_overrides(prompts, output)))
+    return output, run(job_config("mode=disaggregated", *_overrides(prompts, output)))
+
+
+@pytest.fixture(scope="module")
+def disaggregated(disaggregated_run):
+    output, metrics = disaggregated_run
     return _tokens_by_id(read_output(str(output))), metrics
 
 
@@ -128,7 +133,7 @@ class Tamper:
                 payloads[i] = None
             elif action == "foreign":
                 payloads[i] = dataclasses.replace(p, fingerprint="0000000000000000")
-        return with_columns(batch, **{payload.KV: payload.to_column(payloads)})
+        return with_columns(batch, **{KV_PAYLOAD: payload.to_column(payloads)})
 
 
 FEW = [n for n in LENGTHS if 16 <= n <= 300]
@@ -137,12 +142,12 @@ TAMPERED = {f"p{n}": ("noise", "damage", "drop", "foreign", None)[k % 5] for k, 
 
 def _tampered_run(model, prompts, *overrides: str) -> tuple[pa.Table, dict]:
     cfg = job_config("mode=disaggregated", *_overrides(prompts, "unused"), *overrides)
-    source = PromptSource(cfg.input, cfg.output.shard_rows)
+    source = PromptSource(cfg.input, cfg.output.shard_rows, (cfg.input.prompt_column,))
     sink_name, sink = start_sink()
-    stages = plan(cfg, model, source.schema.names, sink_name)
+    stages = plan(cfg, model, source.schema.names, sink_name, None)
     at = [s.name for s in stages].index("decode")
     tamper = Stage("tamper", Tamper, PoolConfig(num_cpus=0), {"actions": TAMPERED, "model": model})
-    ds = build(source, source.shards, [*stages[:at], tamper, *stages[at:]], cfg.cluster.io_num_cpus)
+    ds = build(source, source.shards, [*stages[:at], tamper, *stages[at:]], cfg.cluster)
     rows = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     stage_metrics = ray.get(sink.stages.remote())
     ray.kill(sink)
@@ -216,3 +221,36 @@ def _kill_each_after_one_batch(stages: list[str], killed: list[str]) -> None:
 
 def _metric_sinks() -> set[str]:
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvrelay-metrics")}
+
+
+def test_storage_transport_generates_the_same_and_leaves_no_files(ray_cluster, few_prompts, disaggregated, tmp_path):
+    clean, _ = disaggregated
+    storage, out = tmp_path / "kv", tmp_path / "out"
+    metrics = run(job_config(*_overrides(few_prompts, out), "kv.transport=storage", f"kv.storage_path={storage}"))
+    assert _tokens_by_id(read_output(str(out))) == {k: clean[k] for k in TAMPERED}
+    assert metrics["kv_bytes_per_prompt_token"] == 46_080
+    assert not [p for p in storage.rglob("*") if p.is_file()]
+
+
+def test_split_jobs_write_what_one_job_writes(ray_cluster, few_prompts, disaggregated_run, tmp_path):
+    """jobs.prefill writes a prefill dataset with its KV in files; jobs.decode, run later from
+    that dataset alone, writes the same rows as the one-job run and removes the files."""
+    storage, prefilled, out = tmp_path / "kv", tmp_path / "prefilled", tmp_path / "out"
+    kv = ["kv.transport=storage", f"kv.storage_path={storage}"]
+    first = run(job_config("phase=prefill", *_overrides(few_prompts, prefilled), *kv))
+    assert set(first["stages"]) == {"tokenize", "prefill"}
+    dataset = read_output(str(prefilled))
+    assert dataset.num_rows == len(FEW) and KV_PAYLOAD in dataset.column_names
+    files = [p for p in storage.rglob("*.kv")]
+    assert len(files) == len(FEW)
+
+    second = run(job_config("phase=decode", *_overrides(prefilled, out), f"kv.storage_path={storage}"))
+    assert set(second["stages"]) == {"decode", "detokenize"}
+    assert second["kv_bytes_moved"] == first["kv_bytes_moved"] == 46_080 * sum(FEW)
+    assert not any(f.exists() for f in files)
+    one_job = read_output(str(disaggregated_run[0]))
+    split = read_output(str(out))
+    assert split.column_names == one_job.column_names
+    expected = {r["id"]: r for r in one_job.to_pylist()}
+    assert [r["id"] for r in split.to_pylist()] == [f"p{n}" for n in FEW]
+    assert all(row == expected[row["id"]] for row in split.to_pylist())

@@ -13,7 +13,7 @@ from tests.conftest import job_config
 
 def source(path, *overrides: str, shard_rows: int = 4) -> PromptSource:
     cfg = job_config(f"input.path={path}", *overrides)
-    return PromptSource(cfg.input, shard_rows)
+    return PromptSource(cfg.input, shard_rows, (cfg.input.prompt_column,))
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ struct column that round-trips through Ray's object store and Parquet without pi
 
 Format 1: the KV in canonical layout [layers, 2 (K, V), tokens, kv_heads, head_dim], encoded by
 a codec (pipeline.kv.codec), plus what decode needs to refuse a payload it must not use: the
-model fingerprint, cache dtype, codec, shape and a CRC32 of the encoded bytes."""
+model fingerprint, cache dtype, codec, shape and a CRC32 of the encoded bytes. The bytes are
+inline, or in a file named by `file` (pipeline.kv.transport)."""
 import zlib
 from dataclasses import dataclass
 
@@ -11,12 +12,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.columns import row_error
+from pipeline.columns import KV_PAYLOAD, row_error
 from pipeline.kv.codec import codec
 from pipeline.model import ResolvedModel
 
 FORMAT = 1
-KV = "kv_payload"
 TYPE = pa.struct(
     [
         ("format", pa.int16()),
@@ -26,6 +26,7 @@ TYPE = pa.struct(
         ("shape", pa.list_(pa.int32())),
         ("checksum", pa.uint32()),
         ("data", pa.large_binary()),
+        ("file", pa.string()),
     ]
 )
 
@@ -52,6 +53,7 @@ class KVPayload:
     checksum: int
     data: np.ndarray  # uint8; on the decode side a read-only view of the Arrow buffer
     format: int = FORMAT
+    file: str | None = None  # where the bytes are when they are not inline
 
     @classmethod
     def encode(cls, kv: torch.Tensor, model: ResolvedModel, codec_name: str) -> "KVPayload":
@@ -93,6 +95,7 @@ def to_column(payloads: list[KVPayload | None]) -> pa.StructArray:
         "shape": pa.array([list(p.shape) if p else None for p in payloads], pa.list_(pa.int32())),
         "checksum": pa.array([p.checksum if p else None for p in payloads], pa.uint32()),
         "data": pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(payloads), [None, offsets, data]),
+        "file": pa.array([p.file if p else None for p in payloads], pa.string()),
     }
     return pa.StructArray.from_arrays(list(fields.values()), fields=list(TYPE), mask=mask)
 
@@ -100,7 +103,7 @@ def to_column(payloads: list[KVPayload | None]) -> pa.StructArray:
 def from_column(table: pa.Table) -> list[KVPayload | None]:
     """Zero-copy: each payload's bytes are a view of the column's Arrow buffer."""
     payloads: list[KVPayload | None] = []
-    for chunk in table.column(KV).chunks:
+    for chunk in table.column(KV_PAYLOAD).chunks:
         fields = dict(zip(TYPE.names, chunk.flatten()))  # flatten applies the struct's own offset
         data = _views(fields.pop("data"))
         meta = [dict(zip(fields, values)) for values in zip(*(f.to_pylist() for f in fields.values()))]

@@ -6,11 +6,11 @@ import uuid
 
 import pyarrow as pa
 
-from pipeline.columns import ERROR, FINISH_REASON, GENERATED_TOKENS, with_columns
+from pipeline.columns import ERROR, FINISH_REASON, GENERATED_TOKENS, KV_FILE, KV_PAYLOAD, with_columns
 from pipeline.config import OnLoadFailure
 from pipeline.engine import CONSUMER, sampling_params
 from pipeline.kv import handoff, payload
-from pipeline.kv.payload import PayloadError, PayloadLost
+from pipeline.kv.payload import KVPayload, PayloadError, PayloadLost, PayloadMismatch
 from pipeline.metrics import BatchReport
 from pipeline.stages.engine_stage import EngineStage
 
@@ -26,12 +26,12 @@ class Decode(EngineStage):
         finish = batch.column(FINISH_REASON).to_pylist()
         errors = batch.column(ERROR).to_pylist()
         payloads = payload.from_column(batch)
+        files: list[str | None] = [None] * batch.num_rows  # to remove once the row is committed
         keys: dict[int, str | None] = {}  # row -> handoff key; None: the engine prefills the prompt itself
         for i in rows:
             try:
-                if payloads[i] is None:
-                    raise PayloadLost("kv_missing", "KV payload is missing")
-                kv = payloads[i].decode(self.model, len(prompts[i]))
+                loaded = self.fetch(payloads[i])
+                kv = loaded.decode(self.model, len(prompts[i]))
             except PayloadError as error:
                 if isinstance(error, PayloadLost) and self.kv.on_load_failure is OnLoadFailure.recompute:
                     log.warning("row %d: %s; recomputing its prefill", i, error)
@@ -39,8 +39,11 @@ class Decode(EngineStage):
                 else:
                     errors[i] = str(error)
                 continue
+            files[i] = loaded.file
             keys[i] = uuid.uuid4().hex
             handoff.offer(keys[i], kv)
+            report.kv_bytes += loaded.data.nbytes
+            report.kv_tokens += loaded.num_tokens
         try:
             # The prompt plus the first token: with a payload, the engine loads the prompt's KV
             # and computes only the first token's.
@@ -55,11 +58,21 @@ class Decode(EngineStage):
         for i, out in zip(keys, outputs):
             tokens[i] = tokens[i] + list(out.outputs[0].token_ids)
             finish[i] = out.outputs[0].finish_reason
-        loaded = [i for i, key in keys.items() if key]
         report.rows = len(keys)
         report.output_tokens = sum(len(tokens[i]) - 1 for i in keys)
-        report.kv_bytes = sum(payloads[i].data.nbytes for i in loaded)
-        report.kv_tokens = sum(payloads[i].num_tokens for i in loaded)
-        report.kv_recomputed = len(keys) - len(loaded)
-        batch = self.with_generation(batch, tokens, finish)
-        return with_columns(batch, **{ERROR: pa.array(errors, pa.string())}).drop_columns([payload.KV])
+        report.kv_recomputed = sum(key is None for key in keys.values())
+        batch = with_columns(
+            self.with_generation(batch, tokens, finish),
+            **{ERROR: pa.array(errors, pa.string()), KV_FILE: pa.array(files, pa.string())},
+        )
+        return batch.drop_columns([KV_PAYLOAD])
+
+    def fetch(self, p: KVPayload | None) -> KVPayload:
+        """The payload with its bytes at hand."""
+        if p is None:
+            raise PayloadLost("kv_missing", "KV payload is missing")
+        if p.file is None:
+            return p
+        if self.store is None:
+            raise PayloadMismatch("kv_mismatch", f"KV payload is in file {p.file}; set kv.storage_path to its root")
+        return self.store.fetch(p)

@@ -8,8 +8,8 @@ from pipeline.columns import (
     GENERATED_TOKENS,
     ID,
     NUM_GENERATED_TOKENS,
+    INTERNAL,
     NUM_INPUT_TOKENS,
-    ROW,
     TOKEN_LIST,
 )
 from pipeline.metrics import StageMeter
@@ -39,7 +39,7 @@ class Detokenize:
                 NUM_GENERATED_TOKENS: pa.array([len(t or ()) for t in tokens], pa.int32()),
                 FINISH_REASON: batch.column(FINISH_REASON),
                 ERROR: batch.column(ERROR),
-                ROW: batch.column(ROW),
+                **{name: batch.column(name) for name in batch.column_names if name.startswith(INTERNAL)},
             }
             columns.update({name: batch.column(name) for name in self.carried if name not in columns})
             return pa.table(columns)

@@ -7,6 +7,7 @@ import pyarrow as pa
 from pipeline.columns import FINISH_REASON, GENERATED_TOKENS, PROMPT_TOKENS, TOKEN_LIST, pending, with_columns
 from pipeline.config import EngineConfig, KVConfig, PoolConfig, SamplingConfig
 from pipeline.engine import bind_threads, build_engine
+from pipeline.kv.transport import PayloadStore
 from pipeline.metrics import BatchReport, StageMeter
 from pipeline.model import ResolvedModel
 from pipeline.placement import Placement
@@ -25,6 +26,7 @@ class EngineStage:
         engine: EngineConfig,
         sampling: SamplingConfig,
         kv: KVConfig,
+        store: PayloadStore | None,
         pool: PoolConfig,
         placement: Placement,
         sink_name: str,
@@ -35,6 +37,7 @@ class EngineStage:
         self.model = model
         self.sampling = sampling
         self.kv = kv
+        self.store = store
         self.meter = StageMeter(self.stage, sink_name)
 
     def budget(self, num_prompt_tokens: int) -> int:

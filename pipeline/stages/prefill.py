@@ -1,10 +1,11 @@
 """Prefill stage: computes each prompt's KV and first token, and emits the KV as a payload
-column for the decode pool."""
+column for the decode pool (inline, or as a file name with kv.transport=storage)."""
 import uuid
 
 import pyarrow as pa
 
-from pipeline.columns import FINISH_REASON, with_columns
+from pipeline.columns import FINISH_REASON, KV_PAYLOAD, with_columns
+from pipeline.config import Transport
 from pipeline.engine import PRODUCER, sampling_params
 from pipeline.kv import handoff, payload
 from pipeline.kv.payload import KVPayload
@@ -28,11 +29,12 @@ class Prefill(EngineStage):
             tokens[i] = list(completion.token_ids)
             if completion.finish_reason == "stop" or self.budget(len(prompts[i])) == 1:
                 finish[i] = completion.finish_reason
-            else:
-                payloads[i] = KVPayload.encode(kv, self.model, self.kv.codec.value)
+                continue
+            encoded = KVPayload.encode(kv, self.model, self.kv.codec.value)
+            report.kv_bytes += encoded.data.nbytes
+            report.kv_tokens += encoded.num_tokens
+            payloads[i] = self.store.put(encoded) if self.kv.transport is Transport.storage else encoded
         report.rows = len(rows)
         report.input_tokens = sum(len(prompts[i]) for i in rows)
         report.output_tokens = len(rows)
-        report.kv_bytes = sum(p.data.nbytes for p in payloads if p)
-        report.kv_tokens = sum(p.num_tokens for p in payloads if p)
-        return with_columns(self.with_generation(batch, tokens, finish), **{payload.KV: payload.to_column(payloads)})
+        return with_columns(self.with_generation(batch, tokens, finish), **{KV_PAYLOAD: payload.to_column(payloads)})
