@@ -196,6 +196,8 @@ def _remove_payload_files(store: PayloadStore, rows) -> None:
 def summarize(cfg: JobConfig, rows_in: int, written: dict, stages: dict, shards: dict, wall: float) -> dict:
     moved = stages.get("decode", stages.get("prefill", {}))
     kv_bytes, kv_tokens = moved.get("kv_bytes", 0), moved.get("kv_tokens", 0)
+    handoff = sum(s.get("kv_handoff_seconds", 0.0) for s in stages.values())
+    prefill_busy = stages.get("prefill", {}).get("busy_seconds", 0.0)
     return {
         "mode": cfg.mode.value,
         "phase": cfg.phase.value,
@@ -213,4 +215,8 @@ def summarize(cfg: JobConfig, rows_in: int, written: dict, stages: dict, shards:
         "kv_bytes_moved": kv_bytes,
         "kv_recomputed_rows": moved.get("kv_recomputed", 0),
         "kv_bytes_per_prompt_token": kv_bytes / kv_tokens if kv_tokens else None,
+        # Copying KV out of and into the paged caches, encoding, decoding, files: the price of the
+        # split, against the prefill compute it saves the decode pool.
+        "kv_handoff_seconds": round(handoff, 3),
+        "kv_handoff_share_of_prefill": round(handoff / prefill_busy, 4) if prefill_busy else None,
     }

@@ -22,6 +22,7 @@ class BatchReport:
     kv_bytes: int = 0
     kv_tokens: int = 0
     kv_recomputed: int = 0
+    kv_handoff_seconds: float = 0.0
 
 
 @ray.remote(num_cpus=0)
@@ -45,7 +46,7 @@ class MetricsSink:
         may run on."""
         return {
             stage: {
-                **{k: (round(v, 3) if k == "busy_seconds" else int(v)) for k, v in totals.items()},
+                **{k: (round(v, 3) if k.endswith("seconds") else int(v)) for k, v in totals.items()},
                 "worker_cores": list(self._cores[stage].values()),
             }
             for stage, totals in self._stages.items()

@@ -109,7 +109,8 @@ class KVRelayConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         for load in meta.loads:
-            scatter_tokens(self._layers, load.block_ids, handoff.take_offered(load.key), load.start, load.stop)
+            with handoff.timed():
+                scatter_tokens(self._layers, load.block_ids, handoff.take_offered(load.key), load.start, load.stop)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -121,4 +122,5 @@ class KVRelayConnector(KVConnectorBase_V1):
         # Runs after the forward pass has written every layer of this step.
         meta = self._get_connector_metadata()
         for save in meta.saves:
-            handoff.save(save.key, gather_tokens(self._layers, save.block_ids, save.stop).cpu())
+            with handoff.timed():
+                handoff.save(save.key, gather_tokens(self._layers, save.block_ids, save.stop).cpu())

@@ -20,13 +20,13 @@ class PagedLayer:
         self.cache = cache
         self.num_blocks, self.kv_heads, self.block_size, width = cache.shape
         self.head_dim = width // 2
+        self._order = self._strided = None
         if backend == "CPU_ATTN":
             # order[i]: where, inside one (block, head), the kernel keeps canonical element i
             # of [2, block_size, head_dim].
             self._order = _measure_cpu_block_order(self.block_size, self.head_dim, cache.dtype, isa)
-        elif backend in ("FLASH_ATTN", "TRITON_ATTN"):
-            self._order = None
-        else:
+            self._strided = _as_strided_halves(self._order, self.block_size, self.head_dim)
+        elif backend not in ("FLASH_ATTN", "TRITON_ATTN"):
             raise NotImplementedError(
                 f"KV transfer does not support attention backend {backend}; "
                 "supported: CPU_ATTN, FLASH_ATTN, TRITON_ATTN"
@@ -34,6 +34,8 @@ class PagedLayer:
 
     def read(self, block_ids: torch.Tensor) -> torch.Tensor:
         picked = self.cache.index_select(0, block_ids)  # [n, H, bs, 2D]
+        if self._strided:
+            return torch.stack(self._halves(picked), dim=1)
         if self._order is None:
             return picked.unflatten(-1, (2, self.head_dim)).permute(0, 3, 2, 1, 4)
         canonical = picked.flatten(2).index_select(2, self._order)
@@ -41,6 +43,12 @@ class PagedLayer:
 
     def write(self, block_ids: torch.Tensor, blocks: torch.Tensor) -> None:
         blocks = blocks.to(device=self.cache.device, dtype=self.cache.dtype)
+        if self._strided:
+            paged = torch.empty(len(block_ids), *self.cache.shape[1:], dtype=self.cache.dtype, device=self.cache.device)
+            for half, canonical in zip(self._halves(paged), blocks.unbind(1)):
+                half.copy_(canonical)
+            self.cache[block_ids] = paged
+            return
         if self._order is None:
             self.cache[block_ids] = blocks.permute(0, 3, 2, 1, 4).flatten(-2)
             return
@@ -48,6 +56,18 @@ class PagedLayer:
         paged = torch.empty_like(canonical)
         paged[:, :, self._order] = canonical
         self.cache[block_ids] = paged.view(-1, self.kv_heads, self.block_size, 2 * self.head_dim)
+
+    def _halves(self, paged: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the key and value parts of CPU blocks [n, H, bs, 2D], each as
+        [n, bs, H, D]; a half kept dimension-major is a transposed view."""
+        n, bs, d = paged.shape[0], self.block_size, self.head_dim
+        views = []
+        for part, dim_major in zip(paged.flatten(2).chunk(2, dim=2), self._strided):
+            if dim_major:
+                views.append(part.view(n, self.kv_heads, d, bs).permute(0, 3, 1, 2))
+            else:
+                views.append(part.view(n, self.kv_heads, bs, d).permute(0, 2, 1, 3))
+        return views
 
 
 def _measure_cpu_block_order(block_size: int, head_dim: int, dtype: torch.dtype, isa: str | None) -> torch.Tensor:
@@ -71,6 +91,24 @@ def _measure_cpu_block_order(block_size: int, head_dim: int, dtype: torch.dtype,
     order = torch.empty(size, dtype=torch.long)
     order[found] = torch.arange(size)
     return order
+
+
+def _as_strided_halves(order: torch.Tensor, block_size: int, head_dim: int) -> tuple[bool, bool] | None:
+    """When the kernel keeps keys then values, each either token-major [bs, D] or
+    dimension-major [D, bs] (the common ISAs), per half whether it is dimension-major: then
+    blocks convert with strided views instead of a gather by index. None otherwise."""
+    half = block_size * head_dim
+    token_major = torch.arange(half)
+    dim_major = torch.arange(half).view(head_dim, block_size).t().flatten()
+    layouts = []
+    for start, positions in zip((0, half), order.view(2, half)):
+        if torch.equal(positions - start, token_major):
+            layouts.append(False)
+        elif torch.equal(positions - start, dim_major):
+            layouts.append(True)
+        else:
+            return None
+    return layouts[0], layouts[1]
 
 
 def gather_tokens(layers: list[PagedLayer], block_ids: list[int], num_tokens: int) -> torch.Tensor:

@@ -25,13 +25,15 @@ class Decode(EngineStage):
         tokens = batch.column(GENERATED_TOKENS).to_pylist()
         finish = batch.column(FINISH_REASON).to_pylist()
         errors = batch.column(ERROR).to_pylist()
-        payloads = payload.from_column(batch)
+        with handoff.timed():
+            payloads = payload.from_column(batch)
         files: list[str | None] = [None] * batch.num_rows  # to remove once the row is committed
         keys: dict[int, str | None] = {}  # row -> handoff key; None: the engine prefills the prompt itself
         for i in rows:
             try:
-                loaded = self.fetch(payloads[i])
-                kv = loaded.decode(self.model, len(prompts[i]))
+                with handoff.timed():
+                    loaded = self.fetch(payloads[i])
+                    kv = loaded.decode(self.model, len(prompts[i]))
             except PayloadError as error:
                 if isinstance(error, PayloadLost) and self.kv.on_load_failure is OnLoadFailure.recompute:
                     log.warning("row %d: %s; recomputing its prefill", i, error)
@@ -61,6 +63,7 @@ class Decode(EngineStage):
         report.rows = len(keys)
         report.output_tokens = sum(len(tokens[i]) - 1 for i in keys)
         report.kv_recomputed = sum(key is None for key in keys.values())
+        report.kv_handoff_seconds = handoff.take_seconds()
         batch = with_columns(
             self.with_generation(batch, tokens, finish),
             **{ERROR: pa.array(errors, pa.string()), KV_FILE: pa.array(files, pa.string())},

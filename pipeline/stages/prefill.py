@@ -30,11 +30,15 @@ class Prefill(EngineStage):
             if completion.finish_reason == "stop" or self.budget(len(prompts[i])) == 1:
                 finish[i] = completion.finish_reason
                 continue
-            encoded = KVPayload.encode(kv, self.model, self.kv.codec.value)
+            with handoff.timed():
+                encoded = KVPayload.encode(kv, self.model, self.kv.codec.value)
+                payloads[i] = self.store.put(encoded) if self.kv.transport is Transport.storage else encoded
             report.kv_bytes += encoded.data.nbytes
             report.kv_tokens += encoded.num_tokens
-            payloads[i] = self.store.put(encoded) if self.kv.transport is Transport.storage else encoded
+        with handoff.timed():
+            column = payload.to_column(payloads)
         report.rows = len(rows)
         report.input_tokens = sum(len(prompts[i]) for i in rows)
         report.output_tokens = len(rows)
-        return with_columns(self.with_generation(batch, tokens, finish), **{KV_PAYLOAD: payload.to_column(payloads)})
+        report.kv_handoff_seconds = handoff.take_seconds()
+        return with_columns(self.with_generation(batch, tokens, finish), **{KV_PAYLOAD: column})
