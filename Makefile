@@ -7,7 +7,7 @@ SAMPLE := data/sample_prompts.parquet
 OUTPUT ?= outputs/sample
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-fast sample bench clean
+.PHONY: venv run test test-fast sample bench kv-bench clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP) $(SAMPLE)
 	$(PY) -m jobs.bench input.path=$(SAMPLE) output.path=outputs/bench
+
+# The KV handoff by codec and transport, and object-store use at 1x and 10x: on 48 prompts,
+# since 10x the full sample takes about an hour on two cores.
+kv-bench: $(STAMP)
+	$(PY) -m jobs.sample path=data/sample_48.parquet rows=48
+	$(PY) -m jobs.kv_bench input.path=data/sample_48.parquet output.path=outputs/kv_bench cluster.object_store_budget_gib=0.25
 
 clean:
 	rm -rf $(VENV) outputs
