@@ -5,6 +5,11 @@ import pyarrow.dataset
 import pyarrow.fs
 
 METRICS = "metrics.json"
+REPORT = "report.md"
+REPORT_PLOT = "report.png"
+# Name prefixes never read as rows: hidden and underscore files, and what a job writes beside its rows
+# (so a job's output, e.g. a prefill dataset, reads back as an input).
+NOT_ROWS = (".", "_", METRICS, REPORT, REPORT_PLOT)
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, pyarrow.fs.FileSystem, str]:
@@ -14,10 +19,10 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, pyarrow.fs.FileSyst
 
 def parquet_dataset(url: str) -> pyarrow.dataset.Dataset:
     """A Parquet file or directory, such as a finished job's rows (the files beside
-    metrics.json and _SUCCESS)."""
+    metrics.json, the report and _SUCCESS)."""
     _, arrow_fs, root = filesystem(url)
     return pyarrow.dataset.dataset(root, filesystem=arrow_fs, format="parquet", exclude_invalid_files=False,
-                                   partitioning=None, ignore_prefixes=[".", "_", METRICS])  # fmt: skip
+                                   partitioning=None, ignore_prefixes=list(NOT_ROWS))  # fmt: skip
 
 
 def read_output(url: str, columns: list[str] | None = None) -> pa.Table:

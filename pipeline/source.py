@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from pipeline.columns import ERROR, ROW, row_error
 from pipeline.config import DuplicateIds, InputConfig
 from pipeline.errors import JobError
-from pipeline.io import filesystem
+from pipeline.io import NOT_ROWS, filesystem
 
 
 SHARD = "shard"
@@ -65,7 +65,7 @@ class PromptSource:
     def _inspect(self, root: str) -> tuple[list[InputFile], pa.Schema]:
         paths = sorted(
             p for p in (self.fs.find(root) if self.fs.isdir(root) else [root])
-            if not p.rsplit("/", 1)[-1].startswith(("_", "."))
+            if not p.rsplit("/", 1)[-1].startswith(NOT_ROWS)
         )  # fmt: skip
         if not paths:
             raise JobError(f"input.path {self.cfg.path} holds no files")

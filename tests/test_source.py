@@ -18,11 +18,13 @@ def source(path, *overrides: str, shard_rows: int = 4) -> PromptSource:
 
 @pytest.fixture
 def two_files(tmp_path):
-    """A directory of two files (7 and 5 rows) with small row groups, and a marker file."""
+    """A directory of two files (7 and 5 rows) with small row groups, and the files a job writes
+    beside its rows (an input may be a job's output, e.g. a prefill dataset)."""
     for name, first, rows in (("a.parquet", 0, 7), ("b.parquet", 7, 5)):
         table = pa.table({"id": [f"r{i}" for i in range(first, first + rows)], "prompt": [f"p{i}" for i in range(first, first + rows)]})
         pq.write_table(table, tmp_path / name, row_group_size=3)
-    (tmp_path / "_SUCCESS").touch()
+    for name in ("_SUCCESS", "metrics.json", "report.md", "report.png"):
+        (tmp_path / name).write_text("not rows")
     return tmp_path
 
 
