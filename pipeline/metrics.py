@@ -9,7 +9,7 @@ import uuid
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import ray
 
@@ -25,11 +25,27 @@ class BatchReport:
     kv_handoff_seconds: float = 0.0
 
 
-@ray.remote(num_cpus=0)
-class MetricsSink:
+class BatchPoint(NamedTuple):
+    """One batch in the job's time series: when it ended (seconds since the sink started, on
+    the sink's clock, so all stages share one), how long it took, what went through."""
+
+    stage: str
+    end: float
+    seconds: float
+    rows: int
+    input_tokens: int
+    output_tokens: int
+
+
+class StageTally:
+    """What the sink keeps: per-stage totals, the cores of each worker and one BatchPoint per
+    batch. A plain class (MetricsSink is it as a Ray actor), so it is testable without Ray."""
+
     def __init__(self) -> None:
+        self._started = time.time()
         self._stages: dict[str, dict] = defaultdict(lambda: defaultdict(float))
         self._cores: dict[str, dict[str, list[int]]] = defaultdict(dict)
+        self._timeline: list[BatchPoint] = []
 
     def join(self, stage: str, worker: str, cores: list[int]) -> None:
         self._cores[stage][worker] = cores
@@ -40,6 +56,11 @@ class MetricsSink:
         totals["batches"] += 1
         for name, value in vars(report).items():
             totals[name] += value
+        # A stage reports right after its batch, so arrival on this one clock is the batch's end.
+        end = round(time.time() - self._started, 3)
+        self._timeline.append(
+            BatchPoint(stage, end, round(seconds, 3), report.rows, report.input_tokens, report.output_tokens)
+        )
 
     def stages(self) -> dict[str, dict]:
         """Per stage: busy seconds, batches, the BatchReport sums, and the cores each worker
@@ -51,6 +72,13 @@ class MetricsSink:
             }
             for stage, totals in self._stages.items()
         }
+
+    def timeline(self) -> list[BatchPoint]:
+        """Every batch so far, in the order the sink received them."""
+        return self._timeline
+
+
+MetricsSink = ray.remote(num_cpus=0)(StageTally)
 
 
 def start_sink() -> tuple[str, ray.actor.ActorHandle]:
