@@ -23,6 +23,7 @@ from tqdm import tqdm
 from pipeline.columns import KV_FILE, KV_PAYLOAD, PROMPT_TOKENS, STAGE_COLUMNS
 from pipeline.config import ClusterConfig, JobConfig, Mode, Phase, PoolConfig, Transport
 from pipeline.errors import JobError
+from pipeline.job_report import write_report
 from pipeline.kv.transport import PayloadStore
 from pipeline.metrics import ObjectStorePeak, start_sink
 from pipeline.model import ResolvedModel, resolve_model
@@ -144,7 +145,7 @@ def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict
 
 def run(cfg: JobConfig) -> dict:
     """Runs one job to completion (or finishes a crashed run of it); returns the metrics also
-    written to metrics.json."""
+    written to metrics.json, beside report.md and report.png."""
     started = time.perf_counter()
     if cfg.phase is not Phase.generate and cfg.mode is Mode.colocated:
         raise JobError(f"a {cfg.phase.value} job is one half of mode=disaggregated, not of mode=colocated")
@@ -157,7 +158,7 @@ def run(cfg: JobConfig) -> dict:
     done = output.prepare()
     todo = [s for s in source.shards if s.index not in done]
     store = PayloadStore(cfg.kv.storage_path, _digest(job)) if cfg.kv.storage_path else None
-    stage_metrics, peak = {}, ObjectStorePeak()
+    stage_metrics, timeline, peak = {}, [], ObjectStorePeak()
     if todo:
         start_ray(cfg.cluster)
         sink_name, sink = start_sink()
@@ -168,7 +169,7 @@ def run(cfg: JobConfig) -> dict:
             on_commit = partial(_remove_payload_files, store) if store and cfg.phase is not Phase.prefill else None
             with peak:
                 commit(build(source, todo, graph, cfg.cluster), output, todo, on_commit)
-            stage_metrics = ray.get(sink.stages.remote())
+            stage_metrics, timeline = ray.get([sink.stages.remote(), sink.timeline.remote()])
         finally:
             ray.kill(sink)
     if store and cfg.phase is Phase.generate:
@@ -176,6 +177,7 @@ def run(cfg: JobConfig) -> dict:
     shards = {"total": len(source.shards), "resumed": len(done)}
     metrics = summarize(cfg, source.num_rows, output.count(), stage_metrics, shards, time.perf_counter() - started)
     metrics["object_store_peak_bytes"] = peak.bytes
+    write_report(output, metrics, timeline)  # before finish: _SUCCESS stays the last file written
     output.finish(metrics)
     return metrics
 
@@ -208,7 +210,8 @@ def summarize(cfg: JobConfig, rows_in: int, written: dict, stages: dict, shards:
         "wall_seconds": round(wall, 3),
         "output_tokens_per_second": round(written["output_tokens"] / wall, 2),
         "stages": {
-            name: {"busy_seconds": s["busy_seconds"], "rows": s["rows"], "workers": len(s["worker_cores"]),
+            name: {"busy_seconds": s["busy_seconds"], "rows": s["rows"], "input_tokens": s["input_tokens"],
+                   "output_tokens": s["output_tokens"], "workers": len(s["worker_cores"]),
                    "worker_cores": s["worker_cores"]}
             for name, s in stages.items()
         },  # fmt: skip

@@ -1,10 +1,12 @@
 """The output directory: one Parquet file per input shard, each committed whole (written aside,
 then moved into place), so a crash leaves only complete shards behind and a rerun of the same
-job finishes the rest. A manifest names the job that owns the directory; metrics.json and the
-_SUCCESS marker are written last.
+job finishes the rest. A manifest names the job that owns the directory; metrics.json, the
+report and the _SUCCESS marker are written last.
 
     out/_kvrelay_job.json   the job's identity (input files, model, sampling, shard size)
     out/part-000000.parquet ...
+    out/report.md           for a person: pools, bottleneck, errors, KV; and the plot beside it,
+    out/report.png          rows through each stage and output tokens/s over time
     out/metrics.json
     out/_SUCCESS
 """
@@ -21,7 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.columns import ERROR, GENERATED_TOKENS, INTERNAL, NUM_INPUT_TOKENS, ROW, error_kinds
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
-from pipeline.io import METRICS, filesystem, read_output
+from pipeline.io import METRICS, REPORT, REPORT_PLOT, filesystem, read_output
 from pipeline.source import Shard
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class OutputTarget:
                 "use another path or output.overwrite=true"
             )
         for name, path in names.items():
-            if name.startswith(_IN_FLIGHT) or name in (SUCCESS, METRICS):
+            if name.startswith(_IN_FLIGHT) or name in (SUCCESS, METRICS, REPORT, REPORT_PLOT):
                 self.fs.rm(path)
         done = {int(n[5:11]) for n in names if n.startswith("part-")}
         if done:

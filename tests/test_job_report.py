@@ -1,0 +1,113 @@
+"""The job report: written beside metrics.json through the output's filesystem, naming the
+pool that held the job back, never read back as rows; and the time series it is drawn from."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pipeline.columns import ROW
+from pipeline.io import read_output
+from pipeline.job_report import output_rate, write_report
+from pipeline import metrics
+from pipeline.metrics import BatchPoint, BatchReport, StageTally
+from tests.test_output import rows, target
+
+
+def stage(busy: float, rows: int, input_tokens: int, output_tokens: int, workers: int = 1) -> dict:
+    return {"busy_seconds": busy, "rows": rows, "input_tokens": input_tokens, "output_tokens": output_tokens,
+            "workers": workers, "worker_cores": [[0]] * workers}  # fmt: skip
+
+
+METRICS = {
+    "mode": "disaggregated", "phase": "generate", "model": "smollm2-135m",
+    "rows_in": 8, "rows_out": 8, "rows_errored": 3, "errors": {"empty_prompt": 1, "kv_corrupt": 2},
+    "input_tokens": 400, "output_tokens": 160, "shards": {"total": 2, "resumed": 0},
+    "wall_seconds": 100.0, "output_tokens_per_second": 1.6,
+    "stages": {
+        "tokenize": stage(2.0, 8, 400, 0),
+        "prefill": stage(60.0, 6, 400, 6),  # 60% busy
+        "decode": stage(140.0, 5, 0, 154, workers=2),  # 70% busy per worker: the bottleneck
+        "detokenize": stage(1.0, 8, 0, 160),
+    },
+    "kv_bytes_moved": 6 * 2**20, "kv_recomputed_rows": 2, "kv_bytes_per_prompt_token": 46_080.0,
+    "kv_handoff_seconds": 3.0, "kv_handoff_share_of_prefill": 0.05, "object_store_peak_bytes": 3 * 2**20,
+}  # fmt: skip
+TIMELINE = [
+    BatchPoint("tokenize", 1.0, 1.0, 4, 200, 0),
+    BatchPoint("tokenize", 2.0, 1.0, 4, 200, 0),
+    BatchPoint("prefill", 30.0, 28.0, 3, 200, 3),
+    BatchPoint("prefill", 61.0, 31.0, 3, 200, 3),
+    BatchPoint("decode", 70.0, 40.0, 3, 0, 90),
+    BatchPoint("decode", 95.0, 34.0, 2, 0, 64),
+    BatchPoint("detokenize", 96.0, 1.0, 8, 0, 160),
+]
+
+
+@pytest.fixture
+def written(tmp_path):
+    out = target(tmp_path / "out")
+    out.prepare()
+    out.commit(0, rows(0, 1).drop_columns([ROW]))
+    write_report(out, METRICS, TIMELINE)
+    return tmp_path / "out"
+
+
+def test_report_states_pools_bottleneck_errors_and_kv(written):
+    report = (written / "report.md").read_text()
+    assert report.startswith("# kvrelay disaggregated generate run of smollm2-135m\n")
+    assert "- rows: 8 in, 8 out, 3 with errors" in report
+    assert "| prefill | 1 | 60.0 | 60% | 6 | 400 | 6 | 6 | 406 |" in report
+    assert "| decode | 2 | 140.0 | 70% | 5 | 0 | 154 | 2 | 77 |" in report
+    assert "Bottleneck: the decode pool, its workers busy 70% of the wall time." in report
+    assert "- `kv_corrupt`: 2\n- `empty_prompt`: 1\n" in report
+    assert "- KV moved: 6.0 MiB, 46080 B per prompt token" in report
+    assert "- handoff: 3.0 s, 5.0% of the prefill pool's busy time" in report
+    assert "- prefill recomputed by the decode pool: 2 rows" in report
+    assert "![rows through each stage and output tokens/s over time](report.png)" in report
+
+
+def test_plot_is_a_png(written):
+    png = (written / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_report_files_are_not_read_as_rows(written):
+    assert read_output(str(written)).column("text").to_pylist() == ["t0", "t1"]
+
+
+def test_a_run_that_resumed_everything_has_no_pools_and_no_plot(tmp_path):
+    out = target(tmp_path / "out")
+    out.prepare()
+    resumed = {**METRICS, "stages": {}, "errors": {}, "kv_bytes_moved": 0, "kv_bytes_per_prompt_token": None}
+    write_report(out, resumed, [])
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "No pool ran: every shard was committed by an earlier run." in report
+    assert "No row errors." in report and "KV moved" not in report and "report.png" not in report
+    assert not (tmp_path / "out" / "report.png").exists()
+
+
+def test_a_rerun_withdraws_the_old_report(written):
+    target(written).prepare()
+    assert not (written / "report.md").exists() and not (written / "report.png").exists()
+
+
+def test_output_rate_spreads_each_batch_over_the_seconds_it_ran():
+    # Two decode workers: 100 tokens over [0, 20] s (5/s) and 100 over [10, 20] s (10/s).
+    timeline = [BatchPoint("decode", 20.0, 20.0, 1, 0, 100), BatchPoint("decode", 20.0, 10.0, 1, 0, 100),
+                BatchPoint("detokenize", 20.0, 0.1, 2, 0, 200)]  # fmt: skip
+    times, rate, window = output_rate(timeline, points=41)
+    assert window == 1.0 and times[-1] == 20.0
+    np.testing.assert_allclose(rate[(times > 0) & (times <= 10)], 5.0)
+    np.testing.assert_allclose(rate[times >= 11], 15.0)
+    assert 5.0 < rate[times == 10.5][0] < 15.0  # the window straddles the second batch's start
+
+
+def test_tally_keeps_one_point_per_batch_on_one_clock(monkeypatch):
+    clock = iter([1000.0, 1002.5, 1004.0])
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(time=lambda: next(clock)))
+    tally = StageTally()
+    tally.join("prefill", "w1", [0])
+    tally.record("prefill", 2.4567, BatchReport(rows=3, input_tokens=30, output_tokens=3, kv_bytes=900))
+    tally.record("decode", 1.5, BatchReport(rows=3, output_tokens=21))
+    assert tally.timeline() == [("prefill", 2.5, 2.457, 3, 30, 3), ("decode", 4.0, 1.5, 3, 0, 21)]
+    assert tally.stages()["prefill"]["kv_bytes"] == 900  # the totals are kept as before
