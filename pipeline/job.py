@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
+import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy, ExecutionResources
 from tqdm import tqdm
 
-from pipeline.columns import KV_FILE, KV_PAYLOAD, PROMPT_TOKENS, STAGE_COLUMNS
+from pipeline.columns import GENERATED_TOKENS, KV_FILE, KV_PAYLOAD, PROMPT_TOKENS, STAGE_COLUMNS
 from pipeline.config import ClusterConfig, JobConfig, Mode, Phase, PoolConfig, Transport
 from pipeline.errors import JobError
 from pipeline.job_report import write_report
@@ -120,10 +121,15 @@ def check_capacity(stages: list[Stage], io_num_cpus: float) -> None:
 
 
 def commit(ds: ray.data.Dataset, output: OutputTarget, shards: list[Shard], on_commit=None) -> None:
-    """Streams the finished rows to the driver and commits each shard as it completes."""
+    """Streams the finished rows to the driver and commits each shard as it completes. The bar
+    shows rows committed of all, and output tokens/s since the pipeline started."""
     committer = ShardCommitter(output, shards, on_commit)
+    tokens, started = 0, time.perf_counter()
     with tqdm(total=sum(s.num_rows for s in shards), unit="row", desc="committed", dynamic_ncols=True) as progress:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            # Counted as rows arrive, not as their shard commits, so the rate moves between commits.
+            tokens += pc.sum(pc.list_value_length(batch.column(GENERATED_TOKENS))).as_py() or 0
+            progress.set_postfix_str(f"{tokens / (time.perf_counter() - started):.1f} output tok/s", refresh=False)
             progress.update(committer.add(batch))
     committer.check_complete()
 

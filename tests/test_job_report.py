@@ -1,16 +1,20 @@
 """The job report: written beside metrics.json through the output's filesystem, naming the
-pool that held the job back, never read back as rows; and the time series it is drawn from."""
+pool that held the job back, never read back as rows; the time series it is drawn from; and
+the live progress bar."""
+import re
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from pipeline.columns import ROW
+from pipeline.columns import GENERATED_TOKENS, ROW, TOKEN_LIST
 from pipeline.io import read_output
+from pipeline.job import commit
 from pipeline.job_report import output_rate, write_report
 from pipeline import metrics
 from pipeline.metrics import BatchPoint, BatchReport, StageTally
-from tests.test_output import rows, target
+from tests.test_output import SHARDS, rows, target
 
 
 def stage(busy: float, rows: int, input_tokens: int, output_tokens: int, workers: int = 1) -> dict:
@@ -111,3 +115,21 @@ def test_tally_keeps_one_point_per_batch_on_one_clock(monkeypatch):
     tally.record("decode", 1.5, BatchReport(rows=3, output_tokens=21))
     assert tally.timeline() == [("prefill", 2.5, 2.457, 3, 30, 3), ("decode", 4.0, 1.5, 3, 0, 21)]
     assert tally.stages()["prefill"]["kv_bytes"] == 900  # the totals are kept as before
+
+
+class Batches:
+    """Stands in for the Ray dataset: the finished batches its iter_batches yields."""
+
+    def __init__(self, *batches: pa.Table):
+        self.batches = batches
+
+    def iter_batches(self, **_):
+        return iter(self.batches)
+
+
+def test_progress_bar_shows_rows_committed_and_output_tokens_per_second(tmp_path, capsys):
+    out = target(tmp_path / "out")
+    out.prepare()
+    done = lambda *n: rows(*n).append_column(GENERATED_TOKENS, pa.array([[1, 2, 3]] * len(n), TOKEN_LIST))  # noqa: E731
+    commit(Batches(done(0, 1, 2), done(3, 4)), out, SHARDS)
+    assert re.search(r"committed: 100%.* 5/5 .*, [\d.]+ output tok/s\]", capsys.readouterr().err)
