@@ -132,8 +132,9 @@ class KVConfig:
     codec: Codec = Codec.none
     transport: Transport = Transport.object_store
     # kv.transport=storage: an fsspec URL every prefill and decode worker can reach (local
-    # NVMe, /dev/shm, s3://...). A file is removed once its row is committed.
+    # NVMe, /dev/shm, s3://...). A file is removed once its row is committed, unless kept.
     storage_path: Optional[str] = None
+    keep_files: bool = False
     on_load_failure: OnLoadFailure = OnLoadFailure.recompute
 
 

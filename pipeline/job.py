@@ -172,13 +172,14 @@ def run(cfg: JobConfig) -> dict:
             carried = [c for c in source.schema.names if c not in STAGE_COLUMNS]
             graph = plan(cfg, model, carried, sink_name, store)
             # A payload file goes once its row is committed (in a prefill dataset, it is kept).
-            on_commit = partial(_remove_payload_files, store) if store and cfg.phase is not Phase.prefill else None
+            removes = store and not cfg.kv.keep_files and cfg.phase is not Phase.prefill
+            on_commit = partial(_remove_payload_files, store) if removes else None
             with peak:
                 commit(build(source, todo, graph, cfg.cluster), output, todo, on_commit)
             stage_metrics, timeline = ray.get([sink.stages.remote(), sink.timeline.remote()])
         finally:
             ray.kill(sink)
-    if store and cfg.phase is Phase.generate:
+    if store and not cfg.kv.keep_files and cfg.phase is Phase.generate:
         store.remove_job()
     shards = {"total": len(source.shards), "resumed": len(done)}
     metrics = summarize(cfg, source.num_rows, output.count(), stage_metrics, shards, time.perf_counter() - started)

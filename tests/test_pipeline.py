@@ -223,13 +223,15 @@ def _metric_sinks() -> set[str]:
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvrelay-metrics")}
 
 
-def test_storage_transport_generates_the_same_and_leaves_no_files(ray_cluster, few_prompts, disaggregated, tmp_path):
+def test_storage_transport_generates_the_same(ray_cluster, few_prompts, disaggregated, tmp_path):
+    """Asked to, the job keeps the payload files (removing them is tested with split jobs)."""
     clean, _ = disaggregated
     storage, out = tmp_path / "kv", tmp_path / "out"
-    metrics = run(job_config(*_overrides(few_prompts, out), "kv.transport=storage", f"kv.storage_path={storage}"))
+    kv = ["kv.transport=storage", f"kv.storage_path={storage}", "kv.keep_files=true"]
+    metrics = run(job_config(*_overrides(few_prompts, out), *kv))
     assert _tokens_by_id(read_output(str(out))) == {k: clean[k] for k in TAMPERED}
     assert metrics["kv_bytes_per_prompt_token"] == 46_080
-    assert not [p for p in storage.rglob("*") if p.is_file()]
+    assert len(list(storage.rglob("*.kv"))) == len(FEW)
 
 
 def test_split_jobs_write_what_one_job_writes(ray_cluster, few_prompts, disaggregated_run, tmp_path):

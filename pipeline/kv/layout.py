@@ -32,23 +32,37 @@ class PagedLayer:
                 "supported: CPU_ATTN, FLASH_ATTN, TRITON_ATTN"
             )
 
+    def read_into(self, out: torch.Tensor, block_ids: list[int]) -> None:
+        """Copy whole blocks into `out`, canonical [2, len(block_ids) * block_size, H, D]."""
+        if self._strided:  # one strided copy per block and half, straight from the cache
+            for i, block in enumerate(block_ids):
+                for half, view in zip(out, self._halves(self.cache[block : block + 1])):
+                    half[i * self.block_size : (i + 1) * self.block_size].copy_(view[0])
+            return
+        ids = torch.tensor(block_ids, device=self.cache.device)
+        out.copy_(self.read(ids).transpose(0, 1).flatten(1, 2))
+
+    def write_from(self, tokens: torch.Tensor, block_ids: list[int]) -> None:
+        """Write canonical tokens [2, n, H, D] into blocks from the first slot of block_ids[0]."""
+        tokens = tokens.to(device=self.cache.device, dtype=self.cache.dtype)
+        if self._strided:
+            for i, block in enumerate(block_ids):
+                part = tokens[:, i * self.block_size : (i + 1) * self.block_size]
+                for half, view in zip(part, self._halves(self.cache[block : block + 1])):
+                    view[0, : part.shape[1]].copy_(half)
+            return
+        pad = len(block_ids) * self.block_size - tokens.shape[1]
+        blocks = torch.nn.functional.pad(tokens, (0, 0, 0, 0, 0, pad)).unflatten(1, (len(block_ids), self.block_size))
+        self.write(torch.tensor(block_ids, device=self.cache.device), blocks.transpose(0, 1))
+
     def read(self, block_ids: torch.Tensor) -> torch.Tensor:
         picked = self.cache.index_select(0, block_ids)  # [n, H, bs, 2D]
-        if self._strided:
-            return torch.stack(self._halves(picked), dim=1)
         if self._order is None:
             return picked.unflatten(-1, (2, self.head_dim)).permute(0, 3, 2, 1, 4)
         canonical = picked.flatten(2).index_select(2, self._order)
         return canonical.view(-1, self.kv_heads, 2, self.block_size, self.head_dim).permute(0, 2, 3, 1, 4)
 
     def write(self, block_ids: torch.Tensor, blocks: torch.Tensor) -> None:
-        blocks = blocks.to(device=self.cache.device, dtype=self.cache.dtype)
-        if self._strided:
-            paged = torch.empty(len(block_ids), *self.cache.shape[1:], dtype=self.cache.dtype, device=self.cache.device)
-            for half, canonical in zip(self._halves(paged), blocks.unbind(1)):
-                half.copy_(canonical)
-            self.cache[block_ids] = paged
-            return
         if self._order is None:
             self.cache[block_ids] = blocks.permute(0, 3, 2, 1, 4).flatten(-2)
             return
@@ -113,20 +127,21 @@ def _as_strided_halves(order: torch.Tensor, block_size: int, head_dim: int) -> t
 
 def gather_tokens(layers: list[PagedLayer], block_ids: list[int], num_tokens: int) -> torch.Tensor:
     """Copy the first num_tokens of a request out of its blocks, in canonical layout."""
-    block_size = layers[0].block_size
-    ids = torch.tensor(block_ids[: -(-num_tokens // block_size)], device=layers[0].cache.device)
-    return torch.stack([layer.read(ids).transpose(0, 1).flatten(1, 2)[:, :num_tokens] for layer in layers])
+    first = layers[0]
+    blocks = block_ids[: -(-num_tokens // first.block_size)]
+    out = torch.empty(len(layers), 2, len(blocks) * first.block_size, first.kv_heads, first.head_dim,
+                      dtype=first.cache.dtype, device=first.cache.device)  # fmt: skip
+    for layer, tokens in zip(layers, out):
+        layer.read_into(tokens, blocks)
+    return out[:, :, :num_tokens]
 
 
 def scatter_tokens(layers: list[PagedLayer], block_ids: list[int], kv: torch.Tensor, start: int, stop: int) -> None:
     """Write canonical tokens [start, stop) into a request's blocks; start is block-aligned.
-    Whole blocks are written: slots past `stop` get zeros, which the engine overwrites when it
+    Slots past `stop` in the last block are left as they are: the engine writes them when it
     computes those tokens."""
     block_size = layers[0].block_size
     assert start % block_size == 0, "loads start on a block boundary"
-    first, end = start // block_size, -(-stop // block_size)
-    ids = torch.tensor(block_ids[first:end], device=layers[0].cache.device)
-    pad = end * block_size - stop
+    blocks = block_ids[start // block_size : -(-stop // block_size)]
     for layer, tokens in zip(layers, kv):
-        src = torch.nn.functional.pad(tokens[:, start:stop], (0, 0, 0, 0, 0, pad))
-        layer.write(ids, src.unflatten(1, (end - first, block_size)).transpose(0, 1))
+        layer.write_from(tokens[:, start:stop], blocks)
