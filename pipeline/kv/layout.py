@@ -33,14 +33,16 @@ class PagedLayer:
             )
 
     def read_into(self, out: torch.Tensor, block_ids: list[int]) -> None:
-        """Copy whole blocks into `out`, canonical [2, len(block_ids) * block_size, H, D]."""
+        """Copy the first tokens of blocks into `out`, canonical [2, tokens, H, D]."""
+        tokens = out.shape[1]
         if self._strided:  # one strided copy per block and half, straight from the cache
             for i, block in enumerate(block_ids):
+                start, stop = i * self.block_size, min((i + 1) * self.block_size, tokens)
                 for half, view in zip(out, self._halves(self.cache[block : block + 1])):
-                    half[i * self.block_size : (i + 1) * self.block_size].copy_(view[0])
+                    half[start:stop].copy_(view[0, : stop - start])
             return
         ids = torch.tensor(block_ids, device=self.cache.device)
-        out.copy_(self.read(ids).transpose(0, 1).flatten(1, 2))
+        out.copy_(self.read(ids).transpose(0, 1).flatten(1, 2)[:, :tokens])
 
     def write_from(self, tokens: torch.Tensor, block_ids: list[int]) -> None:
         """Write canonical tokens [2, n, H, D] into blocks from the first slot of block_ids[0]."""
@@ -129,11 +131,11 @@ def gather_tokens(layers: list[PagedLayer], block_ids: list[int], num_tokens: in
     """Copy the first num_tokens of a request out of its blocks, in canonical layout."""
     first = layers[0]
     blocks = block_ids[: -(-num_tokens // first.block_size)]
-    out = torch.empty(len(layers), 2, len(blocks) * first.block_size, first.kv_heads, first.head_dim,
+    out = torch.empty(len(layers), 2, num_tokens, first.kv_heads, first.head_dim,
                       dtype=first.cache.dtype, device=first.cache.device)  # fmt: skip
     for layer, tokens in zip(layers, out):
         layer.read_into(tokens, blocks)
-    return out[:, :, :num_tokens]
+    return out
 
 
 def scatter_tokens(layers: list[PagedLayer], block_ids: list[int], kv: torch.Tensor, start: int, stop: int) -> None:
