@@ -37,6 +37,11 @@ def part_name(shard: int) -> str:
     return f"part-{shard:06d}.parquet"
 
 
+def shard_of(part: str) -> int:
+    """The shard a committed file holds: the inverse of part_name."""
+    return int(part.removeprefix("part-").removesuffix(".parquet"))
+
+
 class OutputTarget:
     def __init__(self, cfg: OutputConfig, job: dict):
         self.url = cfg.path
@@ -69,7 +74,7 @@ class OutputTarget:
         for name, path in names.items():
             if name.startswith(_IN_FLIGHT) or name in (SUCCESS, METRICS, REPORT, REPORT_PLOT):
                 self.fs.rm(path)
-        done = {int(n[5:11]) for n in names if n.startswith("part-")}
+        done = {shard_of(n) for n in names if n.startswith("part-")}
         if done:
             log.info("resuming %s: %d shards already committed", self.url, len(done))
         return done
