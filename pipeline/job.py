@@ -219,7 +219,7 @@ def summarize(cfg: JobConfig, rows_in: int, written: dict, stages: dict, shards:
         "stages": {
             name: {"busy_seconds": s["busy_seconds"], "rows": s["rows"], "input_tokens": s["input_tokens"],
                    "output_tokens": s["output_tokens"], "kv_handoff_seconds": s.get("kv_handoff_seconds", 0.0),
-                   "workers": len(s["worker_cores"]), "worker_cores": s["worker_cores"]}
+                   "workers": len(s["worker_cores"]), "worker_cores": s["worker_cores"], "per_worker": s["per_worker"]}
             for name, s in stages.items()
         },  # fmt: skip
         "kv_bytes_moved": kv_bytes,

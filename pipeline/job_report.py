@@ -1,7 +1,8 @@
 """The report a job writes beside metrics.json, for a person rather than a program: report.md
-(what ran, how busy each pool was and which one held the job back, errors, the KV handoff) and
-report.png (rows through each stage and output tokens/s over time). Written through the output's
-filesystem, so it lands wherever the rows do (local, s3://, ...), before _SUCCESS."""
+(what ran, how busy each pool and each worker was and which pool held the job back, errors, the
+KV handoff) and report.png (rows through each stage and output tokens/s over time). Written
+through the output's filesystem, so it lands wherever the rows do (local, s3://, ...), before
+_SUCCESS."""
 from typing import BinaryIO
 
 import numpy as np
@@ -41,7 +42,7 @@ def report_lines(m: dict, plotted: bool) -> list[str]:
         "",
     ]
     if m["stages"]:
-        lines += _pool_table(m["stages"], wall)
+        lines += _pool_table(m["stages"], wall) + ["", "### Workers", ""] + _worker_table(m["stages"])
     else:
         lines.append("No pool ran: every shard was committed by an earlier run.")
     lines += ["", "## Errors", ""]
@@ -70,6 +71,20 @@ def _pool_table(stages: dict, wall: float) -> list[str]:
     if engines:
         pool = max(engines, key=engines.get)
         lines += ["", f"Bottleneck: the {pool} pool, its workers busy {engines[pool]:.0%} of the wall time."]
+    return lines
+
+
+def _worker_table(stages: dict) -> list[str]:
+    """Each worker's share: on a cluster, where each pool's work ran (a worker is named by the
+    first characters of its Ray node id and its pid)."""
+    lines = ["| pool | worker | batches | busy s | rows | input tokens | output tokens |",
+             "|---|---|--:|--:|--:|--:|--:|"]  # fmt: skip
+    for name, s in stages.items():
+        lines += [
+            f"| {name} | {w['worker']} | {w['batches']} | {w['busy_seconds']:.1f} | {w['rows']} | {w['input_tokens']} "
+            f"| {w['output_tokens']} |"
+            for w in s["per_worker"]
+        ]
     return lines
 
 

@@ -37,25 +37,32 @@ class BatchPoint(NamedTuple):
     output_tokens: int
 
 
+WORKER_TOTALS = ("busy_seconds", "batches", "rows", "input_tokens", "output_tokens")
+
+
 class StageTally:
-    """What the sink keeps: per-stage totals, the cores of each worker and one BatchPoint per
-    batch. A plain class (MetricsSink is it as a Ray actor), so it is testable without Ray."""
+    """What the sink keeps: per-stage totals, each worker's node, cores and share of the work,
+    and one BatchPoint per batch. A plain class (MetricsSink is it as a Ray actor), so it is
+    testable without Ray."""
 
     def __init__(self) -> None:
         self._started = time.time()
         self._stages: dict[str, dict] = defaultdict(lambda: defaultdict(float))
-        self._cores: dict[str, dict[str, list[int]]] = defaultdict(dict)
+        self._workers: dict[str, dict[str, dict]] = defaultdict(dict)
         self._timeline: list[BatchPoint] = []
 
-    def join(self, stage: str, worker: str, cores: list[int]) -> None:
-        self._cores[stage][worker] = cores
+    def join(self, stage: str, worker: str, node: str, cores: list[int]) -> None:
+        self._workers[stage][worker] = {"node": node, "cores": cores, **dict.fromkeys(WORKER_TOTALS, 0)}
 
-    def record(self, stage: str, seconds: float, report: BatchReport) -> None:
-        totals = self._stages[stage]
-        totals["busy_seconds"] += seconds
-        totals["batches"] += 1
+    def record(self, stage: str, worker: str, seconds: float, report: BatchReport) -> None:
+        totals, mine = self._stages[stage], self._workers[stage][worker]
+        for counts in (totals, mine):
+            counts["busy_seconds"] += seconds
+            counts["batches"] += 1
         for name, value in vars(report).items():
             totals[name] += value
+            if name in WORKER_TOTALS:
+                mine[name] += value
         # A stage reports right after its batch, so arrival on this one clock is the batch's end.
         end = round(time.time() - self._started, 3)
         self._timeline.append(
@@ -63,12 +70,17 @@ class StageTally:
         )
 
     def stages(self) -> dict[str, dict]:
-        """Per stage: busy seconds, batches, the BatchReport sums, and the cores each worker
-        may run on."""
+        """Per stage: busy seconds, batches, the BatchReport sums, the cores each worker may run
+        on, and per worker (node id prefix and pid) its node id, busy seconds, batches, rows and
+        tokens."""
         return {
             stage: {
-                **{k: (round(v, 3) if k.endswith("seconds") else int(v)) for k, v in totals.items()},
-                "worker_cores": list(self._cores[stage].values()),
+                **_rounded(totals),
+                "worker_cores": [w["cores"] for w in self._workers[stage].values()],
+                "per_worker": [
+                    {"worker": name, "node": w["node"], **_rounded({k: w[k] for k in WORKER_TOTALS})}
+                    for name, w in self._workers[stage].items()
+                ],
             }
             for stage, totals in self._stages.items()
         }
@@ -76,6 +88,10 @@ class StageTally:
     def timeline(self) -> list[BatchPoint]:
         """Every batch so far, in the order the sink received them."""
         return self._timeline
+
+
+def _rounded(counts: dict) -> dict:
+    return {k: (round(v, 3) if k.endswith("seconds") else int(v)) for k, v in counts.items()}
 
 
 MetricsSink = ray.remote(num_cpus=0)(StageTally)
@@ -94,18 +110,20 @@ class StageMeter:
     stage: str
     sink_name: str
     _sink: ray.actor.ActorHandle = field(init=False)
+    _worker: str = field(init=False)
 
     def __post_init__(self) -> None:
         self._sink = ray.get_actor(self.sink_name)
-        worker = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
-        ray.get(self._sink.join.remote(self.stage, worker, sorted(os.sched_getaffinity(0))))
+        node = ray.get_runtime_context().get_node_id()
+        self._worker = f"{node[:8]}:{os.getpid()}"
+        ray.get(self._sink.join.remote(self.stage, self._worker, node, sorted(os.sched_getaffinity(0))))
 
     @contextmanager
     def batch(self) -> Iterator[BatchReport]:
         report = BatchReport()
         start = time.perf_counter()
         yield report
-        ray.get(self._sink.record.remote(self.stage, time.perf_counter() - start, report))
+        ray.get(self._sink.record.remote(self.stage, self._worker, time.perf_counter() - start, report))
 
 
 class ObjectStorePeak:

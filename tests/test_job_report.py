@@ -18,8 +18,9 @@ from tests.test_output import SHARDS, rows, target
 
 
 def stage(busy: float, rows: int, input_tokens: int, output_tokens: int, workers: int = 1) -> dict:
-    return {"busy_seconds": busy, "rows": rows, "input_tokens": input_tokens, "output_tokens": output_tokens,
-            "workers": workers, "worker_cores": [[0]] * workers}  # fmt: skip
+    totals = {"busy_seconds": busy, "rows": rows, "input_tokens": input_tokens, "output_tokens": output_tokens}
+    per_worker = [{"worker": f"node{i}:10{i}", "node": f"node{i}", "batches": 2, **totals} for i in range(workers)]
+    return {**totals, "workers": workers, "worker_cores": [[0]] * workers, "per_worker": per_worker}
 
 
 METRICS = {
@@ -63,6 +64,7 @@ def test_report_states_pools_bottleneck_errors_and_kv(written):
     assert "| prefill | 1 | 60.0 | 60% | 6 | 400 | 6 | 6 | 406 |" in report
     assert "| decode | 2 | 140.0 | 70% | 5 | 0 | 154 | 2 | 77 |" in report
     assert "Bottleneck: the decode pool, its workers busy 70% of the wall time." in report
+    assert "| decode | node1:101 | 2 | 140.0 | 5 | 0 | 154 |" in report
     assert "- `kv_corrupt`: 2\n- `empty_prompt`: 1\n" in report
     assert "- KV moved: 6.0 MiB, 46080 B per prompt token" in report
     assert "- handoff: 3.0 s, 5.0% of the prefill pool's busy time" in report
@@ -110,11 +112,29 @@ def test_tally_keeps_one_point_per_batch_on_one_clock(monkeypatch):
     clock = iter([1000.0, 1002.5, 1004.0])
     monkeypatch.setattr(metrics, "time", SimpleNamespace(time=lambda: next(clock)))
     tally = StageTally()
-    tally.join("prefill", "w1", [0])
-    tally.record("prefill", 2.4567, BatchReport(rows=3, input_tokens=30, output_tokens=3, kv_bytes=900))
-    tally.record("decode", 1.5, BatchReport(rows=3, output_tokens=21))
+    tally.join("prefill", "w1", "n1", [0])
+    tally.join("decode", "w2", "n2", [1])
+    tally.record("prefill", "w1", 2.4567, BatchReport(rows=3, input_tokens=30, output_tokens=3, kv_bytes=900))
+    tally.record("decode", "w2", 1.5, BatchReport(rows=3, output_tokens=21))
     assert tally.timeline() == [("prefill", 2.5, 2.457, 3, 30, 3), ("decode", 4.0, 1.5, 3, 0, 21)]
     assert tally.stages()["prefill"]["kv_bytes"] == 900  # the totals are kept as before
+
+
+def test_tally_keeps_each_workers_node_and_share():
+    tally = StageTally()
+    tally.join("decode", "a:1", "a" * 56, [0])
+    tally.join("decode", "b:2", "b" * 56, [1])
+    tally.join("decode", "b:3", "b" * 56, [1])  # never got a batch
+    for worker, rows in (("a:1", 3), ("b:2", 2), ("a:1", 1)):
+        tally.record("decode", worker, 0.5, BatchReport(rows=rows, input_tokens=10 * rows, output_tokens=rows))
+    decode = tally.stages()["decode"]
+    assert decode["worker_cores"] == [[0], [1], [1]]
+    assert decode["per_worker"] == [
+        {"worker": "a:1", "node": "a" * 56, "busy_seconds": 1.0, "batches": 2, "rows": 4, "input_tokens": 40, "output_tokens": 4},
+        {"worker": "b:2", "node": "b" * 56, "busy_seconds": 0.5, "batches": 1, "rows": 2, "input_tokens": 20, "output_tokens": 2},
+        {"worker": "b:3", "node": "b" * 56, "busy_seconds": 0, "batches": 0, "rows": 0, "input_tokens": 0, "output_tokens": 0},
+    ]  # fmt: skip
+    assert decode["rows"] == sum(w["rows"] for w in decode["per_worker"]) == 6
 
 
 class Batches:
