@@ -15,10 +15,11 @@ import hydra
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.cluster import start_ray
 from pipeline.config import JobConfig, Mode, register
 from pipeline.engine import bind_threads, build_engine, sampling_params
 from pipeline.io import read_output
-from pipeline.job import run, start_ray
+from pipeline.job import run
 from pipeline.model import resolve_model
 from pipeline.stages.tokenize import PromptEncoder
 

@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.cluster import start_ray
 from pipeline.config import Codec, JobConfig, Transport, register
 from pipeline.io import read_output
-from pipeline.job import run, start_ray
+from pipeline.job import run
 from pipeline.model import resolve_model
 
 register()

@@ -1,7 +1,7 @@
 """Structured config schema: every key a job accepts, typed, registered with Hydra's ConfigStore."""
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -88,6 +88,11 @@ class PoolConfig:
     cpu_threads: Optional[int] = None
     # A worker that dies is replaced this many times; its batch is redone each time.
     max_restarts: int = 3
+    # Where on a cluster: Ray custom resources each worker asks for (e.g. {prefill_node: 1}:
+    # a node class advertises as many as it holds workers) and the node labels it needs
+    # (Ray's label selectors: "v", "!v", "in(a,b)", "!in(a,b)").
+    resources: Dict[str, float] = field(default_factory=dict)
+    label_selector: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,11 +143,35 @@ class KVConfig:
     on_load_failure: OnLoadFailure = OnLoadFailure.recompute
 
 
+class ClusterKind(str, Enum):
+    local = "local"  # Ray started in this process
+    local_hetero = "local_hetero"  # a multi-node Ray cluster on this machine, with fake node classes
+    existing = "existing"  # a running cluster, joined at cluster.address
+
+
+@dataclass
+class NodeConfig:
+    """cluster=local-hetero: one node of the local test cluster, standing in for a node class."""
+
+    num_cpus: int = 0
+    num_gpus: int = 0
+    resources: Dict[str, float] = field(default_factory=dict)
+    labels: Dict[str, str] = field(default_factory=dict)
+    object_store_gib: float = 0.5  # the node's share of this machine's shared memory
+
+
 @dataclass
 class ClusterConfig:
-    # None starts Ray in this process; otherwise the address of a running cluster.
+    kind: ClusterKind = ClusterKind.local
+    # cluster=existing: ray://head:10001, or auto on a node of the cluster.
     address: Optional[str] = None
+    # cluster=existing: ship the pipeline package to the workers (Ray's runtime_env); false
+    # when the image holds it.
+    ship_code: bool = True
+    # cluster=local: Ray's CPUs (None: all).
     num_cpus: Optional[int] = None
+    # cluster=local-hetero: the nodes, by node class; the first is the head.
+    nodes: Dict[str, NodeConfig] = field(default_factory=dict)
     # CPUs reserved by each Parquet read task.
     io_num_cpus: float = 0.25
     # Object-store memory the pipeline's blocks in flight (KV payloads above all) may hold

@@ -22,6 +22,7 @@ from ray.data import ActorPoolStrategy, ExecutionResources
 from tqdm import tqdm
 
 from pipeline.columns import GENERATED_TOKENS, KV_FILE, KV_PAYLOAD, PROMPT_TOKENS, STAGE_COLUMNS
+from pipeline.cluster import alive_nodes, check_schedulable, demands, start_ray
 from pipeline.config import ClusterConfig, JobConfig, Mode, Phase, PoolConfig, Transport
 from pipeline.errors import JobError
 from pipeline.job_report import write_report
@@ -38,15 +39,6 @@ from pipeline.stages.prefill import Prefill
 from pipeline.stages.tokenize import Tokenize
 
 log = logging.getLogger(__name__)
-
-
-def start_ray(cluster: ClusterConfig) -> None:
-    if ray.is_initialized():
-        return
-    if cluster.address:
-        ray.init(address=cluster.address)
-    else:
-        ray.init(num_cpus=cluster.num_cpus, include_dashboard=False)
 
 
 @dataclass(frozen=True)
@@ -69,6 +61,8 @@ class Stage:
             num_cpus=self.actors.num_cpus,
             num_gpus=self.actors.num_gpus,
             fn_constructor_kwargs=self.constructor,
+            resources=dict(self.actors.resources) or None,
+            label_selector=dict(self.actors.label_selector) or None,
             runtime_env={"env_vars": self.env} if self.env else None,
             ray_remote_args_fn=partial(dict, max_restarts=self.actors.max_restarts),
         )
@@ -96,7 +90,7 @@ def plan(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str, st
 
 
 def build(source: PromptSource, shards: list[Shard], stages: list[Stage], cluster: ClusterConfig) -> ray.data.Dataset:
-    check_capacity(stages, cluster.io_num_cpus)
+    check_schedulable(demands({s.name: s.actors for s in stages}, cluster.io_num_cpus), alive_nodes())
     if cluster.object_store_budget_gib is not None:
         limits = ExecutionResources.for_limits(object_store_memory=cluster.object_store_budget_gib * 2**30)
         ray.data.DataContext.get_current().execution_options.resource_limits = limits
@@ -105,19 +99,6 @@ def build(source: PromptSource, shards: list[Shard], stages: list[Stage], cluste
     for stage in stages:
         ds = stage.apply(ds)
     return ds
-
-
-def check_capacity(stages: list[Stage], io_num_cpus: float) -> None:
-    """Fail now rather than hang: the pools hold their CPUs for the whole run, and reading
-    needs some beside them."""
-    reserved = sum(s.actors.size * s.actors.num_cpus for s in stages)
-    total = ray.cluster_resources().get("CPU", 0)
-    if reserved + io_num_cpus > total:
-        pools = ", ".join(f"{s.name} {s.actors.size}x{s.actors.num_cpus:g}" for s in stages)
-        raise JobError(
-            f"the stage pools reserve {reserved:g} of the cluster's {total:g} CPUs ({pools}); reading needs "
-            f"{io_num_cpus:g} more: lower pools.<stage>.num_cpus or pools.<stage>.size, or add CPUs"
-        )
 
 
 def commit(ds: ray.data.Dataset, output: OutputTarget, shards: list[Shard], on_commit=None) -> None:
@@ -164,9 +145,10 @@ def run(cfg: JobConfig) -> dict:
     done = output.prepare()
     todo = [s for s in source.shards if s.index not in done]
     store = PayloadStore(cfg.kv.storage_path, _digest(job)) if cfg.kv.storage_path else None
-    stage_metrics, timeline, peak = {}, [], ObjectStorePeak()
+    stage_metrics, timeline, peak, nodes = {}, [], ObjectStorePeak(), []
     if todo:
         start_ray(cfg.cluster)
+        nodes = alive_nodes()
         sink_name, sink = start_sink()
         try:
             carried = [c for c in source.schema.names if c not in STAGE_COLUMNS]
@@ -184,6 +166,7 @@ def run(cfg: JobConfig) -> dict:
     shards = {"total": len(source.shards), "resumed": len(done)}
     metrics = summarize(cfg, source.num_rows, output.count(), stage_metrics, shards, time.perf_counter() - started)
     metrics["object_store_peak_bytes"] = peak.bytes
+    metrics["nodes"] = {node.id: node.resources for node in nodes}  # where stages.*.per_worker ran
     write_report(output, metrics, timeline)  # before finish: _SUCCESS stays the last file written
     output.finish(metrics)
     return metrics

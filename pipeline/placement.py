@@ -1,10 +1,12 @@
-"""Where each engine pool runs. On one machine, each CPU engine pool gets its own cores, so the
-prefill and decode pools do not compete for them."""
+"""Where each engine pool runs. On one machine (cluster=local, or local-hetero, whose nodes all
+run here), each CPU engine pool gets its own cores, so the prefill and decode pools do not
+compete for them. Which nodes a pool may use is Ray's business (pools.<stage>.resources and
+label_selector; pipeline/cluster.py checks that they can be met)."""
 import logging
 import os
 from dataclasses import dataclass
 
-from pipeline.config import JobConfig, Mode, Phase, PoolConfig
+from pipeline.config import ClusterKind, JobConfig, Mode, Phase, PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,8 @@ def engine_pools(cfg: JobConfig) -> dict[str, PoolConfig]:
 def place_engines(cfg: JobConfig) -> dict[str, Placement]:
     pools = engine_pools(cfg)
     unbound = {name: Placement(None, pool.cpu_threads) for name, pool in pools.items()}
-    if cfg.engine.device != "cpu" or not cfg.engine.bind_cores or cfg.cluster.address:
+    # On a real cluster this machine's cores say nothing about the workers' nodes.
+    if cfg.engine.device != "cpu" or not cfg.engine.bind_cores or cfg.cluster.kind is ClusterKind.existing:
         return unbound
     cores = sorted(os.sched_getaffinity(0))
     weights = [pool.size * (pool.cpu_threads or 1) for pool in pools.values()]

@@ -20,4 +20,9 @@ def test_engine_pools_get_disjoint_cores_on_one_machine():
 
 def test_no_binding_on_gpus_or_a_remote_cluster():
     assert place_engines(job_config("engine.device=cuda"))["prefill"].cores is None
-    assert place_engines(job_config("cluster.address=ray://head:10001"))["decode"].cores is None
+    assert place_engines(job_config("cluster=existing", "cluster.address=ray://head:10001"))["decode"].cores is None
+
+
+def test_the_local_multi_node_cluster_binds_cores_like_one_machine():
+    placements = place_engines(job_config("cluster=local-hetero"))
+    assert set(placements["prefill"].cores).isdisjoint(placements["decode"].cores)
