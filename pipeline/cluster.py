@@ -46,8 +46,11 @@ def shipped_code(cluster: ClusterConfig) -> dict | None:
 
 
 def _start_local_hetero(cluster: ClusterConfig) -> "Cluster":
+    from ray._common.utils import reset_ray_address
+    from ray._private.utils import read_ray_address, write_ray_address
     from ray.cluster_utils import Cluster
 
+    previous = read_ray_address()
     local = Cluster()
     for node in cluster.nodes.values():  # the first becomes the head
         local.add_node(
@@ -58,6 +61,12 @@ def _start_local_hetero(cluster: ClusterConfig) -> "Cluster":
             object_store_memory=int(node.object_store_gib * 2**30),
             include_dashboard=False,
         )
+    # The head made itself this machine's default cluster, which every later ray.init() here
+    # (another job, a test session) would join, even once it is gone: it is this job's own.
+    if previous:
+        write_ray_address(previous)
+    else:
+        reset_ray_address()
     local.wait_for_nodes()
     local.connect()
     return local

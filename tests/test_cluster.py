@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from ray import cluster_utils
+from ray._common import utils as ray_common_utils
+from ray._private import utils as ray_utils
 
 import pipeline
 from pipeline.cluster import Demand, Node, alive_nodes, check_schedulable, demands, start_ray
@@ -167,8 +169,12 @@ def test_local_hetero_starts_one_node_per_class_head_first(monkeypatch, no_ray):
         def connect(self):
             self.connected = True
 
+    reset: list[bool] = []
     monkeypatch.setattr(cluster_utils, "Cluster", FakeCluster)
+    monkeypatch.setattr(ray_utils, "read_ray_address", lambda: None)
+    monkeypatch.setattr(ray_common_utils, "reset_ray_address", lambda: reset.append(True))
     local = start_ray(job_config("cluster=local-hetero").cluster)
+    assert reset == [True]  # later ray.init() calls on this machine do not join the job's cluster
     assert local.connected and no_ray == []
     assert [(n["num_cpus"], n["resources"], n["labels"]) for n in local.nodes] == [
         (2, {}, {}),
