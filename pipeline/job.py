@@ -147,7 +147,7 @@ def run(cfg: JobConfig) -> dict:
     store = PayloadStore(cfg.kv.storage_path, _digest(job)) if cfg.kv.storage_path else None
     stage_metrics, timeline, peak, nodes = {}, [], ObjectStorePeak(), []
     if todo:
-        start_ray(cfg.cluster)
+        local = start_ray(cfg.cluster)
         nodes = alive_nodes()
         sink_name, sink = start_sink()
         try:
@@ -161,6 +161,9 @@ def run(cfg: JobConfig) -> dict:
             stage_metrics, timeline = ray.get([sink.stages.remote(), sink.timeline.remote()])
         finally:
             ray.kill(sink)
+            if local:  # a test cluster of this job's own: its nodes go with it
+                ray.shutdown()
+                local.shutdown()
     if store and not cfg.kv.keep_files and cfg.phase is Phase.generate:
         store.remove_job()
     shards = {"total": len(source.shards), "resumed": len(done)}
