@@ -178,6 +178,10 @@ class ClusterConfig:
     # before Ray Data stops upstream stages: prefill never runs ahead of decode without
     # limit. None: Ray Data's default, half the object store.
     object_store_budget_gib: Optional[float] = None
+    # When a stage over budget seems stuck, Ray Data lets it emit one more block; with blocks
+    # of KV payloads and a slow decode pool, releases that come more often than decode takes
+    # a block add up without bound. The least time between two such releases of one stage.
+    backpressure_release_s: float = 60.0
 
 
 @dataclass

@@ -91,11 +91,19 @@ def plan(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str, st
 
 def build(source: PromptSource, shards: list[Shard], stages: list[Stage], cluster: ClusterConfig) -> ray.data.Dataset:
     check_schedulable(demands({s.name: s.actors for s in stages}, cluster.io_num_cpus), alive_nodes())
-    if cluster.object_store_budget_gib is not None:
-        limits = ExecutionResources.for_limits(object_store_memory=cluster.object_store_budget_gib * 2**30)
-        ray.data.DataContext.get_current().execution_options.resource_limits = limits
+    # The process's context: set for every job, so that no job inherits an earlier one's limits.
+    context = ray.data.DataContext.get_current()
+    budget = cluster.object_store_budget_gib
+    context.execution_options.resource_limits = ExecutionResources.for_limits(
+        object_store_memory=budget * 2**30 if budget is not None else None
+    )
+    context.output_backpressure_guard_release_interval_s = cluster.backpressure_release_s
     ds = ray.data.from_items([{SHARD: s.index} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(source.reader(shards), batch_size=1, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
+    # Ray Data holds a stage back only between tasks, and a task takes whole blocks: blocks no
+    # larger than the smallest batch keep every task one batch long, so a shard of thousands
+    # of rows does not become one prefill task that no budget can stop.
+    ds = ds.repartition(target_num_rows_per_block=min(s.actors.batch_size for s in stages))
     for stage in stages:
         ds = stage.apply(ds)
     return ds
