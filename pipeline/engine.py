@@ -63,7 +63,9 @@ def build_engine(
         max_num_seqs=max_num_seqs,
         enforce_eager=engine.enforce_eager,
         enable_prefix_caching=engine.enable_prefix_caching,
-        distributed_executor_backend="uni",
+        # One process, the stage's, so the KV connector and the stage share the cache; tensor
+        # parallelism (colocated only) needs a process per GPU.
+        distributed_executor_backend="uni" if engine.tensor_parallel_size == 1 else "mp",
         tensor_parallel_size=engine.tensor_parallel_size,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         kv_cache_memory_bytes=kv_cache_bytes(model, engine, max_num_seqs),

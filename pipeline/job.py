@@ -146,6 +146,7 @@ def run(cfg: JobConfig) -> dict:
         raise JobError(f"a {cfg.phase.value} job is one half of mode=disaggregated, not of mode=colocated")
     if cfg.kv.transport is Transport.storage and not cfg.kv.storage_path:
         raise JobError("kv.transport=storage needs kv.storage_path (an fsspec URL every worker can reach)")
+    check_tensor_parallel(cfg)
     source = PromptSource(cfg.input, cfg.output.shard_rows, _needs(cfg))
     model = resolve_model(cfg.model)
     job = identity(cfg, source, model)
@@ -181,6 +182,24 @@ def run(cfg: JobConfig) -> dict:
     write_report(output, metrics, timeline)  # before finish: _SUCCESS stays the last file written
     output.finish(metrics)
     return metrics
+
+
+def check_tensor_parallel(cfg: JobConfig) -> None:
+    """A tensor-parallel engine runs one process per GPU, so each engine worker must hold that
+    many; and its KV is split across those processes, out of the stage's reach."""
+    tp = cfg.engine.tensor_parallel_size
+    if tp == 1:
+        return
+    if cfg.mode is Mode.disaggregated:
+        raise JobError(
+            f"engine.tensor_parallel_size={tp} needs mode=colocated: the KV handoff reads and writes the cache "
+            "in the engine's own process, which tensor parallelism splits; use GPUs that hold the model alone"
+        )
+    if cfg.engine.device == "cpu" or cfg.pools.colocated.num_gpus < tp:
+        raise JobError(
+            f"engine.tensor_parallel_size={tp} needs engine.device=cuda and pools.colocated.num_gpus={tp} "
+            f"(each worker holds its engine's GPUs; it has {cfg.pools.colocated.num_gpus:g})"
+        )
 
 
 def _needs(cfg: JobConfig) -> tuple[str, ...]:

@@ -1,8 +1,12 @@
+import re
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from pipeline.config import Mode
+from pipeline.errors import JobError
+from pipeline.job import check_tensor_parallel
 from tests.conftest import job_config
 
 
@@ -31,3 +35,19 @@ def test_bad_override_fails_before_any_work_naming_the_key(override, message):
     with pytest.raises((ConfigCompositionException, ValidationError)) as error:
         job_config(override)
     assert message in str(error.value) or message in str(error.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["engine.tensor_parallel_size=2"], "engine.tensor_parallel_size=2 needs mode=colocated: the KV handoff"),
+        (["mode=colocated", "engine.tensor_parallel_size=2"], "needs engine.device=cuda and pools.colocated.num_gpus=2"),
+        (["mode=colocated", "engine.tensor_parallel_size=4", "engine.device=cuda", "pools.colocated.num_gpus=2"],
+         "pools.colocated.num_gpus=4 (each worker holds its engine's GPUs; it has 2)"),
+    ],
+)  # fmt: skip
+def test_tensor_parallel_engines_need_their_gpus_and_no_kv_handoff(overrides, message):
+    with pytest.raises(JobError, match=re.escape(message)):
+        check_tensor_parallel(job_config(*overrides))
+    check_tensor_parallel(job_config("mode=colocated", "engine.tensor_parallel_size=2", "engine.device=cuda",
+                                     "pools.colocated.num_gpus=2"))  # fmt: skip
