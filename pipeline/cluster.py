@@ -2,6 +2,7 @@
 joined; and whether the pools can ever be scheduled on it, checked before any work so that a
 pool no node can hold fails with a message instead of waiting forever."""
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from ray.cluster_utils import Cluster
 
 _EPSILON = 1e-6  # Ray keeps fractional resources to 1e-4
+_DRIVER_NICENESS = 10
 
 
 def start_ray(cluster: ClusterConfig) -> "Cluster | None":
@@ -32,11 +34,18 @@ def start_ray(cluster: ClusterConfig) -> "Cluster | None":
         return None
     if cluster.kind is ClusterKind.existing:
         ray.init(address=cluster.address, runtime_env=shipped_code(cluster))
-    elif cluster.kind is ClusterKind.local_hetero:
-        return _start_local_hetero(cluster)
-    else:
+        return None
+    # This machine's cores are shared by the driver and the workers. Ray starts workers at
+    # niceness 15, and Ray Data's scheduling loop, in this process, polls without pause while a
+    # stage is held back by its budget: the engines would run on what the driver leaves. So the
+    # workers start at normal priority and, once Ray's own processes are up, the driver (this
+    # thread and those it starts later, Ray Data's executor among them) drops below them.
+    os.environ["RAY_worker_niceness"] = "0"  # read by the raylet ray.init starts
+    local = _start_local_hetero(cluster) if cluster.kind is ClusterKind.local_hetero else None
+    if local is None:
         ray.init(num_cpus=cluster.num_cpus, include_dashboard=False)
-    return None
+    os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), _DRIVER_NICENESS))
+    return local
 
 
 def shipped_code(cluster: ClusterConfig) -> dict | None:

@@ -3,6 +3,7 @@ no node can run before any work, and (slow) a local multi-node cluster with pref
 node classes, where every row's prefill runs on a prefill node and its decode on a decode node,
 with the output of a single-node run."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -170,6 +171,8 @@ def test_local_hetero_starts_one_node_per_class_head_first(monkeypatch, no_ray):
             self.connected = True
 
     reset: list[bool] = []
+    monkeypatch.setenv("RAY_worker_niceness", "15")  # restored after the test, as is:
+    monkeypatch.setattr(os, "setpriority", lambda *args: None)
     monkeypatch.setattr(cluster_utils, "Cluster", FakeCluster)
     monkeypatch.setattr(ray_utils, "read_ray_address", lambda: None)
     monkeypatch.setattr(ray_common_utils, "reset_ray_address", lambda: reset.append(True))
@@ -185,6 +188,22 @@ def test_local_hetero_starts_one_node_per_class_head_first(monkeypatch, no_ray):
 
 
 # Slow: these start Ray.
+
+
+@pytest.mark.slow
+def test_a_local_cluster_runs_its_workers_above_the_driver():
+    """Ray Data's driver polls without pause while a stage is held back: on a shared machine
+    it must not take the engines' cores (a subprocess: this one runs a Ray of its own)."""
+    probe = (
+        "import os, ray; from pipeline.cluster import start_ray; from tests.conftest import job_config\n"
+        "start_ray(job_config().cluster)\n"
+        "nice = ray.remote(num_cpus=0)(lambda: os.getpriority(os.PRIO_PROCESS, 0))\n"
+        "print(ray.get(nice.remote()), os.getpriority(os.PRIO_PROCESS, 0))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    worker, driver = map(int, done.stdout.split()[-2:])
+    assert (worker, driver) == (0, 10)
 
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about rain.", "Name three primary colours.",
