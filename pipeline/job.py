@@ -27,10 +27,10 @@ from pipeline.config import ClusterConfig, JobConfig, Mode, Phase, PoolConfig, T
 from pipeline.errors import JobError
 from pipeline.job_report import write_report
 from pipeline.kv.transport import PayloadStore
-from pipeline.metrics import ObjectStorePeak, start_sink
+from pipeline.metrics import BatchPoint, ObjectStorePeak, processing_window, start_sink
 from pipeline.model import ResolvedModel, resolve_model
 from pipeline.output import OutputTarget, ShardCommitter
-from pipeline.placement import place_engines
+from pipeline.placement import engine_pools, place_engines
 from pipeline.source import SHARD, PromptSource, Shard
 from pipeline.stages.colocated import Colocated
 from pipeline.stages.decode import Decode
@@ -141,7 +141,7 @@ def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict
 def run(cfg: JobConfig) -> dict:
     """Runs one job to completion (or finishes a crashed run of it); returns the metrics also
     written to metrics.json, beside report.md and report.png."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     if cfg.phase is not Phase.generate and cfg.mode is Mode.colocated:
         raise JobError(f"a {cfg.phase.value} job is one half of mode=disaggregated, not of mode=colocated")
     if cfg.kv.transport is Transport.storage and not cfg.kv.storage_path:
@@ -154,7 +154,7 @@ def run(cfg: JobConfig) -> dict:
     done = output.prepare()
     todo = [s for s in source.shards if s.index not in done]
     store = PayloadStore(cfg.kv.storage_path, _digest(job)) if cfg.kv.storage_path else None
-    stage_metrics, timeline, peak, nodes = {}, [], ObjectStorePeak(), []
+    stage_metrics, timeline, peak, nodes, clock_zero = {}, [], ObjectStorePeak(), [], started_at
     if todo:
         local = start_ray(cfg.cluster)
         nodes = alive_nodes()
@@ -167,7 +167,9 @@ def run(cfg: JobConfig) -> dict:
             on_commit = partial(_remove_payload_files, store) if removes else None
             with peak:
                 commit(build(source, todo, graph, cfg.cluster), output, todo, on_commit)
-            stage_metrics, timeline = ray.get([sink.stages.remote(), sink.timeline.remote()])
+            stage_metrics, timeline, clock_zero = ray.get(
+                [sink.stages.remote(), sink.timeline.remote(), sink.started.remote()]
+            )
         finally:
             ray.kill(sink)
             if local:  # a test cluster of this job's own: its nodes go with it
@@ -177,6 +179,7 @@ def run(cfg: JobConfig) -> dict:
         store.remove_job()
     shards = {"total": len(source.shards), "resumed": len(done)}
     metrics = summarize(cfg, source.num_rows, output.count(), stage_metrics, shards, time.perf_counter() - started)
+    metrics.update(_window(timeline, list(engine_pools(cfg)), clock_zero - started_at))
     metrics["object_store_peak_bytes"] = peak.bytes
     metrics["nodes"] = {node.id: node.resources for node in nodes}  # where stages.*.per_worker ran
     write_report(output, metrics, timeline)  # before finish: _SUCCESS stays the last file written
@@ -200,6 +203,18 @@ def check_tensor_parallel(cfg: JobConfig) -> None:
             f"engine.tensor_parallel_size={tp} needs engine.device=cuda and pools.colocated.num_gpus={tp} "
             f"(each worker holds its engine's GPUs; it has {cfg.pools.colocated.num_gpus:g})"
         )
+
+
+def _window(timeline: list[BatchPoint], engines: list[str], clock_offset: float) -> dict:
+    """The job's wall time split at its engine pools' first batch start and last batch end:
+    start-up (Ray, the actors, loading the engines) and processing; what follows is the tail
+    (the last rows through detokenize, commits, the report). `clock_offset`: the timeline's
+    zero in seconds since the job started (the sink starts once Ray is up)."""
+    window = processing_window(timeline, engines)
+    if window is None:  # nothing ran: every shard was committed earlier
+        return {"startup_seconds": None, "processing_seconds": None}
+    start, end = window
+    return {"startup_seconds": round(clock_offset + start, 3), "processing_seconds": round(end - start, 3)}
 
 
 def _needs(cfg: JobConfig) -> tuple[str, ...]:
@@ -232,7 +247,8 @@ def summarize(cfg: JobConfig, rows_in: int, written: dict, stages: dict, shards:
         "stages": {
             name: {"busy_seconds": s["busy_seconds"], "rows": s["rows"], "input_tokens": s["input_tokens"],
                    "output_tokens": s["output_tokens"], "kv_handoff_seconds": s.get("kv_handoff_seconds", 0.0),
-                   "workers": len(s["worker_cores"]), "worker_cores": s["worker_cores"], "per_worker": s["per_worker"]}
+                   "workers": len(s["worker_cores"]), "size": getattr(cfg.pools, name).size,
+                   "worker_cores": s["worker_cores"], "per_worker": s["per_worker"]}
             for name, s in stages.items()
         },  # fmt: skip
         "kv_bytes_moved": kv_bytes,

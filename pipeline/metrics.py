@@ -9,8 +9,9 @@ import uuid
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import Callable, Collection, Iterator, NamedTuple
 
+import psutil
 import ray
 
 
@@ -89,9 +90,23 @@ class StageTally:
         """Every batch so far, in the order the sink received them."""
         return self._timeline
 
+    def started(self) -> float:
+        """When the timeline's clock reads 0, as a Unix time."""
+        return self._started
+
 
 def _rounded(counts: dict) -> dict:
     return {k: (round(v, 3) if k.endswith("seconds") else int(v)) for k, v in counts.items()}
+
+
+def processing_window(timeline: list[BatchPoint], stages: Collection[str]) -> tuple[float, float] | None:
+    """From the first start to the last end of the batches of `stages`, on the timeline's clock;
+    None if they ran none. Over the engine pools, it leaves out their start-up: a pool's first
+    batch starts once its engine is up."""
+    points = [p for p in timeline if p.stage in stages]
+    if not points:
+        return None
+    return min(p.end - p.seconds for p in points), max(p.end for p in points)
 
 
 MetricsSink = ray.remote(num_cpus=0)(StageTally)
@@ -126,9 +141,9 @@ class StageMeter:
         ray.get(self._sink.record.remote(self.stage, self._worker, time.perf_counter() - start, report))
 
 
-class ObjectStorePeak:
-    """The most object-store memory the cluster held while the job ran, sampled twice a second
-    (the figure `ray memory --stats-only` prints; Ray has no public call for it)."""
+class PeakSampler:
+    """The largest sample taken while the `with` block ran, twice a second, in a background
+    thread (the job's own threads keep running); a subclass says how to take one."""
 
     def __init__(self, interval: float = 0.5):
         self.interval = interval
@@ -136,7 +151,7 @@ class ObjectStorePeak:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> "ObjectStorePeak":
+    def __enter__(self) -> "PeakSampler":
         self._thread.start()
         return self
 
@@ -144,11 +159,46 @@ class ObjectStorePeak:
         self._stop.set()
         self._thread.join()
 
+    def measurer(self) -> Callable[[], int]:
+        """Called once, in the sampling thread: the function that takes one sample."""
+        raise NotImplementedError
+
     def _sample(self) -> None:
+        measure = self.measurer()
+        while True:
+            self.bytes = max(self.bytes, measure())
+            if self._stop.wait(self.interval):
+                return
+
+
+class ObjectStorePeak(PeakSampler):
+    """The most object-store memory the cluster held while the job ran (the figure
+    `ray memory --stats-only` prints; Ray has no public call for it)."""
+
+    def measurer(self) -> Callable[[], int]:
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
         state = get_state_from_address(ray.get_runtime_context().gcs_address)
-        while True:
-            self.bytes = max(self.bytes, get_memory_info_reply(state).store_stats.object_store_bytes_used)
-            if self._stop.wait(self.interval):
-                return
+        return lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used
+
+
+class ProcessTreeRSSPeak(PeakSampler):
+    """The most resident memory this process and all its descendants held at once: with Ray
+    started in-process, its raylet and so every worker are descendants. RSS counts a shared
+    page (shared libraries, the object store's shared memory) once in each process that maps
+    it, so the sum is an upper bound."""
+
+    def measurer(self) -> Callable[[], int]:
+        root = psutil.Process()
+        return lambda: tree_rss(root)
+
+
+def tree_rss(root: psutil.Process) -> int:
+    """Resident bytes of `root` and its descendants, summed."""
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # it ended between listing and reading
+            pass
+    return total
