@@ -1,25 +1,36 @@
 """Side by side on one dataset, in one run, on the same cores: plain vLLM `LLM.generate`, the
-colocated pipeline and the disaggregated pipeline. Prints output tokens/s and the ratio of each
-to plain vLLM, and writes bench.json.
+colocated pipeline and the disaggregated pipeline. Per mode: wall time split into start-up and
+processing, output tokens/s and the ratio to plain vLLM, each engine pool's rates while busy,
+the pipeline's efficiency against its slower pool, the KV handoff, peak RSS and object-store
+peak (defined in pipeline/bench_report.py). Prints the table and writes bench.json, bench.md and
+bench.png into output.path.
 
-    python -m jobs.bench input.path=data/sample_prompts.parquet output.path=outputs/bench
+    python -m jobs.bench input.path=data/sample_prompts.parquet output.path=outputs/bench [bench.modes=[...]]
 
-Every run is timed end to end (engine start included), as a user would wait for it; plain
-vLLM's generate-only time is printed too."""
+A sweep of prefill:decode splits runs the bench once per split, each into a folder of
+output.path named by its overrides, and writes the table across them into output.path; plain
+vLLM and colocated run in its first job only (bench.baselines_once):
+
+    python -m jobs.bench -m input.path=... output.path=outputs/bench-pd pools.prefill.size=1 pools.decode.size=1,2
+"""
 import copy
-import json
 import time
 from pathlib import Path
 
 import hydra
 import pyarrow.parquet as pq
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import bench_report
 from pipeline.cluster import start_ray
-from pipeline.config import JobConfig, Mode, register
+from pipeline.config import BenchConfig, BenchMode, BenchSettings, JobConfig, Mode, register
 from pipeline.engine import bind_threads, build_engine, sampling_params
+from pipeline.errors import JobError
 from pipeline.io import read_output
 from pipeline.job import run
+from pipeline.metrics import ProcessTreeRSSPeak
 from pipeline.model import resolve_model
 from pipeline.stages.tokenize import PromptEncoder
 
@@ -44,39 +55,53 @@ def plain_vllm(cfg: JobConfig) -> dict:
     done = time.perf_counter()
     del llm
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"wall_seconds": done - started, "generate_seconds": done - generating, "output_tokens": tokens}
+    return {"wall_seconds": done - started, "generate_seconds": done - generating, "rows": len(prompts),
+            "output_tokens": tokens}  # fmt: skip
 
 
 def pipeline(cfg: JobConfig, mode: Mode, root: Path) -> dict:
+    """One mode's metrics and tokens; a mode whose pools cannot fit the cluster is reported,
+    not raised, so a sweep goes on to its next split."""
     job = copy.deepcopy(cfg)
     job.mode = mode
     job.output.path = str(root / mode.value)
     job.output.overwrite = True
-    metrics = run(job)
+    try:
+        metrics = run(job)
+    except JobError as error:
+        return {"error": str(error)}
     assert metrics["rows_out"] == metrics["rows_in"], "rows lost"
     return {**metrics, "tokens": read_output(job.output.path, ["generated_tokens"]).column(0).to_pylist()}
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    job: JobConfig = OmegaConf.to_object(cfg)
-    root = Path(job.output.path)
-    root.mkdir(parents=True, exist_ok=True)
-    results = {"plain": plain_vllm(job)}
-    start_ray(job.cluster)
-    for mode in (Mode.colocated, Mode.disaggregated):
-        results[mode.value] = pipeline(job, mode, root)
-    same = results["colocated"].pop("tokens") == results["disaggregated"].pop("tokens")
+def modes(settings: BenchSettings) -> list[BenchMode]:
+    """What this run measures, in the order it runs them: plain vLLM before Ray starts."""
+    hydra_cfg = HydraConfig.get()
+    later_in_sweep = hydra_cfg.mode is RunMode.MULTIRUN and hydra_cfg.job.num > 0
+    skip = {BenchMode.plain, BenchMode.colocated} if settings.baselines_once and later_in_sweep else set()
+    return [mode for mode in BenchMode if mode in settings.modes and mode not in skip]
 
-    base = results["plain"]["output_tokens"] / results["plain"]["wall_seconds"]
-    print(f"{'mode':<15}{'wall s':>9}{'out tokens':>12}{'tok/s':>9}{'x plain':>9}")
-    for name, r in results.items():
-        rate = r["output_tokens"] / r["wall_seconds"]
-        r["ratio_to_plain"] = round(rate / base, 3)
-        print(f"{name:<15}{r['wall_seconds']:>9.1f}{r['output_tokens']:>12}{rate:>9.1f}{rate / base:>9.2f}")
-    print(f"plain vLLM generate alone: {results['plain']['generate_seconds']:.1f} s; "
-          f"disaggregated tokens identical to colocated: {same}")  # fmt: skip
-    (root / "bench.json").write_text(json.dumps({**results, "disaggregated_equals_colocated": same}, indent=2))
+
+@hydra.main(version_base=None, config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> str:
+    bench: BenchConfig = OmegaConf.to_object(cfg)
+    root = Path(HydraConfig.get().runtime.output_dir)  # output.path; in a sweep, this job's folder in it
+    results = {}
+    for mode in modes(bench.bench):
+        if mode is not BenchMode.plain:
+            start_ray(bench.cluster)  # the first call starts Ray; the pipeline modes share it
+        with ProcessTreeRSSPeak() as rss:
+            result = plain_vllm(bench) if mode is BenchMode.plain else pipeline(bench, Mode(mode.value), root)
+        results[mode.value] = {**result, "peak_rss_bytes": rss.bytes}
+    tokens = {mode: r.pop("tokens") for mode, r in results.items() if "tokens" in r}
+    if len(tokens) == 2:
+        results["disaggregated_equals_colocated"] = tokens["colocated"] == tokens["disaggregated"]
+    rows = bench_report.bench_rows(results)
+    bench_report.write(root, results, rows)
+    print("\n".join(bench_report.markdown(rows)))
+    if len(tokens) == 2:
+        print(f"disaggregated tokens identical to colocated: {results['disaggregated_equals_colocated']}")
+    return str(root / bench_report.BENCH_JSON)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Structured config schema: every key a job accepts, typed, registered with Hydra's ConfigStore."""
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -198,5 +198,27 @@ class JobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
+class BenchMode(str, Enum):
+    plain = "plain"  # vLLM's LLM.generate in this process, on every core: the baseline
+    colocated = "colocated"
+    disaggregated = "disaggregated"
+
+
+@dataclass
+class BenchSettings:
+    modes: List[BenchMode] = field(default_factory=lambda: list(BenchMode))
+    # In a sweep (-m), plain vLLM and colocated run in its first job only: they do not depend
+    # on the prefill:decode split that the sweep varies.
+    baselines_once: bool = True
+
+
+@dataclass
+class BenchConfig(JobConfig):
+    """jobs.bench: a job's config, run once per mode."""
+
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
 def register() -> None:
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
+    ConfigStore.instance().store(name="bench_schema", node=BenchConfig)

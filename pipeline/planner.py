@@ -283,5 +283,8 @@ def load_bench(path: str) -> dict:
         raise JobError(f"bench result {path} does not exist") from None
     if not {"colocated", "disaggregated"} <= set(bench):
         raise JobError(f"{path} is not a jobs.bench result (no colocated and disaggregated runs)")
+    failed = [f"{mode}: {bench[mode]['error']}" for mode in ("colocated", "disaggregated") if "error" in bench[mode]]
+    if failed:
+        raise JobError(f"{path}: not every run ran ({'; '.join(failed)})")
     return bench
 

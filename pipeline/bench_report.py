@@ -1,0 +1,229 @@
+"""jobs.bench's results for a person: one row per mode, as bench.md (a Markdown table) and
+bench.png beside bench.json, and the same across the jobs of a sweep (SweepTable).
+
+A row, for a run of plain vLLM or of the pipeline (a pool's busy seconds are summed over its
+workers):
+
+- wall = start-up + processing + tail. Processing runs from the engine pools' first batch start
+  to their last batch end (plain vLLM: its generate call); start-up is what comes before it
+  (Ray, the actors, loading the engines); the tail is the last rows through detokenize, the
+  commits and the report.
+- output tokens/s: over the wall time, and over processing.
+- a pool's rates: what it does per second while busy, `size · work / busy seconds` (its size,
+  the workers it runs at once, not `workers`, which counts a replaced worker too): prefill
+  prompt tokens/s and rows/s, decode output tokens/s and rows/s. A colocated pool does both
+  phases: its prompt tokens/s, output tokens/s and rows/s stand in both the prefill and the
+  decode columns.
+- achieved rows/s: rows generated (out, less those with errors) / processing seconds.
+- efficiency: achieved rows/s / the slower engine pool's rows/s. 1 when the slower pool is busy
+  all through processing; below, the share of it lost to pipeline fill and drain, waiting on
+  the other pool, uneven work between its workers, or replacing a worker that died.
+"""
+import json
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from pipeline.job_report import ENGINES
+
+BENCH_JSON, BENCH_TABLE, BENCH_PLOT = "bench.json", "bench.md", "bench.png"
+RUNS = ("plain", "colocated", "disaggregated")  # the modes a bench.json holds, in the order they run
+
+
+def pool_rates(stage: dict) -> dict[str, float]:
+    """A pool's rows and tokens per second while busy: its work over a worker's mean busy time."""
+    busy = stage["busy_seconds"] / stage["size"]
+    return {
+        "rows_per_s": stage["rows"] / busy,
+        "prompt_tokens_per_s": stage["input_tokens"] / busy,
+        "output_tokens_per_s": stage["output_tokens"] / busy,
+    }
+
+
+def wall_rate(result: dict) -> float:
+    return result["output_tokens"] / result["wall_seconds"]
+
+
+def mode_row(mode: str, result: dict, plain_rate: float | None) -> dict:
+    """One mode's row from its result in bench.json (the job's metrics, or plain vLLM's
+    timings), against plain vLLM's output tokens/s over its wall time."""
+    if "error" in result:
+        return {"mode": mode, "error": result["error"]}
+    if "stages" in result:
+        processing, startup = result["processing_seconds"], result["startup_seconds"]
+        rows = result["rows_out"] - result["rows_errored"]
+        engines = {name: stage for name, stage in result["stages"].items() if name in ENGINES}
+    else:  # plain vLLM: one engine, no pools
+        processing = result["generate_seconds"]
+        startup, rows, engines = result["wall_seconds"] - processing, result["rows"], {}
+    rates = {name: pool_rates(stage) for name, stage in engines.items()}
+    prefill, decode = rates.get("prefill", rates.get("colocated", {})), rates.get("decode", rates.get("colocated", {}))
+    slower = min(rates, key=lambda name: rates[name]["rows_per_s"]) if rates else None
+    achieved = rows / processing
+    row = {
+        "mode": mode,
+        "pools": " + ".join(f"{stage['size']} {name}" for name, stage in engines.items()) or None,
+        "wall_seconds": result["wall_seconds"],
+        "startup_seconds": startup,
+        "processing_seconds": processing,
+        "output_tokens_per_s": wall_rate(result),
+        "ratio_to_plain": wall_rate(result) / plain_rate if plain_rate else None,
+        "processing_output_tokens_per_s": result["output_tokens"] / processing,
+        "prefill_prompt_tokens_per_s": prefill.get("prompt_tokens_per_s"),
+        "prefill_rows_per_s": prefill.get("rows_per_s"),
+        "decode_output_tokens_per_s": decode.get("output_tokens_per_s"),
+        "decode_rows_per_s": decode.get("rows_per_s"),
+        "achieved_rows_per_s": achieved,
+        "slower_pool": slower,
+        "efficiency": achieved / rates[slower]["rows_per_s"] if slower else None,
+        "kv_bytes_per_prompt_token": result.get("kv_bytes_per_prompt_token"),
+        "kv_handoff_share_of_prefill": result.get("kv_handoff_share_of_prefill"),
+        "peak_rss_bytes": result["peak_rss_bytes"],
+        "object_store_peak_bytes": result.get("object_store_peak_bytes"),  # plain vLLM has none
+    }
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def bench_rows(results: dict[str, dict], plain_rate: float | None = None) -> list[dict]:
+    """The rows of one bench run; x plain against its own plain vLLM run unless given."""
+    if plain_rate is None and "plain" in results and "error" not in results["plain"]:
+        plain_rate = wall_rate(results["plain"])
+    return [mode_row(mode, results[mode], plain_rate) for mode in RUNS if mode in results]
+
+
+def _number(spec: str, scale: float = 1.0) -> Callable[[Any], str]:
+    return lambda v: "-" if v is None else format(v / scale, spec)
+
+
+COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("mode", "mode", str),
+    ("pools", "pools", lambda v: v or "-"),
+    ("wall s", "wall_seconds", _number(".1f")),
+    ("start-up s", "startup_seconds", _number(".1f")),
+    ("processing s", "processing_seconds", _number(".1f")),
+    ("output tok/s", "output_tokens_per_s", _number(".1f")),
+    ("x plain", "ratio_to_plain", _number(".2f")),
+    ("output tok/s, processing", "processing_output_tokens_per_s", _number(".1f")),
+    ("prefill prompt tok/s", "prefill_prompt_tokens_per_s", _number(".0f")),
+    ("prefill rows/s", "prefill_rows_per_s", _number(".2f")),
+    ("decode output tok/s", "decode_output_tokens_per_s", _number(".1f")),
+    ("decode rows/s", "decode_rows_per_s", _number(".2f")),
+    ("achieved rows/s", "achieved_rows_per_s", _number(".2f")),
+    ("efficiency", "efficiency", _number(".0%")),
+    ("slower pool", "slower_pool", lambda v: v or "-"),
+    ("KV B / prompt token", "kv_bytes_per_prompt_token", _number(",.0f")),
+    ("handoff / prefill", "kv_handoff_share_of_prefill", _number(".1%")),
+    ("peak RSS GiB", "peak_rss_bytes", _number(".2f", 2**30)),
+    ("object store peak MiB", "object_store_peak_bytes", _number(".0f", 2**20)),
+]
+
+
+TEXT = {"run", "mode", "pools", "slower_pool"}  # left-aligned; numbers right
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    """The table, a row per mode (and per run, for a sweep's rows); a mode that could not run
+    shows why in place of its pools."""
+    columns = ([("run", "run", lambda v: v or "-")] if any("run" in r for r in rows) else []) + COLUMNS
+    lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
+             "|" + "|".join("---" if key in TEXT else "--:" for _, key, _ in columns) + "|"]  # fmt: skip
+    for row in rows:
+        if "error" in row:
+            why = "not run: " + " ".join(row["error"].split()).replace("|", "\\|")
+            cells = [fmt(row[key]) if key in ("run", "mode") else why if key == "pools" else "-"
+                     for _, key, fmt in columns]  # fmt: skip
+        else:
+            cells = [fmt(row.get(key)) for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(rows: list[dict], f: BinaryIO) -> None:
+    """Output tokens/s per mode (whole run and processing) against plain vLLM's, and each
+    engine pool's rows/s while busy against the rows/s achieved."""
+    # Imported here, as in job_report: Agg needs no display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ran = [r for r in rows if "error" not in r]
+    labels = [f"{r['run']}\n{r['mode']}" if r.get("run") else r["mode"] for r in ran]
+    x = np.arange(len(ran))
+    fig = Figure(figsize=(max(7.0, 1.6 * len(ran)), 8), layout="constrained")
+    tokens_ax, rows_ax = fig.subplots(2, 1)
+
+    def bars(ax, series: list[tuple[str, str]]) -> None:
+        width = 0.8 / len(series)
+        for i, (key, label) in enumerate(series):
+            values = [r[key] if r[key] is not None else np.nan for r in ran]
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label)
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+
+    bars(tokens_ax, [("output_tokens_per_s", "whole run"), ("processing_output_tokens_per_s", "processing")])
+    plain = next((r for r in ran if r["mode"] == "plain"), None)
+    if plain:
+        tokens_ax.axhline(plain["output_tokens_per_s"], color="black", linewidth=1, label="plain vLLM, whole run")
+    tokens_ax.set_ylabel("output tokens/s")
+    tokens_ax.legend(fontsize=8)
+    bars(rows_ax, [("prefill_rows_per_s", "prefill pool, busy"), ("decode_rows_per_s", "decode pool, busy"),
+                   ("achieved_rows_per_s", "achieved, processing")])  # fmt: skip
+    rows_ax.set_ylabel("rows/s")
+    rows_ax.set_title("pool rates while busy (colocated: its one pool in both) against the rate achieved", fontsize=9)
+    rows_ax.legend(fontsize=8)
+    FigureCanvasAgg(fig).print_png(f)
+
+
+def write(root: Path, results: dict, rows: list[dict]) -> None:
+    """bench.json (the results and their rows), bench.md and bench.png in `root`."""
+    (root / BENCH_JSON).write_text(json.dumps({**results, "table": rows}, indent=2))
+    (root / BENCH_TABLE).write_text("\n".join(markdown(rows)) + "\n")
+    with open(root / BENCH_PLOT, "wb") as f:
+        plot(rows, f)
+
+
+def combine(jobs: list[tuple[str, Path | str]]) -> list[dict]:
+    """A sweep's rows: each job's, labelled by its run (its overrides), or its failure; x plain
+    against the sweep's first plain vLLM run."""
+    runs = [(run, json.loads(outcome.read_text()) if isinstance(outcome, Path) else outcome) for run, outcome in jobs]
+    plains = [b["plain"] for _, b in runs if isinstance(b, dict) and "error" not in b.get("plain", {"error": None})]
+    plain_rate = wall_rate(plains[0]) if plains else None
+    rows = []
+    for run, bench in runs:
+        if isinstance(bench, str):
+            rows.append({"run": run, "mode": "-", "error": bench})
+        else:
+            rows += [{"run": run, **row} for row in bench_rows(bench, plain_rate)]
+    return rows
+
+
+class SweepTable(Callback):
+    """Hydra callback (conf/bench.yaml): in a sweep (-m), after each job, bench.json, bench.md and
+    bench.png across the jobs so far in the sweep's folder (output.path), so that a sweep
+    stopped part way still leaves its table. A job's run is named by the overrides the sweep
+    varies (pools.decode.size=2)."""
+
+    def __init__(self) -> None:
+        self.root: Path | None = None
+        self.swept: set[str] = set()
+        self.jobs: list[tuple[str, Path | str]] = []  # each job's run and its bench.json, or its failure
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.root, self.jobs = Path(config.hydra.sweep.dir), []
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        self.swept = {o.key_or_group for o in overrides if o.is_sweep_override()}
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self.root is None:  # a single run: it wrote its own table
+            return
+        try:
+            outcome: Path | str = Path(job_return.return_value)  # jobs.bench returns its bench.json
+        except Exception as error:  # a crash: Hydra raises it again once the sweep's jobs have run
+            outcome = f"failed: {type(error).__name__}: {error}"
+        run = ",".join(o for o in config.hydra.overrides.task if o.lstrip("+~").split("=", 1)[0] in self.swept)
+        self.jobs.append((run, outcome))
+        runs = [{"run": run, "bench": str(outcome)} for run, outcome in self.jobs]
+        write(self.root, {"runs": runs}, combine(self.jobs))
