@@ -7,9 +7,9 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterator, NamedTuple
+from typing import AsyncIterator, Callable, Collection, Iterator, NamedTuple
 
 import psutil
 import ray
@@ -28,7 +28,8 @@ class BatchReport:
 
 class BatchPoint(NamedTuple):
     """One batch in the job's time series: when it ended (seconds since the sink started, on
-    the sink's clock, so all stages share one), how long it took, what went through."""
+    the sink's clock, so all stages share one), how long it took from its start (batches of an
+    engine worker overlap), what went through."""
 
     stage: str
     end: float
@@ -55,10 +56,12 @@ class StageTally:
     def join(self, stage: str, worker: str, node: str, cores: list[int]) -> None:
         self._workers[stage][worker] = {"node": node, "cores": cores, **dict.fromkeys(WORKER_TOTALS, 0)}
 
-    def record(self, stage: str, worker: str, seconds: float, report: BatchReport) -> None:
+    def record(self, stage: str, worker: str, seconds: float, busy_seconds: float, report: BatchReport) -> None:
+        """`seconds`: the batch from start to end; `busy_seconds`: the worker's busy time it
+        accounts for (less where it overlapped the worker's other batches; see BusyClock)."""
         totals, mine = self._stages[stage], self._workers[stage][worker]
         for counts in (totals, mine):
-            counts["busy_seconds"] += seconds
+            counts["busy_seconds"] += busy_seconds
             counts["batches"] += 1
         for name, value in vars(report).items():
             totals[name] += value
@@ -118,14 +121,38 @@ def start_sink() -> tuple[str, ray.actor.ActorHandle]:
     return name, MetricsSink.options(name=name).remote()
 
 
+class BusyClock:
+    """A worker's busy time: while at least one batch is in hand. Each batch that ends takes
+    the busy time since the last one ended (or since the worker became busy), so batches that
+    overlap count their common time once, and the shares add up to the busy time. One batch at
+    a time, a batch's share is its own duration."""
+
+    def __init__(self) -> None:
+        self._batches = 0
+        self._since = 0.0
+
+    def start(self) -> None:
+        if self._batches == 0:
+            self._since = time.perf_counter()
+        self._batches += 1
+
+    def stop(self) -> float:
+        now = time.perf_counter()
+        share, self._since = now - self._since, now
+        self._batches -= 1
+        return share
+
+
 @dataclass
 class StageMeter:
-    """Used inside a stage actor: times each batch and reports it."""
+    """Used inside a stage actor: times each batch and reports it. A stage's calls run in one
+    thread (Ray Data's asyncio loop, for a stage that works on several batches at once)."""
 
     stage: str
     sink_name: str
     _sink: ray.actor.ActorHandle = field(init=False)
     _worker: str = field(init=False)
+    _busy: BusyClock = field(init=False, default_factory=BusyClock)
 
     def __post_init__(self) -> None:
         self._sink = ray.get_actor(self.sink_name)
@@ -135,10 +162,29 @@ class StageMeter:
 
     @contextmanager
     def batch(self) -> Iterator[BatchReport]:
-        report = BatchReport()
-        start = time.perf_counter()
-        yield report
-        ray.get(self._sink.record.remote(self.stage, self._worker, time.perf_counter() - start, report))
+        """Times and reports one batch of a stage that works on one at a time."""
+        report, start = BatchReport(), time.perf_counter()
+        self._busy.start()
+        try:
+            yield report
+        finally:
+            busy = self._busy.stop()
+        ray.get(self._record(start, busy, report))
+
+    @asynccontextmanager
+    async def overlapping_batch(self) -> AsyncIterator[BatchReport]:
+        """The same for a stage that works on several batches at once (a failed batch is not
+        reported: its retry will be)."""
+        report, start = BatchReport(), time.perf_counter()
+        self._busy.start()
+        try:
+            yield report
+        finally:
+            busy = self._busy.stop()
+        await self._record(start, busy, report)
+
+    def _record(self, start: float, busy: float, report: BatchReport) -> ray.ObjectRef:
+        return self._sink.record.remote(self.stage, self._worker, time.perf_counter() - start, busy, report)
 
 
 class PeakSampler:

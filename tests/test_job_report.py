@@ -114,10 +114,30 @@ def test_tally_keeps_one_point_per_batch_on_one_clock(monkeypatch):
     tally = StageTally()
     tally.join("prefill", "w1", "n1", [0])
     tally.join("decode", "w2", "n2", [1])
-    tally.record("prefill", "w1", 2.4567, BatchReport(rows=3, input_tokens=30, output_tokens=3, kv_bytes=900))
-    tally.record("decode", "w2", 1.5, BatchReport(rows=3, output_tokens=21))
+    tally.record("prefill", "w1", 2.4567, 2.4567, BatchReport(rows=3, input_tokens=30, output_tokens=3, kv_bytes=900))
+    tally.record("decode", "w2", 1.5, 1.5, BatchReport(rows=3, output_tokens=21))
     assert tally.timeline() == [("prefill", 2.5, 2.457, 3, 30, 3), ("decode", 4.0, 1.5, 3, 0, 21)]
     assert tally.stages()["prefill"]["kv_bytes"] == 900  # the totals are kept as before
+
+
+def test_overlapping_batches_count_their_common_time_once(monkeypatch):
+    """An engine worker holds several batches: from 0 to 10 s and from 4 to 12 s is 12 s busy,
+    not 18; each batch keeps its own duration on the timeline."""
+    clock = iter([0.0, 10.0, 12.0, 20.0, 21.0])  # the second start, at 4 s, reads no clock
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(perf_counter=lambda: next(clock), time=lambda: 0.0))
+    busy = metrics.BusyClock()
+    busy.start()
+    busy.start()
+    shares = [busy.stop(), busy.stop()]
+    busy.start()  # idle from 12 to 20 s
+    shares.append(busy.stop())
+    assert shares == [10.0, 2.0, 1.0]
+    tally = StageTally()
+    tally.join("colocated", "w", "n", [0])
+    tally.record("colocated", "w", 10.0, 10.0, BatchReport(rows=2))
+    tally.record("colocated", "w", 8.0, 2.0, BatchReport(rows=2))
+    assert tally.stages()["colocated"]["busy_seconds"] == 12.0
+    assert [p.seconds for p in tally.timeline()] == [10.0, 8.0]
 
 
 def test_tally_keeps_each_workers_node_and_share():
@@ -126,7 +146,7 @@ def test_tally_keeps_each_workers_node_and_share():
     tally.join("decode", "b:2", "b" * 56, [1])
     tally.join("decode", "b:3", "b" * 56, [1])  # never got a batch
     for worker, rows in (("a:1", 3), ("b:2", 2), ("a:1", 1)):
-        tally.record("decode", worker, 0.5, BatchReport(rows=rows, input_tokens=10 * rows, output_tokens=rows))
+        tally.record("decode", worker, 0.5, 0.5, BatchReport(rows=rows, input_tokens=10 * rows, output_tokens=rows))
     decode = tally.stages()["decode"]
     assert decode["worker_cores"] == [[0], [1], [1]]
     assert decode["per_worker"] == [
