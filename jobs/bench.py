@@ -45,7 +45,7 @@ def plain_vllm(cfg: JobConfig) -> dict:
     prompts = [encoder.encode(p)[0] for p in pq.read_table(cfg.input.path).column(cfg.input.prompt_column).to_pylist()]
     prompts = [p for p in prompts if p]
     bind_threads(None, None)
-    llm = build_engine(model, cfg.engine, cfg.pools.colocated.batch_size)
+    llm = build_engine(model, cfg.engine, cfg.pools.colocated.max_num_seqs)
     generating = time.perf_counter()
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],

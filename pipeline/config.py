@@ -81,7 +81,16 @@ class SamplingConfig:
 @dataclass
 class PoolConfig:
     size: int = 1
+    # Rows per Ray Data batch: what a worker is handed at a time and passes on at once.
     batch_size: int = 32
+    # Batches a worker holds at once. An engine worker feeds all of them to its one engine,
+    # whose next batch's requests join as the last one's finish (continuous batching across
+    # batches); other stages work on one at a time, whatever this says.
+    concurrent_batches: int = 1
+    # Engine pools: sequences the engine runs at once (vLLM's max_num_seqs; on CPU it also
+    # sizes the KV cache). To keep them all busy while a finished batch is replaced, the other
+    # batches in hand should hold as many rows: (concurrent_batches - 1) * batch_size >= max_num_seqs.
+    max_num_seqs: int = 64
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     # Engine threads; None lets the engine use every core it may run on.
@@ -101,9 +110,11 @@ class PoolsConfig:
     # engine.bind_cores). The defaults leave one whole logical CPU free on a small machine:
     # Ray Data's file-listing task asks for one and never starts without it.
     tokenize: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.1))
-    prefill: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.4))
-    decode: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.4))
-    colocated: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.8))
+    # Engine pools: 3 batches of 32 in hand for an engine of 64 sequences, so it stays full
+    # while the next batch comes (Ray Data has it queued already).
+    prefill: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=32, concurrent_batches=3, num_cpus=0.4))
+    decode: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=32, concurrent_batches=3, num_cpus=0.4))
+    colocated: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=32, concurrent_batches=3, num_cpus=0.8))
     detokenize: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=64, num_cpus=0.1))
 
 

@@ -89,11 +89,13 @@ def kv_cache_bytes(model: ResolvedModel, engine: EngineConfig, max_num_seqs: int
 
 def sampling_params(cfg: SamplingConfig, max_tokens: int, kv_key: str | None = None) -> "SamplingParams":
     from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
     from pipeline.kv.handoff import KEY
 
     return SamplingParams(
         max_tokens=max_tokens,
+        output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it finishes
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,

@@ -57,7 +57,11 @@ class Stage:
             self.fn,
             batch_size=self.actors.batch_size,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=self.actors.size),
+            # An async stage's calls (the engine stages') run on Ray Data's asyncio loop in the
+            # actor, this many at once; a sync stage's, one at a time.
+            compute=ActorPoolStrategy(
+                size=self.actors.size, max_concurrent_calls_per_actor=self.actors.concurrent_batches
+            ),
             num_cpus=self.actors.num_cpus,
             num_gpus=self.actors.num_gpus,
             fn_constructor_kwargs=self.constructor,

@@ -184,7 +184,10 @@ class Option:
             overrides.append(f"pools.{name}.size={n}")
             if hw.device == "cuda":
                 overrides.append(f"pools.{name}.num_gpus=1")
-        return overrides + [f"pools.{names[-1]}.batch_size={self.batch}"]
+        # Batches of half the engine's sequences: with the engine pools' 3 in hand, it stays full
+        # while one is replaced.
+        pool = f"pools.{names[-1]}"
+        return overrides + [f"{pool}.max_num_seqs={self.batch}", f"{pool}.batch_size={-(-self.batch // 2)}"]
 
 
 def cheapest(options: Iterable[Option]) -> Option:

@@ -22,6 +22,14 @@ def test_mode_and_sampling_overrides():
     assert (cfg.mode, cfg.sampling.max_tokens, cfg.sampling.seed, cfg.pools.decode.size) == (Mode.colocated, 7, 3, 2)
 
 
+def test_engine_pools_hold_enough_batches_to_stay_full():
+    """While a finished batch is replaced, the others in hand fill the engine's sequences."""
+    pools = job_config().pools
+    for pool in (pools.prefill, pools.decode, pools.colocated):
+        assert (pool.concurrent_batches - 1) * pool.batch_size >= pool.max_num_seqs
+    assert pools.tokenize.concurrent_batches == pools.detokenize.concurrent_batches == 1
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

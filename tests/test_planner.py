@@ -129,7 +129,7 @@ def test_overrides_are_jobs_generate_config():
     job = job_config(*disaggregated.hydra_overrides())
     assert job.mode is Mode.disaggregated and job.engine.device == "cuda"
     assert (job.pools.prefill.size, job.pools.decode.size, job.pools.decode.num_gpus) == (1, 4, 1.0)
-    assert job.pools.decode.batch_size == 100
+    assert (job.pools.decode.max_num_seqs, job.pools.decode.batch_size) == (100, 50)
     cpu = Hardware(name="cpu", device="cpu", tflops=0.1, mem_bw_gbs=10, mem_gib=80, usd_per_hour=0.1)
     job = job_config(*planner().colocated(cpu, 2).hydra_overrides())
     assert (job.mode, job.engine.device) == (Mode.colocated, "cpu")

@@ -1,7 +1,12 @@
 """Where a stage and the KV connector inside its engine meet. The engine runs in the stage's
 own process, so a dict keyed by request is enough: the prefill stage takes what the connector
 saved, the decode stage offers what the connector will load. A request names its entry by
-`KEY` in `SamplingParams.extra_args["kv_transfer_params"]`."""
+`KEY` in `SamplingParams.extra_args["kv_transfer_params"]`.
+
+The stage and the engine run in different threads (pipeline/engine_loop.py), and the stage works
+on several batches at once: keys are unique per request, and the handoff time is one count per
+process (one engine) that each batch's report takes as it stands when the batch ends."""
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -13,6 +18,7 @@ KEY = "kvrelay_key"
 _saved: dict[str, torch.Tensor] = {}
 _offered: dict[str, torch.Tensor] = {}
 _seconds = 0.0
+_seconds_lock = threading.Lock()  # counted from the engine's thread and the stage's
 
 
 @contextmanager
@@ -23,13 +29,16 @@ def timed() -> Iterator[None]:
     try:
         yield
     finally:
-        _seconds += time.perf_counter() - started
+        with _seconds_lock:
+            _seconds += time.perf_counter() - started
 
 
 def take_seconds() -> float:
-    """Handoff time counted since the last call."""
+    """Handoff time counted since the last call: with batches overlapping, some of it was
+    another batch's, but over the stage's batches it adds up to the stage's handoff time."""
     global _seconds
-    seconds, _seconds = _seconds, 0.0
+    with _seconds_lock:
+        seconds, _seconds = _seconds, 0.0
     return seconds
 
 

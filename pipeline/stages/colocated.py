@@ -10,8 +10,10 @@ from pipeline.stages.engine_stage import EngineStage
 class Colocated(EngineStage):
     stage = "colocated"
 
-    def process(self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport) -> pa.Table:
-        outputs = self.generate(
+    async def process(
+        self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport
+    ) -> pa.Table:
+        outputs = await self.generate(
             [prompts[i] for i in rows], [sampling_params(self.sampling, self.budget(len(prompts[i]))) for i in rows]
         )
         tokens: list = [None] * batch.num_rows

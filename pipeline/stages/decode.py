@@ -21,7 +21,9 @@ class Decode(EngineStage):
     stage = "decode"
     kv_role = CONSUMER
 
-    def process(self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport) -> pa.Table:
+    async def process(
+        self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport
+    ) -> pa.Table:
         tokens = batch.column(GENERATED_TOKENS).to_pylist()
         finish = batch.column(FINISH_REASON).to_pylist()
         errors = batch.column(ERROR).to_pylist()
@@ -49,7 +51,7 @@ class Decode(EngineStage):
         try:
             # The prompt plus the first token: with a payload, the engine loads the prompt's KV
             # and computes only the first token's.
-            outputs = self.generate(
+            outputs = await self.generate(
                 [prompts[i] + tokens[i] for i in keys],
                 [sampling_params(self.sampling, self.budget(len(prompts[i])) - 1, key) for i, key in keys.items()],
             )

@@ -1,5 +1,8 @@
 """What the three vLLM stages (prefill, decode, colocated) share: an engine in the actor's own
-process on its own cores, the generation budget, and metering."""
+process on its own cores, fed from several batches at once, the generation budget, and metering.
+
+The stages are async: Ray Data runs up to `concurrent_batches` calls of an actor at once on its
+asyncio loop, and each call's requests go to the one engine (pipeline/engine_loop.py)."""
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -7,6 +10,7 @@ import pyarrow as pa
 from pipeline.columns import FINISH_REASON, GENERATED_TOKENS, PROMPT_TOKENS, TOKEN_LIST, pending, with_columns
 from pipeline.config import EngineConfig, KVConfig, PoolConfig, SamplingConfig
 from pipeline.engine import bind_threads, build_engine
+from pipeline.engine_loop import EngineLoop
 from pipeline.kv.transport import PayloadStore
 from pipeline.metrics import BatchReport, StageMeter
 from pipeline.model import ResolvedModel
@@ -33,7 +37,7 @@ class EngineStage:
     ):
         if engine.device == "cpu":
             bind_threads(placement.cores, placement.threads)
-        self.llm = build_engine(model, engine, pool.batch_size, self.kv_role)
+        self.engine = EngineLoop(build_engine(model, engine, pool.max_num_seqs, self.kv_role).llm_engine)
         self.model = model
         self.sampling = sampling
         self.kv = kv
@@ -44,16 +48,18 @@ class EngineStage:
         """Tokens a request may generate: max_tokens, or fewer where the context ends first."""
         return min(self.sampling.max_tokens, self.model.max_model_len - num_prompt_tokens)
 
-    def generate(self, prompts: list[list[int]], params: list["SamplingParams"]) -> list["RequestOutput"]:
-        if not prompts:
-            return []
-        return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    async def generate(self, prompts: list[list[int]], params: list["SamplingParams"]) -> list["RequestOutput"]:
+        from vllm.inputs import tokens_input
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        with self.meter.batch() as report:
-            return self.process(batch, pending(batch), batch.column(PROMPT_TOKENS).to_pylist(), report)
+        return await self.engine.generate([tokens_input(p) for p in prompts], params)
 
-    def process(self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        async with self.meter.overlapping_batch() as report:
+            return await self.process(batch, pending(batch), batch.column(PROMPT_TOKENS).to_pylist(), report)
+
+    async def process(
+        self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport
+    ) -> pa.Table:
         """Generate for `rows` (the batch's rows still pending); `prompts` holds every row's
         prompt tokens."""
         raise NotImplementedError

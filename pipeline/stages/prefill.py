@@ -17,9 +17,13 @@ class Prefill(EngineStage):
     stage = "prefill"
     kv_role = PRODUCER
 
-    def process(self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport) -> pa.Table:
+    async def process(
+        self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport
+    ) -> pa.Table:
         keys = [uuid.uuid4().hex for _ in rows]
-        outputs = self.generate([prompts[i] for i in rows], [sampling_params(self.sampling, 1, key) for key in keys])
+        outputs = await self.generate(
+            [prompts[i] for i in rows], [sampling_params(self.sampling, 1, key) for key in keys]
+        )
         tokens: list = [None] * batch.num_rows
         finish = batch.column(FINISH_REASON).to_pylist()
         payloads: list[KVPayload | None] = [None] * batch.num_rows
