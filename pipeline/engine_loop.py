@@ -5,14 +5,19 @@ Ray Data calls an engine stage once per batch. `LLM.generate` per call runs the 
 last sequence before the next batch starts, so the engine's sequence slots empty out at the end
 of every batch. Here a call submits its batch's requests and waits for just those, and the
 thread that steps the engine (the only one that touches it: it is not thread-safe) adds them
-between steps, so the next batch's requests take the slots the last one frees."""
+between steps, so the next batch's requests take the slots the last one frees.
+
+The thread builds the engine too. Each thread that runs torch ops on CPU gets its own OpenMP
+team; with a second (idle) team in the process, libgomp counts more threads than cores and its
+workers sleep after a few spins instead of waiting for the next op: an engine on two cores kept
+1.5 of them busy."""
 import asyncio
 import itertools
 import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
@@ -50,19 +55,21 @@ class _Abort:
 
 
 class EngineLoop:
-    """Steps `engine` in a thread of its own while any request is unfinished. Batches submit
-    from the asyncio loop that runs the stage's calls; an error that stops the engine fails
-    every batch waiting on it, and every later one, rather than leaving them waiting."""
+    """Builds an engine (`build`) and steps it in a thread of its own while any request is
+    unfinished. Batches submit from the asyncio loop that runs the stage's calls; an error that
+    stops the engine fails every batch waiting on it, and every later one, rather than leaving
+    them waiting."""
 
-    def __init__(self, engine: Engine):
-        self._engine = engine
+    def __init__(self, build: Callable[[], Engine]):
         self._inbox: queue.SimpleQueue[_Batch | _Abort] = queue.SimpleQueue()
         self._waiting: dict[str, _Batch] = {}  # request id -> its batch, until the request finishes
         self._ids = itertools.count()
         # Orders submissions against the loop's failure, so none lands in an inbox nobody reads.
         self._lock = threading.Lock()
         self._failure: EngineFailed | None = None
-        threading.Thread(target=self._run, name="engine-loop", daemon=True).start()
+        built: Future = Future()
+        threading.Thread(target=self._run, args=(build, built), name="engine-loop", daemon=True).start()
+        built.result()  # raises what building raised
 
     async def generate(self, prompts: list[Any], params: list["SamplingParams"]) -> list["RequestOutput"]:
         """Adds the requests (prompts as `LLMEngine.add_request` takes them) before the next step
@@ -88,11 +95,17 @@ class EngineLoop:
             else:
                 item.done.set_exception(self._failure)
 
-    def _run(self) -> None:
+    def _run(self, build: Callable[[], Engine], built: Future) -> None:
         # OpenMP's thread count is per thread, and a new thread starts from OMP_NUM_THREADS;
         # this sets this one's to what the process gave torch (bind_threads) before the
         # engine's kernels read it.
         torch.get_num_threads()
+        try:
+            self._engine = build()
+            built.set_result(None)
+        except BaseException as error:
+            built.set_exception(error)
+            return
         try:
             while True:
                 if not self._waiting:

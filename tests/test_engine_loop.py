@@ -72,7 +72,7 @@ def run(*coroutines):
 
 def test_each_batch_gets_its_outputs_in_its_order():
     engine = FakeEngine()
-    loop = EngineLoop(engine)
+    loop = EngineLoop(lambda: engine)
     a, b = asyncio.run(run(loop.generate([3, 1, 2], [None] * 3), loop.generate([2, 1], [None] * 2))(engine))
     assert [o.prompt for o in a] == [3, 1, 2] and [o.prompt for o in b] == [2, 1]
     assert asyncio.run(loop.generate([], [])) == []
@@ -82,7 +82,7 @@ def test_next_batch_takes_the_slots_the_last_one_frees():
     """Batch a has three 1-step requests and an 8-step one: run batch by batch, b would wait 8
     steps with 3 of 4 slots empty; fed together, b's requests run beside a's long one."""
     engine = FakeEngine(max_seqs=4)
-    loop = EngineLoop(engine)
+    loop = EngineLoop(lambda: engine)
     asyncio.run(run(loop.generate([1, 1, 1, 8], [None] * 4), loop.generate([1, 1, 1, 1], [None] * 4))(engine))
     assert [len(ran) for ran in engine.per_step] == [4, 4, 2, 1, 1, 1, 1, 1]  # 8 steps, not 9
     assert engine.per_step[1] == ["3", "4", "5", "6"]
@@ -90,7 +90,7 @@ def test_next_batch_takes_the_slots_the_last_one_frees():
 
 def test_an_engine_error_fails_every_waiting_batch_and_every_later_one():
     engine = FakeEngine(fail_at=2)
-    loop = EngineLoop(engine)
+    loop = EngineLoop(lambda: engine)
     a, b = asyncio.run(run(loop.generate([3], [None]), loop.generate([2, 2], [None] * 2))(engine))
     assert isinstance(a, EngineFailed) and isinstance(b, EngineFailed)
     assert "engine broke" in str(a) and isinstance(a.__cause__, RuntimeError)
@@ -100,7 +100,7 @@ def test_an_engine_error_fails_every_waiting_batch_and_every_later_one():
 
 def test_a_refused_request_fails_its_batch_alone():
     engine = FakeEngine()
-    loop = EngineLoop(engine)
+    loop = EngineLoop(lambda: engine)
     refused, fine = asyncio.run(run(loop.generate([2, -1], [None] * 2), loop.generate([1], [None]))(engine))
     assert isinstance(refused, ValueError) and [o.prompt for o in fine] == [1]
     assert engine.aborted == ["0"]  # the refused batch's request that was already in
@@ -111,7 +111,7 @@ def test_a_cancelled_batch_leaves_the_engine_before_its_call_ends():
     """A decode stage withdraws its offered KV once its call ends: by then the engine must no
     longer hold the requests that would load it."""
     engine = FakeEngine(seconds=0.01)
-    loop = EngineLoop(engine)
+    loop = EngineLoop(lambda: engine)
     engine.gate.set()
 
     async def main():
@@ -125,3 +125,29 @@ def test_a_cancelled_batch_leaves_the_engine_before_its_call_ends():
         return await asyncio.wait_for(loop.generate([1], [None]), TIMEOUT)
 
     assert [o.prompt for o in asyncio.run(main())] == [1]
+
+
+def test_the_engine_is_built_and_stepped_in_the_loop_thread_alone():
+    """On CPU each thread that runs torch ops gets an OpenMP team of its own; one thread builds
+    and steps the engine so the process has just the one."""
+    engine = FakeEngine()
+    engine.gate.set()
+    threads = []
+    step = engine.step
+    engine.step = lambda: threads.append(threading.current_thread().name) or step()
+
+    def build():
+        threads.append(threading.current_thread().name)
+        return engine
+
+    loop = EngineLoop(build)
+    asyncio.run(asyncio.wait_for(loop.generate([2], [None]), TIMEOUT))
+    assert set(threads) == {"engine-loop"} and len(threads) == 3
+
+
+def test_an_engine_that_fails_to_build_fails_the_constructor():
+    def build():
+        raise RuntimeError("no memory for the KV cache")
+
+    with pytest.raises(RuntimeError, match="no memory for the KV cache"):
+        EngineLoop(build)
