@@ -13,6 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.bench_report import bench_rows
 from pipeline.errors import JobError
 from pipeline.planner import Efficiency, Hardware, ModelSpec, Option, Planner, Workload, catalogue, cheapest, load_bench
 from pipeline.planner_config import PlanConfig, register
@@ -27,17 +28,6 @@ def load_workload(cfg: PlanConfig) -> Workload:
     return Workload(w.prompt_tokens, w.output_tokens, w.rows)
 
 
-def measured_rates(run: dict) -> tuple[float, float]:
-    """Output tokens/s of one run of a bench: while its slowest engine pool was busy (plain
-    vLLM: while generating), and over the whole run, engine start-up included."""
-    if "stages" in run:
-        engines = [s for name, s in run["stages"].items() if name not in ("tokenize", "detokenize")]
-        busy = max(s["busy_seconds"] / s["workers"] for s in engines)
-    else:
-        busy = run["generate_seconds"]
-    return run["output_tokens"] / busy, run["output_tokens"] / run["wall_seconds"]
-
-
 def calibrate(cfg: PlanConfig, model: ModelSpec, devices: list[Hardware]) -> tuple[Efficiency, list[str]]:
     """The efficiency factors to plan with, and lines that say where they come from."""
     bench, name = cfg.calibrate.bench, cfg.calibrate.hardware
@@ -50,11 +40,11 @@ def calibrate(cfg: PlanConfig, model: ModelSpec, devices: list[Hardware]) -> tup
         selected = ", ".join(hw.name for hw in devices)
         raise JobError(f"calibrate.hardware '{name}' is not among the selected hardware ({selected})")
     eff = Efficiency.from_bench(bench, found[0], model, cfg.plan, cfg.efficiency.network)
-    runs = {mode: measured_rates(run) for mode, run in load_bench(bench).items() if isinstance(run, dict)}
+    rows = bench_rows(load_bench(bench))
     return eff, [
         f"  calibrated on the disaggregated stage rates of {bench}, run on {found[0].name}",
-        "  bench output tok/s while the engines were busy (whole run, start-up included): "
-        + "; ".join(f"{mode} {busy:.1f} ({wall:.1f})" for mode, (busy, wall) in runs.items()),
+        "  bench output tok/s while processing (whole run, start-up included): "
+        + "; ".join(f"{r['mode']} {r['processing_output_tokens_per_s']:.1f} ({r['output_tokens_per_s']:.1f})" for r in rows),
     ]
 
 

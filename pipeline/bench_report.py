@@ -8,7 +8,8 @@ workers):
   to their last batch end (plain vLLM: its generate call); start-up is what comes before it
   (Ray, the actors, loading the engines); the tail is the last rows through detokenize, the
   commits and the report.
-- output tokens/s: over the wall time, and over processing.
+- output tokens/s: over the wall time, and over processing; each against plain vLLM's (x plain:
+  the whole run, start-up included; x plain, processing: the steady rate a long job approaches).
 - a pool's rates: what it does per second while busy, `size · work / busy seconds` (its size,
   the workers it runs at once, not `workers`, which counts a replaced worker too): prefill
   prompt tokens/s and rows/s, decode output tokens/s and rows/s. A colocated pool does both
@@ -44,35 +45,44 @@ def pool_rates(stage: dict) -> dict[str, float]:
     }
 
 
-def wall_rate(result: dict) -> float:
-    return result["output_tokens"] / result["wall_seconds"]
+def processing_seconds(result: dict) -> float:
+    """The pipeline's processing window; plain vLLM's generate call."""
+    return result["processing_seconds"] if "stages" in result else result["generate_seconds"]
 
 
-def mode_row(mode: str, result: dict, plain_rate: float | None) -> dict:
+def output_rates(result: dict) -> tuple[float, float]:
+    """Output tokens/s over the wall time and over processing."""
+    return result["output_tokens"] / result["wall_seconds"], result["output_tokens"] / processing_seconds(result)
+
+
+def mode_row(mode: str, result: dict, plain: dict | None) -> dict:
     """One mode's row from its result in bench.json (the job's metrics, or plain vLLM's
-    timings), against plain vLLM's output tokens/s over its wall time."""
+    timings), against plain vLLM's result."""
     if "error" in result:
         return {"mode": mode, "error": result["error"]}
+    processing = processing_seconds(result)
     if "stages" in result:
-        processing, startup = result["processing_seconds"], result["startup_seconds"]
+        startup = result["startup_seconds"]
         rows = result["rows_out"] - result["rows_errored"]
         engines = {name: stage for name, stage in result["stages"].items() if name in ENGINES}
     else:  # plain vLLM: one engine, no pools
-        processing = result["generate_seconds"]
         startup, rows, engines = result["wall_seconds"] - processing, result["rows"], {}
     rates = {name: pool_rates(stage) for name, stage in engines.items()}
     prefill, decode = rates.get("prefill", rates.get("colocated", {})), rates.get("decode", rates.get("colocated", {}))
     slower = min(rates, key=lambda name: rates[name]["rows_per_s"]) if rates else None
     achieved = rows / processing
+    wall_rate, processing_rate = output_rates(result)
+    plain_wall_rate, plain_processing_rate = output_rates(plain) if plain else (None, None)
     row = {
         "mode": mode,
         "pools": " + ".join(f"{stage['size']} {name}" for name, stage in engines.items()) or None,
         "wall_seconds": result["wall_seconds"],
         "startup_seconds": startup,
         "processing_seconds": processing,
-        "output_tokens_per_s": wall_rate(result),
-        "ratio_to_plain": wall_rate(result) / plain_rate if plain_rate else None,
-        "processing_output_tokens_per_s": result["output_tokens"] / processing,
+        "output_tokens_per_s": wall_rate,
+        "ratio_to_plain": wall_rate / plain_wall_rate if plain else None,
+        "processing_output_tokens_per_s": processing_rate,
+        "processing_ratio_to_plain": processing_rate / plain_processing_rate if plain else None,
         "prefill_prompt_tokens_per_s": prefill.get("prompt_tokens_per_s"),
         "prefill_rows_per_s": prefill.get("rows_per_s"),
         "decode_output_tokens_per_s": decode.get("output_tokens_per_s"),
@@ -88,11 +98,11 @@ def mode_row(mode: str, result: dict, plain_rate: float | None) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
-def bench_rows(results: dict[str, dict], plain_rate: float | None = None) -> list[dict]:
-    """The rows of one bench run; x plain against its own plain vLLM run unless given."""
-    if plain_rate is None and "plain" in results and "error" not in results["plain"]:
-        plain_rate = wall_rate(results["plain"])
-    return [mode_row(mode, results[mode], plain_rate) for mode in RUNS if mode in results]
+def bench_rows(results: dict[str, dict], plain: dict | None = None) -> list[dict]:
+    """The rows of one bench run; x plain against its own plain vLLM run unless given one."""
+    if plain is None and "plain" in results and "error" not in results["plain"]:
+        plain = results["plain"]
+    return [mode_row(mode, results[mode], plain) for mode in RUNS if mode in results]
 
 
 def _number(spec: str, scale: float = 1.0) -> Callable[[Any], str]:
@@ -108,6 +118,7 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("output tok/s", "output_tokens_per_s", _number(".1f")),
     ("x plain", "ratio_to_plain", _number(".2f")),
     ("output tok/s, processing", "processing_output_tokens_per_s", _number(".1f")),
+    ("x plain, processing", "processing_ratio_to_plain", _number(".2f")),
     ("prefill prompt tok/s", "prefill_prompt_tokens_per_s", _number(".0f")),
     ("prefill rows/s", "prefill_rows_per_s", _number(".2f")),
     ("decode output tok/s", "decode_output_tokens_per_s", _number(".1f")),
@@ -190,13 +201,13 @@ def combine(jobs: list[tuple[str, Path | str]]) -> list[dict]:
     against the sweep's first plain vLLM run."""
     runs = [(run, json.loads(outcome.read_text()) if isinstance(outcome, Path) else outcome) for run, outcome in jobs]
     plains = [b["plain"] for _, b in runs if isinstance(b, dict) and "error" not in b.get("plain", {"error": None})]
-    plain_rate = wall_rate(plains[0]) if plains else None
+    plain = plains[0] if plains else None
     rows = []
     for run, bench in runs:
         if isinstance(bench, str):
             rows.append({"run": run, "mode": "-", "error": bench})
         else:
-            rows += [{"run": run, **row} for row in bench_rows(bench, plain_rate)]
+            rows += [{"run": run, **row} for row in bench_rows(bench, plain)]
     return rows
 
 

@@ -24,8 +24,9 @@ def write_report(output: OutputTarget, metrics: dict, timeline: list[BatchPoint]
 
 
 def busy_share(stage: dict, wall: float) -> float:
-    """The fraction of the job's wall time the pool's workers spent on batches."""
-    return stage["busy_seconds"] / (wall * stage["workers"]) if wall else 0.0
+    """The fraction of the job's wall time the pool's workers spent on batches (a pool's size is
+    the workers it runs at once; `workers` counts a replaced one too)."""
+    return stage["busy_seconds"] / (wall * stage["size"]) if wall else 0.0
 
 
 def report_lines(m: dict, plotted: bool) -> list[str]:
@@ -66,7 +67,7 @@ def _pool_table(stages: dict, wall: float) -> list[str]:
             f"| {name} | {n} | {s['busy_seconds']:.1f} | {shares[name]:.0%} | {s['rows']} | {s['input_tokens']} "
             f"| {s['output_tokens']} | {s['rows'] / n:.0f} | {tokens / n:.0f} |"
         )
-    lines += ["", "Busy share: busy seconds / (wall seconds · workers); the wall includes start-up."]
+    lines += ["", "Busy share: busy seconds / (wall seconds · pool size); the wall includes start-up."]
     engines = {name: share for name, share in shares.items() if name in ENGINES}
     if engines:
         pool = max(engines, key=engines.get)

@@ -64,7 +64,7 @@ def test_a_pool_rate_is_its_work_over_one_workers_mean_busy_time():
 
 
 def test_disaggregated_row_rates_efficiency_and_memory():
-    row = mode_row("disaggregated", DISAGGREGATED, plain_rate=6.0)
+    row = mode_row("disaggregated", DISAGGREGATED, PLAIN)
     assert row == {
         "mode": "disaggregated",
         "pools": "1 prefill + 2 decode",
@@ -74,6 +74,7 @@ def test_disaggregated_row_rates_efficiency_and_memory():
         "output_tokens_per_s": 3.0,  # 300 / 100
         "ratio_to_plain": 0.5,
         "processing_output_tokens_per_s": 4.2857,  # 300 / 70
+        "processing_ratio_to_plain": 0.5714,  # 4.2857 / (300 / 40)
         "prefill_prompt_tokens_per_s": 40.0,
         "prefill_rows_per_s": 0.2,
         "decode_output_tokens_per_s": 7.25,
@@ -89,7 +90,7 @@ def test_disaggregated_row_rates_efficiency_and_memory():
 
 
 def test_colocated_pool_stands_in_both_columns_and_plain_has_no_pools():
-    colocated, plain = mode_row("colocated", COLOCATED, 6.0), mode_row("plain", PLAIN, 6.0)
+    colocated, plain = mode_row("colocated", COLOCATED, PLAIN), mode_row("plain", PLAIN, PLAIN)
     # One pool, 60 busy seconds: 10 rows, 2000 prompt and 300 output tokens.
     assert (colocated["prefill_rows_per_s"], colocated["decode_rows_per_s"]) == (0.1667, 0.1667)
     assert (colocated["prefill_prompt_tokens_per_s"], colocated["decode_output_tokens_per_s"]) == (33.3333, 5.0)
@@ -99,7 +100,7 @@ def test_colocated_pool_stands_in_both_columns_and_plain_has_no_pools():
     assert (plain["startup_seconds"], plain["processing_seconds"], plain["achieved_rows_per_s"]) == (10.0, 40.0, 0.25)
     assert plain["pools"] is plain["efficiency"] is plain["prefill_rows_per_s"] is None
     assert plain["object_store_peak_bytes"] is None
-    assert plain["ratio_to_plain"] == 1.0
+    assert plain["ratio_to_plain"] == plain["processing_ratio_to_plain"] == 1.0
 
 
 def test_processing_window_spans_the_engine_pools_batches():
@@ -124,9 +125,9 @@ def test_markdown_table_one_row_per_mode():
     assert lines[0].startswith("| mode | pools | wall s | start-up s | processing s | output tok/s | x plain |")
     assert lines[1].startswith("|---|---|--:|")
     assert len(lines) == 5 and all(line.count(" | ") == lines[0].count(" | ") for line in lines[2:])
-    assert lines[2].startswith("| plain | - | 50.0 | 10.0 | 40.0 | 6.0 | 1.00 | 7.5 | - | - | - | - | 0.25 | - | - |")
+    assert lines[2].startswith("| plain | - | 50.0 | 10.0 | 40.0 | 6.0 | 1.00 | 7.5 | 1.00 | - | - | - | - | 0.25 | - | - |")
     assert lines[2].endswith("| - | - | 4.00 | - |")
-    assert lines[3].startswith("| colocated | 1 colocated | 80.0 | 10.0 | 65.0 | 3.8 | 0.62 | 4.6 | 33 | 0.17 | 5.0 |")
+    assert lines[3].startswith("| colocated | 1 colocated | 80.0 | 10.0 | 65.0 | 3.8 | 0.62 | 4.6 | 0.62 | 33 | 0.17 | 5.0 |")
     assert lines[3].endswith("| 92% | colocated | - | - | 5.00 | 300 |")
     assert lines[4].startswith("| disaggregated | not run: pools.decode asks 3 x {CPU: 0.4} \\| more | - |")
 

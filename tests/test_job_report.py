@@ -17,10 +17,11 @@ from pipeline.metrics import BatchPoint, BatchReport, StageTally
 from tests.test_output import SHARDS, rows, target
 
 
-def stage(busy: float, rows: int, input_tokens: int, output_tokens: int, workers: int = 1) -> dict:
+def stage(busy: float, rows: int, input_tokens: int, output_tokens: int, workers: int = 1, size: int = 0) -> dict:
     totals = {"busy_seconds": busy, "rows": rows, "input_tokens": input_tokens, "output_tokens": output_tokens}
     per_worker = [{"worker": f"node{i}:10{i}", "node": f"node{i}", "batches": 2, **totals} for i in range(workers)]
-    return {**totals, "workers": workers, "worker_cores": [[0]] * workers, "per_worker": per_worker}
+    return {**totals, "workers": workers, "size": size or workers, "worker_cores": [[0]] * workers,
+            "per_worker": per_worker}  # fmt: skip
 
 
 METRICS = {
@@ -30,7 +31,7 @@ METRICS = {
     "wall_seconds": 100.0, "output_tokens_per_second": 1.6,
     "stages": {
         "tokenize": stage(2.0, 8, 400, 0),
-        "prefill": stage(60.0, 6, 400, 6),  # 60% busy
+        "prefill": stage(60.0, 6, 400, 6, workers=2, size=1),  # one worker replaced: 60% busy
         "decode": stage(140.0, 5, 0, 154, workers=2),  # 70% busy per worker: the bottleneck
         "detokenize": stage(1.0, 8, 0, 160),
     },
@@ -61,7 +62,7 @@ def test_report_states_pools_bottleneck_errors_and_kv(written):
     report = (written / "report.md").read_text()
     assert report.startswith("# kvrelay disaggregated generate run of smollm2-135m\n")
     assert "- rows: 8 in, 8 out, 3 with errors" in report
-    assert "| prefill | 1 | 60.0 | 60% | 6 | 400 | 6 | 6 | 406 |" in report
+    assert "| prefill | 2 | 60.0 | 60% | 6 | 400 | 6 | 3 | 203 |" in report
     assert "| decode | 2 | 140.0 | 70% | 5 | 0 | 154 | 2 | 77 |" in report
     assert "Bottleneck: the decode pool, its workers busy 70% of the wall time." in report
     assert "| decode | node1:101 | 2 | 140.0 | 5 | 0 | 154 |" in report
