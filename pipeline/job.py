@@ -94,7 +94,6 @@ def plan(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str, st
 
 
 def build(source: PromptSource, shards: list[Shard], stages: list[Stage], cluster: ClusterConfig) -> ray.data.Dataset:
-    check_schedulable(demands({s.name: s.actors for s in stages}, cluster.io_num_cpus), alive_nodes())
     # The process's context: set for every job, so that no job inherits an earlier one's limits.
     context = ray.data.DataContext.get_current()
     budget = cluster.object_store_budget_gib
@@ -166,6 +165,7 @@ def run(cfg: JobConfig) -> dict:
         try:
             carried = [c for c in source.schema.names if c not in STAGE_COLUMNS]
             graph = plan(cfg, model, carried, sink_name, store)
+            check_schedulable(demands({s.name: s.actors for s in graph}, cfg.cluster.io_num_cpus), nodes)
             # A payload file goes once its row is committed (in a prefill dataset, it is kept).
             removes = store and not cfg.kv.keep_files and cfg.phase is not Phase.prefill
             on_commit = partial(_remove_payload_files, store) if removes else None
