@@ -14,7 +14,9 @@ vLLM and colocated run in its first job only (bench.baselines_once):
     python -m jobs.bench -m input.path=... output.path=outputs/bench-pd pools.prefill.size=1 pools.decode.size=1,2
 """
 import copy
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import hydra
@@ -38,7 +40,14 @@ register()
 
 
 def plain_vllm(cfg: JobConfig) -> dict:
-    """The baseline: one in-process engine on every core, all prompts in one generate call."""
+    """The baseline, in a process of its own, so that what its engine leaves behind (memory, its
+    threads) weighs on no later mode."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
+        return process.submit(_generate_all, cfg).result()
+
+
+def _generate_all(cfg: JobConfig) -> dict:
+    """One engine on every core, all prompts in one generate call."""
     started = time.perf_counter()
     model = resolve_model(cfg.model)
     encoder = PromptEncoder(model, cfg.input, cfg.sampling.max_tokens)
@@ -53,7 +62,6 @@ def plain_vllm(cfg: JobConfig) -> dict:
         use_tqdm=False,
     )
     done = time.perf_counter()
-    del llm
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {"wall_seconds": done - started, "generate_seconds": done - generating, "rows": len(prompts),
             "output_tokens": tokens}  # fmt: skip
