@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP) $(SAMPLE)
-	$(PY) -m jobs.bench input.path=$(SAMPLE) output.path=outputs/bench
+	$(PY) -m jobs.bench input.path=$(SAMPLE) output.path=outputs/bench bench.rounds=2
 
 # The KV handoff by codec and transport, and object-store use at 1x and 10x: on 48 prompts,
 # since 10x the full sample takes about an hour on two cores.

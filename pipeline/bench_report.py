@@ -55,6 +55,16 @@ def output_rates(result: dict) -> tuple[float, float]:
     return result["output_tokens"] / result["wall_seconds"], result["output_tokens"] / processing_seconds(result)
 
 
+def fastest(rounds: list[dict]) -> dict:
+    """A mode's round with the most output tokens/s over processing (a failed round only when
+    all failed); each round's rate kept under `rounds_output_tokens_per_s`."""
+    ran = [r for r in rounds if "error" not in r]
+    if not ran:
+        return rounds[0]
+    best = max(ran, key=lambda r: output_rates(r)[1])
+    return {**best, "rounds_output_tokens_per_s": [round(output_rates(r)[1], 2) for r in ran]}
+
+
 def mode_row(mode: str, result: dict, plain: dict | None) -> dict:
     """One mode's row from its result in bench.json (the job's metrics, or plain vLLM's
     timings), against plain vLLM's result."""

@@ -224,6 +224,10 @@ class BenchSettings:
     # In a sweep (-m), plain vLLM and colocated run in its first job only: they do not depend
     # on the prefill:decode split that the sweep varies.
     baselines_once: bool = True
+    # The modes run in turn this many times (plain, colocated, disaggregated, plain, ...); each
+    # mode's row is its fastest round. A shared machine's noise only ever slows a run down, and
+    # taking turns spreads a slow spell over every mode rather than one.
+    rounds: int = 1
 
 
 @dataclass

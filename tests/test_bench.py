@@ -16,7 +16,9 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
 from jobs.bench import modes
-from pipeline.bench_report import BENCH_JSON, SweepTable, bench_rows, combine, markdown, mode_row, pool_rates, write
+from pipeline.bench_report import (
+    BENCH_JSON, SweepTable, bench_rows, combine, fastest, markdown, mode_row, pool_rates, write,
+)
 from pipeline.config import BenchMode
 from pipeline.errors import JobError
 from pipeline.job import _window
@@ -101,6 +103,13 @@ def test_colocated_pool_stands_in_both_columns_and_plain_has_no_pools():
     assert plain["pools"] is plain["efficiency"] is plain["prefill_rows_per_s"] is None
     assert plain["object_store_peak_bytes"] is None
     assert plain["ratio_to_plain"] == plain["processing_ratio_to_plain"] == 1.0
+
+
+def test_a_modes_row_is_its_fastest_round():
+    slow, fast = {**COLOCATED, "processing_seconds": 75.0}, {**COLOCATED, "processing_seconds": 60.0}
+    failed = {"error": "pools.colocated asks 1 x {CPU: 9}"}
+    assert fastest([slow, failed, fast]) == {**fast, "rounds_output_tokens_per_s": [4.0, 5.0]}  # 300 / 75, 300 / 60
+    assert fastest([failed]) == failed
 
 
 def test_processing_window_spans_the_engine_pools_batches():
@@ -206,8 +215,8 @@ def bench_config(*overrides: str, hydra: bool = False):
 
 
 def test_bench_config_composes_with_modes_and_a_sweep_folder_per_split():
-    bench = OmegaConf.to_object(bench_config("bench.modes=[disaggregated]", "pools.decode.size=2"))
-    assert bench.bench.modes == [BenchMode.disaggregated] and bench.bench.baselines_once
+    bench = OmegaConf.to_object(bench_config("bench.modes=[disaggregated]", "pools.decode.size=2", "bench.rounds=2"))
+    assert bench.bench.modes == [BenchMode.disaggregated] and bench.bench.baselines_once and bench.bench.rounds == 2
     assert bench.pools.decode.size == 2 and bench.model.name == "smollm2-135m"
     cfg = bench_config("pools.decode.size=2", hydra=True)
     assert cfg.hydra.sweep.dir == "/tmp/unset" and cfg.hydra.callbacks.sweep_table._target_.endswith("SweepTable")
