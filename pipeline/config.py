@@ -213,7 +213,7 @@ class JobConfig:
 
 
 class BenchMode(str, Enum):
-    plain = "plain"  # vLLM's LLM.generate in this process, on every core: the baseline
+    plain = "plain"  # vLLM's LLM.generate in a process of its own, on every core: the baseline
     colocated = "colocated"
     disaggregated = "disaggregated"
 
