@@ -257,6 +257,7 @@ def summarize(cfg: JobConfig, rows_in: int, written: dict, stages: dict, shards:
         },  # fmt: skip
         "kv_bytes_moved": kv_bytes,
         "kv_recomputed_rows": moved.get("kv_recomputed", 0),
+        "preemptions": sum(s.get("preempted", 0) for s in stages.values()),
         "kv_bytes_per_prompt_token": kv_bytes / kv_tokens if kv_tokens else None,
         # Copying KV out of and into the paged caches, encoding, decoding, files: the price of the
         # split, against the prefill compute it saves the decode pool.

@@ -23,6 +23,8 @@ class BatchReport:
     kv_bytes: int = 0
     kv_tokens: int = 0
     kv_recomputed: int = 0
+    # Requests the engine preempted (its cache ran short) and later resumed: their KV was loaded again.
+    preempted: int = 0
     kv_handoff_seconds: float = 0.0
 
 
