@@ -1,5 +1,6 @@
 """Shared fixtures: configs composed with Hydra as a user would, the bundled model resolved
-once, one Ray cluster for the whole session."""
+once, a local S3 and one Ray cluster for the whole session."""
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import JobConfig, register
 from pipeline.model import ResolvedModel, resolve_model
+from tests.s3 import Bucket, local_s3
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register()
@@ -26,7 +28,14 @@ def model() -> ResolvedModel:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3() -> Iterator[Bucket]:
+    with local_s3() as bucket:
+        yield bucket
+
+
+# After s3: Ray's workers inherit the environment that reaches its endpoint.
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
     # Workers import test-defined stages (tests.*) from the repo root.
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(CONF.parent)}})
     yield
