@@ -1,0 +1,104 @@
+"""The README's `s3://` promise, on a local S3 (moto's server): whole jobs with their input,
+output and KV payload files in a bucket write what the same job writes on local disk, and a job
+killed mid-run finishes when rerun, without rewriting what it had committed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from jobs.sample import SENTENCES
+from pipeline.io import read_output
+from pipeline.job import run
+from tests.conftest import job_config
+from tests.s3 import Bucket
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [f"Rewrite in fewer words: {s}" for s in SENTENCES[:16]]
+SHARDS = 4
+# Batches of 4 so that a shard commits early, before the crash test's kill.
+JOB = ["mode=disaggregated", "kv.transport=storage", "sampling.max_tokens=8", "output.shard_rows=4",
+       *(f"pools.{p}.batch_size=4" for p in ("tokenize", "prefill", "decode", "detokenize"))]  # fmt: skip
+PARTS = {f"part-{i:06d}.parquet" for i in range(SHARDS)}
+
+
+def _job(root: str) -> list[str]:
+    """Writes the prompts under root (a directory of one file); the job's paths under it."""
+    with fsspec.open(f"{root}/prompts/prompts.parquet", "wb") as f:
+        pq.write_table(pa.table({"id": [f"s{i}" for i in range(len(PROMPTS))], "prompt": PROMPTS}), f)
+    return [f"input.path={root}/prompts", f"output.path={root}/out", f"kv.storage_path={root}/kv", *JOB]
+
+
+def _names(fs: fsspec.AbstractFileSystem, url: str) -> set[str]:
+    return {p.rsplit("/", 1)[-1] for p in fs.find(url)}
+
+
+@pytest.fixture(scope="module")
+def local_rows(ray_cluster, tmp_path_factory) -> list[dict]:
+    """The same job on local disk: what S3 must not change."""
+    root = str(tmp_path_factory.mktemp("local"))
+    run(job_config(*_job(root)))
+    return read_output(f"{root}/out").to_pylist()
+
+
+def test_ray_workers_reach_the_bucket_from_a_plain_url(s3: Bucket, ray_cluster):
+    """A fresh worker process opens `s3://...` with nothing but its environment."""
+    with fsspec.open(f"{s3.url}/hello.txt", "w") as f:
+        f.write("hello")
+    read = ray.remote(lambda url: fsspec.open(url).open().read().decode())
+    assert ray.get(read.remote(f"{s3.url}/hello.txt")) == "hello"
+
+
+@pytest.mark.slow
+def test_a_job_on_s3_writes_what_it_writes_on_local_disk(s3: Bucket, ray_cluster, local_rows):
+    root = f"{s3.url}/whole"
+    metrics = run(job_config(*_job(root)))
+    assert read_output(f"{root}/out").to_pylist() == local_rows
+    assert [r["id"] for r in local_rows] == [f"s{i}" for i in range(len(PROMPTS))]
+    assert all(r["error"] is None and r["num_generated_tokens"] > 0 for r in local_rows)
+    # Every payload went through the bucket and was found there: none was recomputed.
+    assert metrics["kv_bytes_moved"] > 0 and metrics["kv_recomputed_rows"] == 0
+    fs = s3.fs()
+    names = _names(fs, f"{root}/out")
+    assert {n for n in names if n.startswith("part-")} == PARTS and "_SUCCESS" in names
+    assert json.loads(fs.cat(f"{root}/out/metrics.json"))["rows_out"] == len(PROMPTS)
+    assert fs.find(f"{root}/kv") == []  # the payload files go once their rows are committed
+
+
+@pytest.mark.slow
+def test_a_job_killed_on_s3_resumes_without_rewriting_its_committed_parts(s3: Bucket, local_rows):
+    """The command is killed (driver, Ray and workers) once a part is in the bucket, then run
+    again: every row once, the parts committed before the kill untouched, the payload files of
+    both runs gone."""
+    root = f"{s3.url}/crash"
+    command = [sys.executable, "-m", "jobs.generate", *_job(root)]
+    fs = s3.fs()
+    crashed = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not any(n.startswith("part-") for n in _names(fs, f"{root}/out")):
+        assert crashed.poll() is None, "the job ended before committing a part"
+        time.sleep(0.2)
+    os.killpg(crashed.pid, signal.SIGKILL)
+    crashed.wait()
+    # ETag and LastModified: a part written again, even with the same bytes, is a newer object.
+    committed = {p: (i["ETag"], i["LastModified"]) for p, i in fs.find(f"{root}/out", detail=True).items()
+                 if p.rsplit("/", 1)[-1].startswith("part-")}  # fmt: skip
+    assert "_SUCCESS" not in _names(fs, f"{root}/out")
+
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_output(f"{root}/out").to_pylist() == local_rows
+    after = fs.find(f"{root}/out", detail=True)
+    assert {p: (after[p]["ETag"], after[p]["LastModified"]) for p in committed} == committed
+    names = _names(fs, f"{root}/out")
+    assert {n for n in names if n.startswith("part-")} == PARTS and "_SUCCESS" in names
+    shards = json.loads(fs.cat(f"{root}/out/metrics.json"))["shards"]
+    assert shards["total"] == SHARDS and len(committed) <= shards["resumed"] <= SHARDS
+    assert fs.find(f"{root}/kv") == []
