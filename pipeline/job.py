@@ -1,27 +1,39 @@
 """Assembles the Ray Data graph for a mode and phase, and runs it:
 
-read shards -> tokenize -> prefill pool -> (KV payload column) -> decode pool -> detokenize -> commit shards
-read shards -> tokenize -> colocated pool ---------------------------------> detokenize -> commit shards
-phase=prefill: read shards -> tokenize -> prefill pool -> commit shards (a prefill dataset)
-phase=decode:  read shards (a prefill dataset) -> decode pool -> detokenize -> commit shards
+read shards -> tokenize -> prefill pool -> (KV payload column) -> decode pool -> detokenize -> write
+read shards -> tokenize -> colocated pool ---------------------------------> detokenize -> write
+phase=prefill: read shards -> tokenize -> prefill pool -> write (a prefill dataset)
+phase=decode:  read shards (a prefill dataset) -> decode pool -> detokenize -> write
 
-Shards already committed by an earlier run of the same job are not read again.
+The workers write the rows; the driver commits each shard once its rows are all written
+(pipeline/commit.py). Shards already committed by an earlier run of the same job are not read
+again.
 """
 import hashlib
 import json
 import logging
 import time
+from pathlib import PurePosixPath
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
-import pyarrow.compute as pc
+import fsspec
+import numpy as np
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy, ExecutionResources
 from tqdm import tqdm
 
-from pipeline.columns import GENERATED_TOKENS, KV_FILE, KV_PAYLOAD, PROMPT_TOKENS, STAGE_COLUMNS
+from pipeline.columns import (
+    GENERATED_TEXT,
+    KV_PAYLOAD,
+    NUM_GENERATED_TOKENS,
+    OUTPUT,
+    PROMPT_TOKENS,
+    STAGE_COLUMNS,
+)
+from pipeline.commit import ShardLedger
 from pipeline.cluster import alive_nodes, check_schedulable, demands, start_ray
 from pipeline.config import ClusterConfig, JobConfig, Mode, Phase, PoolConfig, Transport
 from pipeline.errors import JobError
@@ -29,14 +41,15 @@ from pipeline.job_report import write_report
 from pipeline.kv.transport import PayloadStore
 from pipeline.metrics import BatchPoint, ObjectStorePeak, processing_window, start_sink
 from pipeline.model import ResolvedModel, resolve_model
-from pipeline.output import OutputTarget, ShardCommitter
+from pipeline.output import OutputTarget, ShardStats
 from pipeline.placement import engine_pools, place_engines
-from pipeline.source import SHARD, PromptSource, Shard
+from pipeline.source import UNIT, PromptSource, Shard
 from pipeline.stages.colocated import Colocated
 from pipeline.stages.decode import Decode
 from pipeline.stages.detokenize import Detokenize
 from pipeline.stages.prefill import Prefill
 from pipeline.stages.tokenize import Tokenize
+from pipeline.stages.write import WriteFragments
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,7 @@ class Stage:
     actors: PoolConfig
     constructor: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
+    engine: bool = False  # a vLLM pool: fed blocks of one engine batch
 
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         return ds.map_batches(
@@ -78,7 +92,7 @@ def plan(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str, st
     def engine(name: str, fn: type) -> Stage:
         constructor = dict(model=model, engine=cfg.engine, sampling=cfg.sampling, kv=cfg.kv, store=store,
                            pool=getattr(pools, name), placement=placements[name], sink_name=sink)  # fmt: skip
-        return Stage(name, fn, getattr(pools, name), constructor, placements[name].env())
+        return Stage(name, fn, getattr(pools, name), constructor, placements[name].env(), engine=True)
 
     tokenize = Stage("tokenize", Tokenize, pools.tokenize,
                      dict(model=model, input=cfg.input, max_tokens=cfg.sampling.max_tokens, sink_name=sink))  # fmt: skip
@@ -93,7 +107,10 @@ def plan(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str, st
     return [tokenize, engine("prefill", Prefill), engine("decode", Decode), detokenize]
 
 
-def build(source: PromptSource, shards: list[Shard], stages: list[Stage], cluster: ClusterConfig) -> ray.data.Dataset:
+def build(source: PromptSource, shards: list[Shard], stages: list[Stage], output: OutputTarget,
+          cluster: ClusterConfig, sink_name: str) -> ray.data.Dataset:  # fmt: skip
+    """The rows of `shards` through `stages`, written as fragments by the workers: the dataset's
+    own rows are the fragments' names and row numbers."""
     # The process's context: set for every job, so that no job inherits an earlier one's limits.
     context = ray.data.DataContext.get_current()
     budget = cluster.object_store_budget_gib
@@ -101,29 +118,38 @@ def build(source: PromptSource, shards: list[Shard], stages: list[Stage], cluste
         object_store_memory=budget * 2**30 if budget is not None else None
     )
     context.output_backpressure_guard_release_interval_s = cluster.backpressure_release_s
-    ds = ray.data.from_items([{SHARD: s.index} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(source.reader(shards), batch_size=1, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
-    # Ray Data holds a stage back only between tasks, and a task takes whole blocks: blocks no
-    # larger than the smallest batch keep every task one batch long, so a shard of thousands
-    # of rows does not become one prefill task that no budget can stop.
-    ds = ds.repartition(target_num_rows_per_block=min(s.actors.batch_size for s in stages))
+    reader = source.reader(shards, sink_name)
+    ds = ray.data.from_items([{UNIT: i} for i in reader.units], override_num_blocks=len(reader.units))
+    ds = ds.map_batches(reader, batch_size=1, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
+    engines = [s for s in stages if s.engine]
     for stage in stages:
+        if engines and stage is engines[0]:
+            # Ray Data holds a stage back only between tasks, and a task takes whole blocks:
+            # blocks of one engine batch keep every engine task one batch long, so a large block
+            # does not become one prefill task that no object-store budget can stop. Reading,
+            # tokenizing and writing keep large blocks: per-block overhead is most of their cost.
+            ds = ds.repartition(target_num_rows_per_block=min(s.actors.batch_size for s in engines))
         ds = stage.apply(ds)
-    return ds
+    starts = np.array([s.first_row for s in shards], np.int64)
+    writer = WriteFragments(output.fragments(), starts, np.array([s.index for s in shards], np.int64))
+    return ds.map_batches(writer, batch_size=None, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
 
 
-def commit(ds: ray.data.Dataset, output: OutputTarget, shards: list[Shard], on_commit=None) -> None:
-    """Streams the finished rows to the driver and commits each shard as it completes. The bar
-    shows rows committed of all, and output tokens/s since the pipeline started."""
-    committer = ShardCommitter(output, shards, on_commit)
-    tokens, started = 0, time.perf_counter()
-    with tqdm(total=sum(s.num_rows for s in shards), unit="row", desc="committed", dynamic_ncols=True) as progress:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            # Counted as rows arrive, not as their shard commits, so the rate moves between commits.
-            tokens += pc.sum(pc.list_value_length(batch.column(GENERATED_TOKENS))).as_py() or 0
-            progress.set_postfix_str(f"{tokens / (time.perf_counter() - started):.1f} output tok/s", refresh=False)
-            progress.update(committer.add(batch))
-    committer.check_complete()
+def commit(ds: ray.data.Dataset, ledger: ShardLedger, total_rows: int) -> None:
+    """Has each shard committed once the workers have written all its rows; only fragment names
+    and row numbers reach the driver. The bar shows rows committed of all, and output tokens/s
+    since the pipeline started."""
+    started = time.perf_counter()
+    with tqdm(total=total_rows, unit="row", desc="committed", dynamic_ncols=True) as progress:
+        for fragments in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            ledger.add(fragments)
+            # Tokens counted as rows are written, not as their shard commits, so the rate moves between commits.
+            rate = ledger.output_tokens / (time.perf_counter() - started)
+            progress.set_postfix_str(f"{rate:.1f} output tok/s", refresh=False)
+            progress.update(ledger.committed())
+        progress.update(ledger.committed(wait=True))
+    if ledger.missing():
+        raise JobError(f"the pipeline ended without every row of shards {ledger.missing()}; rerun to finish them")
 
 
 def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict:
@@ -134,8 +160,11 @@ def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict
         "input": source.fingerprint(),
         "prompts": {k: v for k, v in asdict(cfg.input).items() if k != "path"},
         "model": model.fingerprint,
+        "model_dtype": cfg.model.dtype,
+        "max_model_len": cfg.model.max_model_len,
         "sampling": asdict(cfg.sampling),
         "kv_codec": cfg.kv.codec.value,
+        "kv_on_load_failure": cfg.kv.on_load_failure.value,
         "shard_rows": cfg.output.shard_rows,
     }
     return json.loads(json.dumps(job))  # as the manifest will read back
@@ -143,52 +172,77 @@ def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict
 
 def run(cfg: JobConfig) -> dict:
     """Runs one job to completion (or finishes a crashed run of it); returns the metrics also
-    written to metrics.json, beside report.md and report.png."""
+    written to metrics.json, beside report.md and report.png. Every check comes before the
+    output is touched."""
     started, started_at = time.perf_counter(), time.time()
     if cfg.phase is not Phase.generate and cfg.mode is Mode.colocated:
         raise JobError(f"a {cfg.phase.value} job is one half of mode=disaggregated, not of mode=colocated")
     if cfg.kv.transport is Transport.storage and not cfg.kv.storage_path:
         raise JobError("kv.transport=storage needs kv.storage_path (an fsspec URL every worker can reach)")
     check_tensor_parallel(cfg)
-    source = PromptSource(cfg.input, cfg.output.shard_rows, _needs(cfg))
+    check_apart(cfg.input.path, cfg.output.path)
+    source = PromptSource(cfg.input, cfg.output.shard_rows, _needs(cfg), _reserved(cfg))
     model = resolve_model(cfg.model)
     job = identity(cfg, source, model)
     output = OutputTarget(cfg.output, job)
-    done = output.prepare()
-    todo = [s for s in source.shards if s.index not in done]
+    done = output.inspect()
     store = PayloadStore(cfg.kv.storage_path, _digest(job)) if cfg.kv.storage_path else None
-    stage_metrics, timeline, peak, nodes, clock_zero = {}, [], ObjectStorePeak(), [], started_at
-    if todo:
-        local = start_ray(cfg.cluster)
-        nodes = alive_nodes()
-        sink_name, sink = start_sink()
-        try:
+    stage_metrics, timeline, counts, peak, nodes, clock_zero = {}, [], {}, ObjectStorePeak(), [], started_at
+    late, local, sink = 0, None, None
+    try:
+        if len(done) < len(source.shards):
+            local = start_ray(cfg.cluster)
+            nodes = alive_nodes()
+            sink_name, sink = start_sink()
             carried = [c for c in source.schema.names if c not in STAGE_COLUMNS]
             graph = plan(cfg, model, carried, sink_name, store)
             check_schedulable(demands({s.name: s.actors for s in graph}, cfg.cluster.io_num_cpus), nodes)
-            # A payload file goes once its row is committed (in a prefill dataset, it is kept).
-            removes = store and not cfg.kv.keep_files and cfg.phase is not Phase.prefill
-            on_commit = partial(_remove_payload_files, store) if removes else None
-            with peak:
-                commit(build(source, todo, graph, cfg.cluster), output, todo, on_commit)
-            stage_metrics, timeline, clock_zero = ray.get(
-                [sink.stages.remote(), sink.timeline.remote(), sink.started.remote()]
-            )
-        finally:
+        lease, done = output.claim()
+        with lease:
+            todo = [s for s in source.shards if s.index not in done]
+            ledger = None
+            if todo:
+                # A payload file goes once its row is committed (in a prefill dataset, it is kept).
+                removes = store if not cfg.kv.keep_files and cfg.phase is not Phase.prefill else None
+                ledger = ShardLedger(output, todo, removes, cfg.cluster.io_num_cpus)
+                with peak:
+                    commit(build(source, todo, graph, output, cfg.cluster, sink_name), ledger, sum(s.num_rows for s in todo))
+                stage_metrics, timeline, counts, clock_zero = ray.get(
+                    [sink.stages.remote(), sink.timeline.remote(), sink.counts.remote(), sink.started.remote()]
+                )
+            if store and not cfg.kv.keep_files and cfg.phase is Phase.generate:
+                store.remove_job()
+            written = output.resumed + ledger.stats if ledger else output.resumed
+            if written.rows != source.num_rows:
+                raise JobError(f"the output holds {written.rows} rows of the input's {source.num_rows}; rerun to finish")
+            shards = {"total": len(source.shards), "resumed": len(done)}
+            metrics = summarize(cfg, source.num_rows, written, stage_metrics, shards, time.perf_counter() - started)
+            metrics.update(_window(timeline, list(engine_pools(cfg)), clock_zero - started_at))
+            metrics["input_rows_decoded"] = counts.get("input_rows_decoded", 0)
+            metrics["late_duplicate_rows"] = ledger.late_duplicate_rows if ledger else 0
+            metrics["object_store_peak_bytes"] = peak.bytes
+            metrics["nodes"] = {node.id: node.resources for node in nodes}  # where stages.*.per_worker ran
+            write_report(output, metrics, timeline)  # before finish: _SUCCESS stays the last file written
+            output.finish(metrics)
+    finally:
+        if sink:
             ray.kill(sink)
-            if local:  # a test cluster of this job's own: its nodes go with it
-                ray.shutdown()
-                local.shutdown()
-    if store and not cfg.kv.keep_files and cfg.phase is Phase.generate:
-        store.remove_job()
-    shards = {"total": len(source.shards), "resumed": len(done)}
-    metrics = summarize(cfg, source.num_rows, output.count(), stage_metrics, shards, time.perf_counter() - started)
-    metrics.update(_window(timeline, list(engine_pools(cfg)), clock_zero - started_at))
-    metrics["object_store_peak_bytes"] = peak.bytes
-    metrics["nodes"] = {node.id: node.resources for node in nodes}  # where stages.*.per_worker ran
-    write_report(output, metrics, timeline)  # before finish: _SUCCESS stays the last file written
-    output.finish(metrics)
+        if local:  # a test cluster of this job's own: its nodes go with it
+            ray.shutdown()
+            local.shutdown()
     return metrics
+
+
+def check_apart(input_url: str, output_url: str) -> None:
+    """The output must be neither the input, nor inside it (a rerun would read it back as rows),
+    nor around it (overwriting would remove it)."""
+    fs_in, path_in = fsspec.core.url_to_fs(input_url)
+    fs_out, path_out = fsspec.core.url_to_fs(output_url)
+    if fs_in.protocol != fs_out.protocol:
+        return
+    a, b = PurePosixPath(path_in.rstrip("/")), PurePosixPath(path_out.rstrip("/"))
+    if a == b or a in b.parents or b in a.parents:
+        raise JobError(f"output.path {output_url} and input.path {input_url} overlap; write the output elsewhere")
 
 
 def check_tensor_parallel(cfg: JobConfig) -> None:
@@ -225,16 +279,20 @@ def _needs(cfg: JobConfig) -> tuple[str, ...]:
     return (PROMPT_TOKENS, KV_PAYLOAD) if cfg.phase is Phase.decode else (cfg.input.prompt_column,)
 
 
+def _reserved(cfg: JobConfig) -> tuple[str, ...]:
+    """Column names the job writes, which input columns must not take: the output contract's
+    (but the id column, carried as `id`), and for a prompt dataset the columns stages add (a
+    prefill dataset has those already)."""
+    written = OUTPUT if cfg.phase is not Phase.decode else (GENERATED_TEXT, NUM_GENERATED_TOKENS)
+    names = written + (STAGE_COLUMNS if cfg.phase is not Phase.decode else ())
+    return tuple(n for n in names if n != cfg.input.id_column)
+
+
 def _digest(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _remove_payload_files(store: PayloadStore, rows) -> None:
-    if KV_FILE in rows.column_names:
-        store.remove(rows.column(KV_FILE).to_pylist())
-
-
-def summarize(cfg: JobConfig, rows_in: int, written: dict, stages: dict, shards: dict, wall: float) -> dict:
+def summarize(cfg: JobConfig, rows_in: int, written: ShardStats, stages: dict, shards: dict, wall: float) -> dict:
     moved = stages.get("decode", stages.get("prefill", {}))
     kv_bytes, kv_tokens = moved.get("kv_bytes", 0), moved.get("kv_tokens", 0)
     handoff = sum(s.get("kv_handoff_seconds", 0.0) for s in stages.values())
@@ -244,10 +302,14 @@ def summarize(cfg: JobConfig, rows_in: int, written: dict, stages: dict, shards:
         "phase": cfg.phase.value,
         "model": cfg.model.name,
         "rows_in": rows_in,
-        **written,
+        "rows_out": written.rows,
+        "rows_errored": written.rows_errored,
+        "errors": written.errors,
+        "input_tokens": written.input_tokens,
+        "output_tokens": written.output_tokens,
         "shards": shards,
         "wall_seconds": round(wall, 3),
-        "output_tokens_per_second": round(written["output_tokens"] / wall, 2),
+        "output_tokens_per_second": round(written.output_tokens / wall, 2),
         "stages": {
             name: {"busy_seconds": s["busy_seconds"], "rows": s["rows"], "input_tokens": s["input_tokens"],
                    "output_tokens": s["output_tokens"], "kv_handoff_seconds": s.get("kv_handoff_seconds", 0.0),

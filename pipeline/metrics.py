@@ -54,6 +54,14 @@ class StageTally:
         self._stages: dict[str, dict] = defaultdict(lambda: defaultdict(float))
         self._workers: dict[str, dict[str, dict]] = defaultdict(dict)
         self._timeline: list[BatchPoint] = []
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def count(self, name: str, value: int) -> None:
+        """Adds to a job-wide count kept outside any stage (e.g. input rows decoded)."""
+        self._counts[name] += value
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
 
     def join(self, stage: str, worker: str, node: str, cores: list[int]) -> None:
         self._workers[stage][worker] = {"node": node, "cores": cores, **dict.fromkeys(WORKER_TOTALS, 0)}

@@ -1,45 +1,87 @@
 """The output directory: one Parquet file per input shard, each committed whole (written aside,
-then moved into place), so a crash leaves only complete shards behind and a rerun of the same
-job finishes the rest. A manifest names the job that owns the directory; metrics.json, the
-report and the _SUCCESS marker are written last.
+then moved into place) by a worker once its rows are all written, so a crash leaves only
+complete shards behind and a rerun of the same job finishes the rest. A manifest names the job
+that owns the directory; a lease names the run that holds it now; metrics.json, the report and
+the _SUCCESS marker are written last.
 
     out/_kvrelay_job.json   the job's identity (input files, model, sampling, shard size)
+    out/_kvrelay_lease.json the run writing here now (pipeline/lease.py)
+    out/_fragments/         rows written by the workers, until their shard is committed
     out/part-000000.parquet ...
     out/report.md           for a person: pools, bottleneck, errors, KV; and the plot beside it,
     out/report.png          rows through each stage and output tokens/s over time
     out/metrics.json
     out/_SUCCESS
+
+Everything is checked before anything is written (`inspect`); `claim` then takes the lease
+and clears what a crashed or overwritten run of a kvrelay job left. Overwriting removes only
+files a kvrelay job writes, never anything else under the path.
 """
 import json
 import logging
+import re
 import uuid
-from typing import Callable
+from collections import Counter
+from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.columns import ERROR, GENERATED_TOKENS, INTERNAL, NUM_INPUT_TOKENS, ROW, error_kinds
+from pipeline.columns import ERROR, GENERATED_TOKENS, NUM_INPUT_TOKENS, error_kinds
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
-from pipeline.io import METRICS, REPORT, REPORT_PLOT, filesystem, read_output
-from pipeline.source import Shard
+from pipeline.io import METRICS, REPORT, REPORT_PLOT, filesystem
+from pipeline.lease import LEASE, OutputLease
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_kvrelay_job.json"
 SUCCESS = "_SUCCESS"
-_IN_FLIGHT = "_tmp."
+FRAGMENTS = "_fragments"
+IN_FLIGHT = "_tmp."
+STATS_KEY = b"kvrelay.shard"  # a part's counts, in its Parquet footer
+_PART = re.compile(r"part-(\d{6,})\.parquet")
+# What a kvrelay job writes at the top of its output, besides its parts.
+_OWN = (MANIFEST, LEASE, FRAGMENTS, SUCCESS, METRICS, REPORT, REPORT_PLOT)
 
 
 def part_name(shard: int) -> str:
     return f"part-{shard:06d}.parquet"
 
 
-def shard_of(part: str) -> int:
-    """The shard a committed file holds: the inverse of part_name."""
-    return int(part.removeprefix("part-").removesuffix(".parquet"))
+def shard_of(part: str) -> int | None:
+    """The shard a committed file holds (the inverse of part_name); None for any other name."""
+    match = _PART.fullmatch(part)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class ShardStats:
+    """Counts of one committed shard: written into its part's footer, so a rerun's totals
+    cover the shards an earlier run committed without reading their rows."""
+
+    rows: int = 0
+    rows_errored: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @classmethod
+    def of(cls, table: pa.Table) -> "ShardStats":
+        return cls(
+            rows=table.num_rows,
+            rows_errored=table.num_rows - table.column(ERROR).null_count,
+            errors=error_kinds(table.column(ERROR)),
+            input_tokens=int(pc.sum(table.column(NUM_INPUT_TOKENS)).as_py() or 0),
+            output_tokens=int(pc.sum(pc.list_value_length(table.column(GENERATED_TOKENS))).as_py() or 0),
+        )
+
+    def __add__(self, other: "ShardStats") -> "ShardStats":
+        errors = Counter(self.errors)
+        errors.update(other.errors)
+        return ShardStats(self.rows + other.rows, self.rows_errored + other.rows_errored, dict(errors),
+                          self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens)  # fmt: skip
 
 
 class OutputTarget:
@@ -48,97 +90,105 @@ class OutputTarget:
         self.overwrite = cfg.overwrite
         self.job = job
         self.fs, self.arrow_fs, self.root = filesystem(cfg.path)
+        self._names: dict[str, str] = {}
+        self.resumed = ShardStats()  # the counts of the shards an earlier run committed
 
-    def prepare(self) -> set[int]:
-        """Claims the directory for this job; returns the shards already committed to it by an
-        earlier run of the same job."""
-        names = {p.rsplit("/", 1)[-1]: p for p in self.fs.ls(self.root)} if self.fs.isdir(self.root) else {}
-        if names and self.overwrite:
-            self.fs.rm(self.root, recursive=True)
-            names = {}
-        if not names:
-            self.fs.makedirs(self.root, exist_ok=True)
-            with self.fs.open(f"{self.root}/{MANIFEST}", "w") as f:
-                json.dump(self.job, f, indent=2)
+    def inspect(self) -> set[int]:
+        """Checks the directory may take this job, touching nothing; returns the shards already
+        committed to it by an earlier run of the same job (none when it will be overwritten)."""
+        listing = self.fs.ls(self.root) if self.fs.isdir(self.root) else []
+        self._names = {name: p for p in listing if (name := p.rstrip("/").rsplit("/", 1)[-1]) != LEASE}
+        if not self._names:
             return set()
-        if MANIFEST not in names:
-            raise JobError(f"output.path {self.url} holds other data; use an empty path or output.overwrite=true")
-        with self.fs.open(names[MANIFEST]) as f:
-            owner = json.load(f)
+        if MANIFEST not in self._names:
+            raise JobError(
+                f"output.path {self.url} holds other data, not a kvrelay job's output; use an empty path "
+                "(output.overwrite=true replaces only a kvrelay job's output)"
+            )
+        strays = [n for n in self._names if n.startswith("part-") and shard_of(n) is None]
+        if strays:
+            raise JobError(f"output.path {self.url} holds {', '.join(sorted(strays))}, which no kvrelay job writes; "
+                           "move it away and rerun")  # fmt: skip
+        if self.overwrite:
+            return set()
+        try:
+            with self.fs.open(self._names[MANIFEST]) as f:
+                owner = json.load(f)
+        except ValueError:
+            raise JobError(f"output.path {self.url} has a damaged {MANIFEST}; use output.overwrite=true") from None
         if owner != self.job:
-            changed = ", ".join(k for k in self.job if owner.get(k) != self.job[k])
+            changed = ", ".join(k for k in self.job if owner.get(k) != self.job[k]) or "format"
             raise JobError(
                 f"output.path {self.url} holds the output of a different job (differs in: {changed}); "
                 "use another path or output.overwrite=true"
             )
-        for name, path in names.items():
-            if name.startswith(_IN_FLIGHT) or name in (SUCCESS, METRICS, REPORT, REPORT_PLOT):
-                self.fs.rm(path)
-        done = {shard_of(n) for n in names if n.startswith("part-")}
+        done = {s for s in map(shard_of, self._names) if s is not None}
+        self.resumed = self.stats(done)  # reads every committed part's footer: a damaged one stops here
         if done:
             log.info("resuming %s: %d shards already committed", self.url, len(done))
         return done
 
-    def commit(self, shard: int, table: pa.Table) -> None:
-        final = f"{self.root}/{part_name(shard)}"
-        aside = f"{self.root}/{_IN_FLIGHT}{uuid.uuid4().hex}.{part_name(shard)}"
-        with self.fs.open(aside, "wb") as f:
-            pq.write_table(table, f)
-        self.fs.mv(aside, final)
+    def claim(self) -> tuple[OutputLease, set[int]]:
+        """Takes the directory for this run (a second run stops here) and clears what an earlier
+        run left: with overwrite, all a kvrelay job writes; otherwise what was in flight and the
+        files written after the rows. Returns the lease, held until the caller exits it, and the
+        shards committed already."""
+        lease = OutputLease(self.fs, self.root, self.url).__enter__()
+        try:
+            done = self.inspect()  # again, now that no other run can change the directory
+            for name, path in self._names.items():
+                ours = name in _OWN or name.startswith(IN_FLIGHT) or shard_of(name) is not None
+                resumable = name == MANIFEST or shard_of(name) is not None
+                if ours and (self.overwrite or not resumable):
+                    self.fs.rm(path, recursive=True)
+            left = [n for n in self._names if not (n in _OWN or n.startswith(IN_FLIGHT) or shard_of(n) is not None)]
+            if left:
+                log.warning("output.path %s also holds files kvrelay did not write, left as they are: %s",
+                            self.url, ", ".join(sorted(left)))  # fmt: skip
+            self.fs.makedirs(self.root, exist_ok=True)
+            with self.fs.open(f"{self.root}/{MANIFEST}", "w") as f:
+                json.dump(self.job, f, indent=2)
+        except BaseException:
+            lease.__exit__(None, None, None)
+            raise
+        return lease, done
 
-    def count(self) -> dict:
-        """Rows, tokens and errors by kind, read back from the committed output itself."""
-        table = read_output(self.url, [ERROR, NUM_INPUT_TOKENS, GENERATED_TOKENS])
-        return {
-            "rows_out": table.num_rows,
-            "rows_errored": table.num_rows - table.column(ERROR).null_count,
-            "errors": error_kinds(table.column(ERROR)),
-            "input_tokens": int(pc.sum(table.column(NUM_INPUT_TOKENS)).as_py() or 0),
-            "output_tokens": int(pc.sum(pc.list_value_length(table.column(GENERATED_TOKENS))).as_py() or 0),
-        }
+    def part(self, shard: int) -> str:
+        return f"{self.root}/{part_name(shard)}"
+
+    def stats(self, shards: set[int]) -> ShardStats:
+        """The counts of committed shards, read from their parts' footers."""
+        total = ShardStats()
+        for shard in sorted(shards):
+            total += read_stats(self.arrow_fs, self.part(shard))
+        return total
+
+    def fragments(self) -> str:
+        return f"{self.root}/{FRAGMENTS}"
 
     def finish(self, metrics: dict) -> None:
+        if self.fs.exists(self.fragments()):  # late duplicates, a killed writer's leftovers
+            self.fs.rm(self.fragments(), recursive=True)
         with self.fs.open(f"{self.root}/{METRICS}", "w") as f:
             json.dump(metrics, f, indent=2)
         with self.fs.open(f"{self.root}/{SUCCESS}", "w"):
             pass
 
 
-class ShardCommitter:
-    """Collects the pipeline's rows per shard, in whatever order they arrive, and commits a
-    shard once every one of its rows is in: each row exactly once, in input order."""
+def write_part(arrow_fs, path: str, table: pa.Table, stats: ShardStats) -> None:
+    """Writes a shard's rows aside, then moves them into place: a reader never sees half a part."""
+    directory, name = path.rsplit("/", 1)
+    aside = f"{directory}/{IN_FLIGHT}{uuid.uuid4().hex}.{name}"
+    metadata = {**(table.schema.metadata or {}), STATS_KEY: json.dumps(stats.__dict__).encode()}
+    pq.write_table(table.replace_schema_metadata(metadata), aside, filesystem=arrow_fs)
+    arrow_fs.move(aside, path)
 
-    def __init__(self, output: OutputTarget, shards: list[Shard], on_commit: Callable[[pa.Table], None] | None = None):
-        self.output = output
-        self.on_commit = on_commit  # called with each committed shard's rows, internal columns included
-        self.shards = {s.first_row: s for s in shards}
-        self.starts = np.array(sorted(self.shards), dtype=np.int64)
-        self.pending: dict[int, list[pa.Table]] = {}
 
-    def add(self, batch: pa.Table) -> int:
-        """Buffers a batch; returns the rows committed by it."""
-        rows = batch.column(ROW).to_numpy()
-        owners = self.starts[np.searchsorted(self.starts, rows, side="right") - 1]
-        committed = 0
-        for start in np.unique(owners):
-            self.pending.setdefault(int(start), []).append(batch.filter(pa.array(owners == start)))
-            committed += self._commit_if_complete(self.shards[int(start)])
-        return committed
-
-    def _commit_if_complete(self, shard: Shard) -> int:
-        table = pa.concat_tables(self.pending[shard.first_row])
-        rows, first = np.unique(table.column(ROW).to_numpy(), return_index=True)
-        if len(rows) < shard.num_rows:
-            return 0
-        # A batch redone after a worker died may arrive twice; keep one copy of each row.
-        table = table.take(pa.array(first))
-        self.output.commit(shard.index, table.drop_columns([c for c in table.column_names if c.startswith(INTERNAL)]))
-        if self.on_commit:
-            self.on_commit(table)
-        del self.pending[shard.first_row]
-        return shard.num_rows
-
-    def check_complete(self) -> None:
-        if self.pending:
-            missing = sorted(self.shards[s].index for s in self.pending)
-            raise JobError(f"the pipeline ended without every row of shards {missing}; rerun to finish them")
+def read_stats(arrow_fs, path: str) -> ShardStats:
+    try:
+        metadata = pq.read_metadata(path, filesystem=arrow_fs).metadata or {}
+    except (pa.ArrowException, OSError) as error:
+        raise JobError(f"{path} is damaged ({error}); remove it and rerun to compute its shard again") from None
+    if STATS_KEY not in metadata:
+        raise JobError(f"{path} is not a part kvrelay committed (its footer has no counts); remove it and rerun")
+    return ShardStats(**json.loads(metadata[STATS_KEY]))

@@ -6,6 +6,7 @@ worker starts: the path, the Parquet files, the prompt column, empty input."""
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -13,14 +14,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs
 import pyarrow.parquet as pq
+import ray
 
-from pipeline.columns import ERROR, ROW, row_error
+from pipeline.columns import ERROR, INTERNAL, ROW, row_error
 from pipeline.config import DuplicateIds, InputConfig
 from pipeline.errors import JobError
 from pipeline.io import NOT_ROWS, filesystem
 
 
-SHARD = "shard"
+UNIT = "unit"
+# Rows decoded at a time: a row group of any size is streamed, not held whole.
+_READ_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -43,30 +47,56 @@ class InputFile:
     path: str
     size: int
     num_rows: int
+    row_groups: tuple[int, ...]  # rows in each row group
+    # What changes when the file is rewritten, even at the same size: the store's version
+    # (ETag, modification time) and a digest of the Parquet footer (its column statistics).
+    version: str
+    footer: str
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """Shards of one file read by one task, so that every row group they touch is decoded once
+    however many shards it holds (a 1M-row group read per 1000-row shard is read 1000 times)."""
+
+    path: str
+    groups: tuple[int, ...]
+    start: int  # the file row where the first of `groups` starts
+    shards: tuple[Shard, ...]
 
 
 class PromptSource:
-    def __init__(self, cfg: InputConfig, shard_rows: int, needs: tuple[str, ...]):
-        """`needs`: the columns the job reads (the prompt, or a prefill dataset's)."""
+    def __init__(self, cfg: InputConfig, shard_rows: int, needs: tuple[str, ...], reserved: tuple[str, ...] = ()):
+        """`needs`: the columns the job reads (the prompt, or a prefill dataset's); `reserved`:
+        names the job writes, which an input column must not have."""
         self.cfg = cfg
-        self.fs, self.arrow_fs, root = filesystem(cfg.path)
-        if not self.fs.exists(root):
+        self.fs, self.arrow_fs, self.root = filesystem(cfg.path)
+        if not self.fs.exists(self.root):
             raise JobError(f"input.path {cfg.path} does not exist")
-        self.files, self.schema = self._inspect(root)
+        self.files, self.schema = self._inspect(self.root)
         self.num_rows = sum(f.num_rows for f in self.files)
         if self.num_rows == 0:
             raise JobError(f"input.path {cfg.path} has no rows")
         for column in needs:
             if column not in self.schema.names:
                 raise JobError(f"input has no column '{column}' (columns: {', '.join(self.schema.names)})")
+        clashes = [c for c in self.schema.names if c in reserved or c.startswith(INTERNAL)]
+        if clashes:
+            raise JobError(
+                f"input column(s) {', '.join(clashes)} would clash with the job's own columns; rename them in the "
+                "input (or pick another input.id_column)"
+            )
         self.has_ids = cfg.id_column in self.schema.names
         self.shards = self._cut(shard_rows, self._bad_ids() if self.has_ids else {})
 
     def _inspect(self, root: str) -> tuple[list[InputFile], pa.Schema]:
-        paths = sorted(
-            p for p in (self.fs.find(root) if self.fs.isdir(root) else [root])
-            if not p.rsplit("/", 1)[-1].startswith(NOT_ROWS)
-        )  # fmt: skip
+        if self.fs.isdir(root):
+            # Hidden and underscore entries at any depth are not data (.ipynb_checkpoints/, _tmp/,
+            # _SUCCESS), as Spark and pyarrow read a directory.
+            found = self.fs.find(root)
+            paths = sorted(p for p in found if not _skipped(p.removeprefix(root).strip("/").split("/")))
+        else:
+            paths = [root]
         if not paths:
             raise JobError(f"input.path {self.cfg.path} holds no files")
         files, schema = [], None
@@ -79,7 +109,11 @@ class PromptSource:
             if schema is not None and not file_schema.equals(schema):
                 raise JobError(f"input file {path} has a different schema from {paths[0]}")
             schema = file_schema
-            files.append(InputFile(path, self.fs.size(path), meta.num_rows))
+            info = self.fs.info(path)
+            version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+            footer = hashlib.sha256(json.dumps(meta.to_dict(), default=str).encode()).hexdigest()[:16]
+            groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+            files.append(InputFile(path, info["size"], meta.num_rows, groups, str(version), footer))
         return files, schema
 
     def _bad_ids(self) -> dict[int, str]:
@@ -108,44 +142,79 @@ class PromptSource:
         return shards
 
     def fingerprint(self) -> dict:
-        """What identifies this input for resuming: the files, their sizes and row counts."""
-        files = [asdict(f) for f in self.files]
+        """What identifies this input for resuming: the files, their sizes, row counts, versions
+        and footers."""
+        files = [{k: v for k, v in asdict(f).items() if k != "row_groups"} for f in self.files]
         return {"files": files, "digest": hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]}
 
-    def reader(self, shards: list[Shard]) -> "ShardReader":
-        return ShardReader(self.arrow_fs, self.cfg.id_column, self.has_ids, {s.index: s for s in shards})
+    def units(self, shards: list[Shard]) -> list[ReadUnit]:
+        """`shards` (in input order) grouped so that shards sharing a row group are read together."""
+        groups = {f.path: np.cumsum((0,) + f.row_groups) for f in self.files}  # each group's first row
+        units: list[ReadUnit] = []
+        for shard in shards:
+            bounds = groups[shard.path]
+            first = int(np.searchsorted(bounds, shard.start, side="right")) - 1
+            last = int(np.searchsorted(bounds, shard.stop, side="left")) - 1
+            unit = units[-1] if units else None
+            if unit and unit.path == shard.path and first <= unit.groups[-1]:
+                groups_ = unit.groups + tuple(range(unit.groups[-1] + 1, last + 1))
+                units[-1] = ReadUnit(unit.path, groups_, unit.start, unit.shards + (shard,))
+            else:
+                units.append(ReadUnit(shard.path, tuple(range(first, last + 1)), int(bounds[first]), (shard,)))
+        return units
+
+    def reader(self, shards: list[Shard], sink_name: str | None = None) -> "ShardReader":
+        units = self.units(shards)
+        return ShardReader(self.arrow_fs, self.cfg.id_column, self.has_ids, dict(enumerate(units)), sink_name)
+
+
+def _skipped(parts: list[str]) -> bool:
+    return any(part.startswith(NOT_ROWS) for part in parts)
 
 
 @dataclass(frozen=True)
 class ShardReader:
-    """Runs in Ray read tasks, fed batches of shard numbers: each shard's rows with their
-    job-wide row number, id and known errors."""
+    """Runs in Ray read tasks, fed batches of read-unit numbers: each shard's rows with their
+    job-wide row number, id and known errors, one table per shard."""
 
     filesystem: pyarrow.fs.FileSystem
     id_column: str
     has_ids: bool
-    shards: dict[int, Shard]
+    units: dict[int, ReadUnit]
+    sink_name: str | None = None  # where to count the rows decoded
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.concat_tables([self.read(self.shards[i]) for i in batch.column(SHARD).to_pylist()])
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        for i in batch.column(UNIT).to_pylist():
+            yield from self.read(self.units[i])
 
-    def read(self, shard: Shard) -> pa.Table:
-        """Reads only the row groups that hold the shard."""
-        file = pq.ParquetFile(shard.path, filesystem=self.filesystem)
-        groups, offset, table_start = [], 0, None
-        for i in range(file.metadata.num_row_groups):
-            rows = file.metadata.row_group(i).num_rows
-            if offset < shard.stop and offset + rows > shard.start:
-                groups.append(i)
-                table_start = offset if table_start is None else table_start
-            offset += rows
-        table = file.read_row_groups(groups).slice(shard.start - table_start, shard.num_rows)
+    def read(self, unit: ReadUnit) -> Iterator[pa.Table]:
+        """Decodes the unit's row groups once, in order, stopping after its last shard."""
+        file = pq.ParquetFile(unit.path, filesystem=self.filesystem)
+        shards = iter(unit.shards)
+        shard, pieces, offset = next(shards), [], unit.start
+        for batch in file.iter_batches(batch_size=_READ_ROWS, row_groups=list(unit.groups)):
+            end = offset + batch.num_rows
+            while shard is not None and shard.start < end:
+                lo, hi = max(shard.start, offset), min(shard.stop, end)
+                if hi > lo:
+                    pieces.append(batch.slice(lo - offset, hi - lo))
+                if shard.stop > end:
+                    break
+                yield self._rows(shard, pa.Table.from_batches(pieces, file.schema_arrow))
+                shard, pieces = next(shards, None), []
+            offset = end
+            if shard is None:
+                break
+        if self.sink_name:
+            ray.get_actor(self.sink_name).count.remote("input_rows_decoded", offset - unit.start)
+
+    def _rows(self, shard: Shard, table: pa.Table) -> pa.Table:
         rows = np.arange(shard.first_row, shard.first_row + shard.num_rows, dtype=np.int64)
         table = table.append_column(ROW, pa.array(rows))
         if not self.has_ids:
             table = table.append_column(self.id_column, pa.array(rows))
         known = dict(shard.errors)
-        errors = pa.array([known.get(int(r)) for r in rows], pa.string())
+        errors = pa.array([known.get(int(r)) for r in rows], pa.string()) if known else pa.nulls(len(rows), pa.string())
         if ERROR in table.column_names:  # a prefill dataset: its rows' errors stand
             return table.set_column(table.schema.get_field_index(ERROR), ERROR, pc.coalesce(table[ERROR], errors))
         return table.append_column(ERROR, errors)

@@ -8,13 +8,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.columns import GENERATED_TOKENS, ROW, TOKEN_LIST
+from pipeline.commit import ShardLedger, commit_shard
 from pipeline.io import read_output
 from pipeline.job import commit
 from pipeline.job_report import output_rate, write_report
 from pipeline import metrics
 from pipeline.metrics import BatchPoint, BatchReport, StageTally
-from tests.test_output import SHARDS, rows, target
+from tests.test_output import SHARDS, claimed, rows, writer
 
 
 def stage(busy: float, rows: int, input_tokens: int, output_tokens: int, workers: int = 1, size: int = 0) -> dict:
@@ -51,9 +51,8 @@ TIMELINE = [
 
 @pytest.fixture
 def written(tmp_path):
-    out = target(tmp_path / "out")
-    out.prepare()
-    out.commit(0, rows(0, 1).drop_columns([ROW]))
+    out, _ = claimed(tmp_path / "out")
+    commit_shard(out.url, out.part(0), SHARDS[0], writer(out)(rows(0, 1, 2)).column("path").to_pylist(), None)
     write_report(out, METRICS, TIMELINE)
     return tmp_path / "out"
 
@@ -79,12 +78,11 @@ def test_plot_is_a_png(written):
 
 
 def test_report_files_are_not_read_as_rows(written):
-    assert read_output(str(written)).column("text").to_pylist() == ["t0", "t1"]
+    assert read_output(str(written)).column("text").to_pylist() == ["t0", "t1", "t2"]
 
 
 def test_a_run_that_resumed_everything_has_no_pools_and_no_plot(tmp_path):
-    out = target(tmp_path / "out")
-    out.prepare()
+    out, _ = claimed(tmp_path / "out")
     resumed = {**METRICS, "stages": {}, "errors": {}, "kv_bytes_moved": 0, "kv_bytes_per_prompt_token": None}
     write_report(out, resumed, [])
     report = (tmp_path / "out" / "report.md").read_text()
@@ -94,7 +92,7 @@ def test_a_run_that_resumed_everything_has_no_pools_and_no_plot(tmp_path):
 
 
 def test_a_rerun_withdraws_the_old_report(written):
-    target(written).prepare()
+    claimed(written)
     assert not (written / "report.md").exists() and not (written / "report.png").exists()
 
 
@@ -159,7 +157,7 @@ def test_tally_keeps_each_workers_node_and_share():
 
 
 class Batches:
-    """Stands in for the Ray dataset: the finished batches its iter_batches yields."""
+    """Stands in for the Ray dataset: the write stage's fragment rows its iter_batches yields."""
 
     def __init__(self, *batches: pa.Table):
         self.batches = batches
@@ -168,9 +166,8 @@ class Batches:
         return iter(self.batches)
 
 
-def test_progress_bar_shows_rows_committed_and_output_tokens_per_second(tmp_path, capsys):
-    out = target(tmp_path / "out")
-    out.prepare()
-    done = lambda *n: rows(*n).append_column(GENERATED_TOKENS, pa.array([[1, 2, 3]] * len(n), TOKEN_LIST))  # noqa: E731
-    commit(Batches(done(0, 1, 2), done(3, 4)), out, SHARDS)
+def test_progress_bar_shows_rows_committed_and_output_tokens_per_second(tmp_path, capsys, ray_cluster):
+    out, _ = claimed(tmp_path / "out")
+    write = writer(out)
+    commit(Batches(write(rows(0, 1, 2)), write(rows(3, 4))), ShardLedger(out, SHARDS, None, num_cpus=0.1), 5)
     assert re.search(r"committed: 100%.* 5/5 .*, [\d.]+ output tok/s\]", capsys.readouterr().err)

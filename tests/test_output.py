@@ -1,15 +1,27 @@
-"""The output side of 'every row exactly once': a shard is committed whole, once, in input
-order, whatever order and how many times its rows arrive; a rerun of the same job resumes, a
-different job is refused, and nothing looks complete before _SUCCESS."""
+"""The output side of 'every row exactly once': workers write fragments, a shard is committed
+whole, once, in input order, whatever order and how many times its rows arrive; a rerun of the
+same job resumes, a different job is refused, one run at a time holds the path, overwriting
+removes only what kvrelay wrote, and nothing looks complete before _SUCCESS."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from pipeline.columns import ERROR, ROW
+from pipeline.columns import ERROR, GENERATED_TOKENS, NUM_INPUT_TOKENS, ROW
+from pipeline.commit import ShardLedger, commit_shard
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
 from pipeline.io import read_output
-from pipeline.output import SUCCESS, OutputTarget, ShardCommitter, part_name
+from pipeline.lease import LEASE
+from pipeline.output import FRAGMENTS, MANIFEST, SUCCESS, OutputTarget, ShardStats, part_name, read_stats
 from pipeline.source import Shard
+from pipeline.stages.write import WriteFragments
 
 JOB = {"input": {"digest": "abc"}, "model": "m1", "sampling": {"max_tokens": 8}, "shard_rows": 3}
 SHARDS = [Shard(0, "in.parquet", 0, 3, 0), Shard(1, "in.parquet", 3, 5, 3)]
@@ -19,66 +31,152 @@ def target(path, job=JOB, overwrite=False) -> OutputTarget:
     return OutputTarget(OutputConfig(path=str(path), overwrite=overwrite), job)
 
 
-def rows(*numbers: int) -> pa.Table:
-    return pa.table({ROW: pa.array(numbers, pa.int64()), "text": [f"t{n}" for n in numbers],
-                     ERROR: pa.nulls(len(numbers), pa.string())})  # fmt: skip
+def claimed(path, **kwargs) -> tuple[OutputTarget, set[int]]:
+    """A target that has taken its directory, as a run does, and let go of it again."""
+    out = target(path, **kwargs)
+    out.inspect()
+    lease, done = out.claim()
+    lease.__exit__(None, None, None)
+    return out, done
 
 
-def test_shard_commits_once_complete_in_input_order_without_duplicates(tmp_path):
-    out = target(tmp_path / "out")
-    assert out.prepare() == set()
-    committer = ShardCommitter(out, SHARDS)
-    assert committer.add(rows(4, 1)) == 0
-    assert committer.add(rows(0, 3)) == 2  # shard 1 (rows 3, 4) is complete
-    assert committer.add(rows(1)) == 0  # a redone batch: row 1 again
+def rows(*numbers: int, errors: tuple = ()) -> pa.Table:
+    return pa.table({
+        ROW: pa.array(numbers, pa.int64()), "text": [f"t{n}" for n in numbers],
+        ERROR: pa.array([f"empty_prompt: {n}" if n in errors else None for n in numbers], pa.string()),
+        NUM_INPUT_TOKENS: pa.array([n + 1 for n in numbers], pa.int32()),
+        GENERATED_TOKENS: pa.array([[n] * n for n in numbers], pa.list_(pa.int32())),
+    })  # fmt: skip
+
+
+def writer(out: OutputTarget, shards=SHARDS) -> WriteFragments:
+    return WriteFragments(out.fragments(), np.array([s.first_row for s in shards]), np.array([s.index for s in shards]))
+
+
+def test_shard_commits_once_complete_in_input_order_without_duplicates(tmp_path, ray_cluster):
+    out, _ = claimed(tmp_path / "out")
+    write, ledger = writer(out), ShardLedger(out, SHARDS, None, num_cpus=0.1)
+    ledger.add(write(rows(4, 1)))  # one fragment for each shard
+    ledger.add(write(rows(0, 3)))  # shard 1 (rows 3, 4) is complete
+    assert ledger.committed(wait=True) == 2
+    ledger.add(write(rows(1)))  # a redone batch: row 1 again, before its shard commits
     assert not (tmp_path / "out" / part_name(0)).exists()
-    assert committer.add(rows(2)) == 3
-    committer.check_complete()
+    ledger.add(write(rows(2, errors=(2,))))
+    assert ledger.committed(wait=True) == 3 and ledger.missing() == []
+    ledger.add(write(rows(3)))  # after its shard committed: dropped and counted
+    assert ledger.late_duplicate_rows == 1
     table = read_output(str(tmp_path / "out"))
     assert table.column("text").to_pylist() == ["t0", "t1", "t2", "t3", "t4"]
     assert ROW not in table.column_names
+    assert ledger.stats == ShardStats(rows=5, rows_errored=1, errors={"empty_prompt": 1}, input_tokens=15, output_tokens=10)
+    assert read_stats(out.arrow_fs, out.part(1)) == ShardStats(rows=2, input_tokens=9, output_tokens=7)
+    assert list((tmp_path / "out" / FRAGMENTS).rglob("*.arrow")) == []  # committed or dropped, none left
 
 
-def test_incomplete_shards_fail_the_job(tmp_path):
-    out = target(tmp_path / "out")
-    out.prepare()
-    committer = ShardCommitter(out, SHARDS)
-    committer.add(rows(0, 1, 2, 3))
-    with pytest.raises(JobError, match=r"shards \[1\]"):
-        committer.check_complete()
+def test_incomplete_shards_are_reported(tmp_path, ray_cluster):
+    out, _ = claimed(tmp_path / "out")
+    ledger = ShardLedger(out, SHARDS, None, num_cpus=0.1)
+    ledger.add(writer(out)(rows(0, 1, 2, 3)))
+    ledger.committed(wait=True)
+    assert ledger.missing() == [1]
 
 
-def test_rerun_of_the_same_job_resumes_after_committed_shards(tmp_path):
-    out = target(tmp_path / "out")
-    out.prepare()
-    out.commit(1, rows(3, 4).drop_columns([ROW]))
+def test_a_retried_commit_finds_its_part_and_only_clears_up(tmp_path):
+    out, _ = claimed(tmp_path / "out")
+    fragments = writer(out)(rows(0, 1, 2)).column("path").to_pylist()
+    first = commit_shard(out.url, out.part(0), SHARDS[0], fragments, None)
+    again = commit_shard(out.url, out.part(0), SHARDS[0], fragments, None)
+    assert first == again and read_output(str(tmp_path / "out")).num_rows == 3
+
+
+def test_rerun_of_the_same_job_resumes_after_committed_shards(tmp_path, ray_cluster):
+    out, _ = claimed(tmp_path / "out")
+    ledger = ShardLedger(out, SHARDS, None, num_cpus=0.1)
+    ledger.add(writer(out)(rows(3, 4, 0)))
+    ledger.committed(wait=True)
     (tmp_path / "out" / "_tmp.abc.part-000000.parquet").write_bytes(b"half written")
-    assert target(tmp_path / "out").prepare() == {1}
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_kvrelay_job.json", part_name(1)]
+    rerun = target(tmp_path / "out")
+    assert rerun.inspect() == {1} and rerun.resumed.rows == 2
+    _, done = claimed(tmp_path / "out")
+    assert done == {1}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MANIFEST, part_name(1)]
 
 
 def test_a_different_job_is_refused_naming_what_differs(tmp_path):
-    target(tmp_path / "out").prepare()
+    claimed(tmp_path / "out")
     with pytest.raises(JobError, match=r"different job \(differs in: model, sampling\)"):
-        target(tmp_path / "out", {**JOB, "model": "m2", "sampling": {"max_tokens": 9}}).prepare()
-    assert target(tmp_path / "out", {**JOB, "model": "m2"}, overwrite=True).prepare() == set()
+        target(tmp_path / "out", {**JOB, "model": "m2", "sampling": {"max_tokens": 9}}).inspect()
+    assert target(tmp_path / "out", {**JOB, "model": "m2"}, overwrite=True).inspect() == set()
 
 
-def test_foreign_data_is_refused_unless_overwritten(tmp_path):
+def test_foreign_data_is_refused_even_with_overwrite_and_left_untouched(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.csv").write_text("x")
-    with pytest.raises(JobError, match="holds other data"):
-        target(tmp_path / "out").prepare()
-    target(tmp_path / "out", overwrite=True).prepare()
-    assert not (tmp_path / "out" / "precious.csv").exists()
+    for overwrite in (False, True):
+        with pytest.raises(JobError, match="holds other data"):
+            target(tmp_path / "out", overwrite=overwrite).inspect()
+    assert (tmp_path / "out" / "precious.csv").read_text() == "x"
+
+
+def test_overwrite_removes_only_what_kvrelay_wrote(tmp_path, ray_cluster):
+    out, _ = claimed(tmp_path / "out")
+    ledger = ShardLedger(out, SHARDS, None, num_cpus=0.1)
+    ledger.add(writer(out)(rows(0, 1, 2)))
+    ledger.committed(wait=True)
+    out.finish({"rows_out": 3})
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "out" / "_mine").mkdir()
+    again, done = claimed(tmp_path / "out", job={**JOB, "model": "m2"}, overwrite=True)
+    assert done == set()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["_mine", MANIFEST, "notes.txt"])
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["model"] == "m2"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "part-000001 (copy).parquet").write_bytes(b""), r"part-000001 \(copy\).parquet, which no kvrelay"),
+        (lambda d: (d / part_name(1)).write_bytes(b""), "is damaged"),
+        (lambda d: pq.write_table(pa.table({"a": [1]}), d / part_name(1)), "not a part kvrelay committed"),
+        (lambda d: (d / MANIFEST).write_text('{"input": {"dig'), f"damaged {MANIFEST}"),
+    ],
+    ids=["stray-copy", "zero-length-part", "foreign-part", "truncated-manifest"],
+)
+def test_a_damaged_output_is_refused_with_a_clear_message(tmp_path, damage, message):
+    claimed(tmp_path / "out")
+    damage(tmp_path / "out")
+    with pytest.raises(JobError, match=message):
+        target(tmp_path / "out").inspect()
 
 
 def test_success_marker_only_after_finish(tmp_path):
-    out = target(tmp_path / "out")
-    out.prepare()
-    out.commit(0, rows(0).drop_columns([ROW]))
+    out, _ = claimed(tmp_path / "out")
     assert not (tmp_path / "out" / SUCCESS).exists()
     out.finish({"rows_out": 1})
     assert (tmp_path / "out" / SUCCESS).exists() and (tmp_path / "out" / "metrics.json").exists()
-    assert target(tmp_path / "out").prepare() == {0}  # a rerun starts by withdrawing the marker
-    assert not (tmp_path / "out" / SUCCESS).exists()
+    _, done = claimed(tmp_path / "out")  # a rerun starts by withdrawing the marker
+    assert done == set() and not (tmp_path / "out" / SUCCESS).exists()
+
+
+def test_one_run_at_a_time_holds_the_path(tmp_path):
+    first = target(tmp_path / "out")
+    first.inspect()
+    lease, _ = first.claim()
+    second = target(tmp_path / "out", overwrite=True)
+    second.inspect()
+    with pytest.raises(JobError, match=rf"in use by another run \(host {os.uname().nodename}, pid {os.getpid()}"):
+        second.claim()
+    assert (tmp_path / "out" / MANIFEST).exists()  # the refused overwrite removed nothing
+    lease.__exit__(None, None, None)
+    assert not (tmp_path / "out" / LEASE).exists()
+    claimed(tmp_path / "out", overwrite=True)
+
+
+def test_a_crashed_runs_lease_is_taken_over(tmp_path):
+    claimed(tmp_path / "out")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = {"run": "x", "host": os.uname().nodename, "pid": int(dead.stdout), "started": 0, "heartbeat": time.time()}
+    (tmp_path / "out" / LEASE).write_text(json.dumps(holder))  # killed on this host: its process is gone
+    claimed(tmp_path / "out")
+    (tmp_path / "out" / LEASE).write_text(json.dumps({**holder, "host": "elsewhere", "heartbeat": time.time() - 600}))
+    claimed(tmp_path / "out")  # on another host, silent for longer than the lease lasts

@@ -1,5 +1,6 @@
 """Detokenize stage (CPU): generated token ids -> text, and the output contract's columns."""
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.columns import (
     ERROR,
@@ -28,15 +29,19 @@ class Detokenize:
     def __call__(self, batch: pa.Table) -> pa.Table:
         with self.meter.batch() as report:
             tokens = batch.column(GENERATED_TOKENS).to_pylist()
-            texts = [self.tokenizer.decode(t, skip_special_tokens=True) if t is not None else None for t in tokens]
+            generated = [i for i, t in enumerate(tokens) if t is not None]
+            texts: list[str | None] = [None] * batch.num_rows
+            for i, text in zip(generated, self.tokenizer.batch_decode([tokens[i] for i in generated], skip_special_tokens=True)):
+                texts[i] = text
+            lengths = pc.fill_null(pc.list_value_length(batch.column(GENERATED_TOKENS)), 0).cast(pa.int32())
             report.rows = batch.num_rows
-            report.output_tokens = sum(len(t or ()) for t in tokens)
+            report.output_tokens = int(pc.sum(lengths).as_py() or 0)
             columns = {
                 ID: batch.column(self.id_column),
                 GENERATED_TEXT: pa.array(texts, pa.string()),
-                GENERATED_TOKENS: pa.array(tokens, TOKEN_LIST),
+                GENERATED_TOKENS: batch.column(GENERATED_TOKENS).cast(TOKEN_LIST),
                 NUM_INPUT_TOKENS: batch.column(NUM_INPUT_TOKENS),
-                NUM_GENERATED_TOKENS: pa.array([len(t or ()) for t in tokens], pa.int32()),
+                NUM_GENERATED_TOKENS: lengths,
                 FINISH_REASON: batch.column(FINISH_REASON),
                 ERROR: batch.column(ERROR),
                 **{name: batch.column(name) for name in batch.column_names if name.startswith(INTERNAL)},

@@ -1,6 +1,7 @@
 """Tokenize stage (CPU): prompt text -> token ids, with a per-row error for prompts that cannot
 be generated from. A prompt column of integer lists is taken as token ids already."""
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.columns import ERROR, FINISH_REASON, NUM_INPUT_TOKENS, PROMPT_TOKENS, TOKEN_LIST, row_error, with_columns
 from pipeline.config import InputConfig, Overlong
@@ -16,18 +17,17 @@ class Tokenize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with self.meter.batch() as report:
-            tokens, errors = [], batch.column(ERROR).to_pylist()
-            for i, prompt in enumerate(prompt_values(batch.column(self.prompt_column))):
-                row_tokens, error = self.encoder.encode(prompt) if errors[i] is None else ([], errors[i])
-                tokens.append(row_tokens)
-                errors[i] = error
+            tokens, errors = self.encoder.encode_all(
+                prompt_values(batch.column(self.prompt_column)), batch.column(ERROR).to_pylist()
+            )
+            lengths = pa.array([len(t) for t in tokens], pa.int32())
             report.rows = batch.num_rows
-            report.input_tokens = sum(len(t) for t in tokens)
+            report.input_tokens = int(pc.sum(lengths).as_py() or 0)
             return with_columns(
                 batch,
                 **{
                     PROMPT_TOKENS: pa.array(tokens, TOKEN_LIST),
-                    NUM_INPUT_TOKENS: pa.array([len(t) for t in tokens], pa.int32()),
+                    NUM_INPUT_TOKENS: lengths,
                     FINISH_REASON: pa.nulls(batch.num_rows, pa.string()),
                     ERROR: pa.array(errors, pa.string()),
                 },
@@ -37,6 +37,8 @@ class Tokenize:
 def prompt_values(column: pa.ChunkedArray) -> list:
     """The column as Python values; text is decoded row by row, so one row of invalid UTF-8
     (Parquet does not check) spoils only itself."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         column = column.cast(pa.large_binary())
     return column.to_pylist()
@@ -57,21 +59,45 @@ class PromptEncoder:
         self.truncated_len = model.max_model_len - min(max_tokens, model.max_model_len - 1)
 
     def encode(self, prompt: object) -> tuple[list[int], str | None]:
-        if isinstance(prompt, bytes):
-            try:
-                prompt = prompt.decode("utf-8")
-            except UnicodeDecodeError as error:
-                return [], row_error("invalid_utf8", f"prompt is not valid UTF-8 ({error.reason} at byte {error.start})")
-        if isinstance(prompt, list):
-            tokens = prompt
-            if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in tokens):
-                return [], row_error("invalid_token_ids", "prompt token ids must be integers in the vocabulary")
-        elif isinstance(prompt, str):
-            tokens = self.tokenize(prompt) if prompt.strip() else []
-        elif prompt is None:
-            return [], row_error("null_prompt", "prompt is null")
-        else:
-            return [], row_error("not_text", f"prompt is {type(prompt).__name__}, not text")
+        tokens, errors = self.encode_all([prompt], [None])
+        return tokens[0], errors[0]
+
+    def encode_all(self, prompts: list, errors: list[str | None]) -> tuple[list[list[int]], list[str | None]]:
+        """Token ids and error per prompt; rows with an error already are left as they are. Text
+        goes to the tokenizer in one call for the batch."""
+        tokens: list[list[int]] = [[] for _ in prompts]
+        errors = list(errors)
+        texts: dict[int, str] = {}
+        for i, prompt in enumerate(prompts):
+            if errors[i] is not None:
+                continue
+            if isinstance(prompt, bytes):
+                try:
+                    prompt = prompt.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    errors[i] = row_error("invalid_utf8", f"prompt is not valid UTF-8 ({error.reason} at byte {error.start})")
+                    continue
+            if isinstance(prompt, list):
+                if all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+                    tokens[i] = prompt
+                else:
+                    errors[i] = row_error("invalid_token_ids", "prompt token ids must be integers in the vocabulary")
+            elif isinstance(prompt, str):
+                if prompt.strip():
+                    texts[i] = prompt
+            elif prompt is None:
+                errors[i] = row_error("null_prompt", "prompt is null")
+            else:
+                errors[i] = row_error("not_text", f"prompt is {type(prompt).__name__}, not text")
+        for i, ids in zip(texts, self.tokenize(list(texts.values()))):
+            tokens[i] = ids
+        for i, ids in enumerate(tokens):
+            if errors[i] is None:
+                tokens[i], errors[i] = self.fit(ids)
+        return tokens, errors
+
+    def fit(self, tokens: list[int]) -> tuple[list[int], str | None]:
+        """A prompt's tokens as the engine gets them, or why there are none."""
         if not tokens:
             return [], row_error("empty_prompt", "prompt is empty")
         if len(tokens) >= self.max_model_len:
@@ -82,10 +108,12 @@ class PromptEncoder:
             )
         return tokens, None
 
-    def tokenize(self, prompt: str) -> list[int]:
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        if not prompts:
+            return []
         if self.apply_chat_template and self.tokenizer.chat_template:
-            prompt = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            prompts = self.tokenizer.apply_chat_template(
+                [[{"role": "user", "content": p}] for p in prompts], tokenize=False, add_generation_prompt=True
             )
-            return self.tokenizer(prompt, add_special_tokens=False).input_ids
-        return self.tokenizer(prompt).input_ids
+            return self.tokenizer(prompts, add_special_tokens=False).input_ids
+        return self.tokenizer(prompts).input_ids

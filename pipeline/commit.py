@@ -1,0 +1,94 @@
+"""Committing shards without the rows passing through the driver. The driver keeps a ledger of
+which rows of each shard the workers have written (their fragments' row numbers); once a
+shard's fragments hold every one of its rows, a Ray task on a worker merges them into the
+shard's part: each row once, in input order, written aside and moved into place
+(`commit_shard`). Rows that arrive for a shard already committed (a batch redone after a
+worker died) are dropped and counted."""
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipeline.columns import INTERNAL, KV_FILE, ROW
+from pipeline.io import filesystem
+from pipeline.kv.transport import PayloadStore
+from pipeline.output import OutputTarget, ShardStats, read_stats, write_part
+from pipeline.source import Shard
+from pipeline.stages.write import OUTPUT_TOKENS, PATH, ROWS, SHARD, read_fragment
+
+log = logging.getLogger(__name__)
+
+
+def commit_shard(url: str, part: str, shard: Shard, fragments: list[str], store: PayloadStore | None) -> ShardStats:
+    """Runs on a worker: the shard's fragments -> its part. Idempotent: a retry finds the part
+    in place and only clears up."""
+    fs, arrow_fs, _ = filesystem(url)
+    if fs.exists(part):
+        stats = read_stats(arrow_fs, part)
+    else:
+        table = pa.concat_tables([read_fragment(fs, path) for path in fragments], promote_options="permissive")
+        rows, first = np.unique(table.column(ROW).to_numpy(), return_index=True)
+        if len(rows) != shard.num_rows or rows[0] != shard.first_row:
+            raise RuntimeError(f"shard {shard.index}: fragments hold {len(rows)} of its {shard.num_rows} rows")
+        table = table.take(pa.array(first))  # one copy of each row, in input order
+        if store and KV_FILE in table.column_names:  # the rows' payload files go once they are committed
+            store.remove(table.column(KV_FILE).to_pylist())
+        table = table.drop_columns([c for c in table.column_names if c.startswith(INTERNAL)])
+        stats = ShardStats.of(table)
+        write_part(arrow_fs, part, table, stats)
+    fs.rm([path for path in fragments if fs.exists(path)])
+    return stats
+
+
+@dataclass
+class _Pending:
+    shard: Shard
+    seen: np.ndarray  # bool per row of the shard
+    fragments: list[str]
+
+
+class ShardLedger:
+    """Driver side: fed the write stage's fragment rows; starts a commit task per complete shard."""
+
+    def __init__(self, output: OutputTarget, shards: list[Shard], store: PayloadStore | None, num_cpus: float):
+        self.output, self.store = output, store
+        self.pending = {s.index: _Pending(s, np.zeros(s.num_rows, bool), []) for s in shards}
+        self.committing: dict[ray.ObjectRef, Shard] = {}
+        self.stats = ShardStats()
+        self.late_duplicate_rows = 0
+        self.output_tokens = 0  # written so far, for progress
+        self._commit = ray.remote(commit_shard).options(num_cpus=num_cpus, max_retries=3, retry_exceptions=True)
+
+    def add(self, fragments: pa.Table) -> None:
+        columns = fragments.select([SHARD, PATH, ROWS, OUTPUT_TOKENS]).to_pydict()
+        for shard, path, rows, tokens in zip(*columns.values()):
+            self.output_tokens += tokens
+            entry = self.pending.get(shard)
+            if entry is None:  # its shard is committed or being committed: a late duplicate
+                self.late_duplicate_rows += len(rows)
+                self.output.fs.rm(path)
+                continue
+            entry.seen[np.asarray(rows) - entry.shard.first_row] = True
+            entry.fragments.append(path)
+            if entry.seen.all():
+                del self.pending[shard]
+                ref = self._commit.remote(self.output.url, self.output.part(shard), entry.shard, entry.fragments,
+                                          self.store)  # fmt: skip
+                self.committing[ref] = entry.shard
+
+    def committed(self, wait: bool = False) -> int:
+        """Rows of the shards whose commit finished since the last call (all of them if `wait`)."""
+        refs = list(self.committing)
+        if not refs:
+            return 0
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
+        rows = 0
+        for ref, stats in zip(done, ray.get(done)):
+            self.stats += stats
+            rows += self.committing.pop(ref).num_rows
+        return rows
+
+    def missing(self) -> list[int]:
+        return sorted(self.pending)
