@@ -23,7 +23,9 @@ class BatchReport:
     kv_bytes: int = 0
     kv_tokens: int = 0
     kv_recomputed: int = 0
-    # Requests the engine preempted (its cache ran short) and later resumed: their KV was loaded again.
+    # Times the engine preempted one of the batch's requests (its cache ran short): the request
+    # lost its blocks, and computed or loaded its KV again when it resumed. Counted by the KV
+    # connector (vLLM's own count needs its stats on), so a colocated engine reports none.
     preempted: int = 0
     kv_handoff_seconds: float = 0.0
 

@@ -256,3 +256,13 @@ def test_split_jobs_write_what_one_job_writes(ray_cluster, few_prompts, disaggre
     expected = {r["id"]: r for r in one_job.to_pylist()}
     assert [r["id"] for r in split.to_pylist()] == [f"p{n}" for n in FEW]
     assert all(row == expected[row["id"]] for row in split.to_pylist())
+
+
+def test_preempted_requests_load_their_kv_again(ray_cluster, few_prompts, colocated, tmp_path):
+    """A cache of 18 blocks of 128 tokens (0.1 GiB) per engine, where the prompts need 41 by
+    their last token (the longest, 300 + 32 tokens, still fits): the decode engine preempts
+    requests, and each loads its KV again when it resumes."""
+    output = tmp_path / "out"
+    metrics = run(job_config("mode=disaggregated", *_overrides(few_prompts, output), "engine.kv_cache_gib=0.1"))
+    assert _tokens_by_id(read_output(str(output))) == {f"p{n}": colocated[f"p{n}"] for n in FEW}
+    assert metrics["preemptions"] > 0

@@ -5,7 +5,10 @@ engine core, uni executor).
 Producer: saves a request's prompt KV after the step that completes its prefill (the last
 chunk of a chunked prefill). Consumer: reports all but the last prompt token as external, so
 the engine recomputes that one token to get logits, and writes the offered KV into the
-request's blocks before the forward pass.
+request's blocks before the forward pass: again each time the engine resumes a request it
+preempted (vLLM frees a preempted request's blocks and asks the connector anew). A preempted
+producer request computes its prompt again (less what the prefix cache still holds) and is
+saved after its last chunk, once: it never runs again after that step (max_tokens=1).
 """
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -95,6 +98,9 @@ class KVRelayConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._prompt_lens.pop(request.request_id, None)
+        # Every request ends here once, with every time it was preempted counted (vLLM's own
+        # count is kept only with stats on).
+        handoff.preemptions.add(request.num_preemptions)
         return False, None
 
     # ---- worker side ----
@@ -110,7 +116,7 @@ class KVRelayConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         for load in meta.loads:
             with handoff.timed():
-                scatter_tokens(self._layers, load.block_ids, handoff.take_offered(load.key), load.start, load.stop)
+                scatter_tokens(self._layers, load.block_ids, handoff.offered(load.key), load.start, load.stop)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return

@@ -4,8 +4,8 @@ saved, the decode stage offers what the connector will load. A request names its
 `KEY` in `SamplingParams.extra_args["kv_transfer_params"]`.
 
 The stage and the engine run in different threads (pipeline/engine_loop.py), and the stage works
-on several batches at once: keys are unique per request, and the handoff time is one count per
-process (one engine) that each batch's report takes as it stands when the batch ends."""
+on several batches at once: keys are unique per request, and the counts below are one per
+process (one engine) that each batch's report takes as they stand when the batch ends."""
 import threading
 import time
 from contextlib import contextmanager
@@ -17,29 +17,39 @@ KEY = "kvrelay_key"
 
 _saved: dict[str, torch.Tensor] = {}
 _offered: dict[str, torch.Tensor] = {}
-_seconds = 0.0
-_seconds_lock = threading.Lock()  # counted from the engine's thread and the stage's
+
+
+class Tally:
+    """A count added to from the engine's thread and the stage's, taken by each batch as it
+    ends: with batches overlapping, some of it was another batch's, but over the stage's
+    batches it adds up to the stage's."""
+
+    def __init__(self) -> None:
+        self._value = 0
+        self._lock = threading.Lock()
+
+    def add(self, amount: float) -> None:
+        with self._lock:
+            self._value += amount
+
+    def take(self) -> float:
+        with self._lock:
+            value, self._value = self._value, 0
+        return value
+
+
+seconds = Tally()  # KV handoff: copies, encoding, transport
+preemptions = Tally()  # of this engine's requests, counted as each request finishes
 
 
 @contextmanager
 def timed() -> Iterator[None]:
-    """Counts the enclosed work as KV handoff (copies, encoding, transport)."""
-    global _seconds
+    """Counts the enclosed work as KV handoff."""
     started = time.perf_counter()
     try:
         yield
     finally:
-        with _seconds_lock:
-            _seconds += time.perf_counter() - started
-
-
-def take_seconds() -> float:
-    """Handoff time counted since the last call: with batches overlapping, some of it was
-    another batch's, but over the stage's batches it adds up to the stage's handoff time."""
-    global _seconds
-    with _seconds_lock:
-        seconds, _seconds = _seconds, 0.0
-    return seconds
+        seconds.add(time.perf_counter() - started)
 
 
 def save(key: str, kv: torch.Tensor) -> None:
@@ -51,14 +61,17 @@ def take_saved(key: str) -> torch.Tensor:
 
 
 def offer(key: str, kv: torch.Tensor) -> None:
-    """Make canonical KV [layers, 2, tokens, kv_heads, head_dim] available to the next request
-    that names `key`."""
+    """Make canonical KV [layers, 2, tokens, kv_heads, head_dim] available to the request that
+    names `key`, until it is withdrawn."""
     _offered[key] = kv
 
 
-def take_offered(key: str) -> torch.Tensor:
-    return _offered.pop(key)
+def offered(key: str) -> torch.Tensor:
+    """Kept, not taken: a request the engine preempts (its cache ran short) loses its blocks and
+    loads its KV again when it resumes."""
+    return _offered[key]
 
 
 def withdraw(key: str) -> None:
+    """Once the request has left the engine."""
     _offered.pop(key, None)

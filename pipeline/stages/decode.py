@@ -65,7 +65,8 @@ class Decode(EngineStage):
         report.rows = len(keys)
         report.output_tokens = sum(len(tokens[i]) - 1 for i in keys)
         report.kv_recomputed = sum(key is None for key in keys.values())
-        report.kv_handoff_seconds = handoff.take_seconds()
+        report.kv_handoff_seconds = handoff.seconds.take()
+        report.preempted = int(handoff.preemptions.take())
         batch = with_columns(
             self.with_generation(batch, tokens, finish),
             **{ERROR: pa.array(errors, pa.string()), KV_FILE: pa.array(files, pa.string())},

@@ -44,5 +44,6 @@ class Prefill(EngineStage):
         report.rows = len(rows)
         report.input_tokens = sum(len(prompts[i]) for i in rows)
         report.output_tokens = len(rows)
-        report.kv_handoff_seconds = handoff.take_seconds()
+        report.kv_handoff_seconds = handoff.seconds.take()
+        report.preempted = int(handoff.preemptions.take())
         return with_columns(self.with_generation(batch, tokens, finish), **{KV_PAYLOAD: column})
