@@ -37,8 +37,11 @@ def _job(root: str) -> list[str]:
     return [f"input.path={root}/prompts", f"output.path={root}/out", f"kv.storage_path={root}/kv", *JOB]
 
 
-def _names(fs: fsspec.AbstractFileSystem, url: str) -> set[str]:
-    return {p.rsplit("/", 1)[-1] for p in fs.find(url)}
+def _parts(fs: fsspec.AbstractFileSystem, out: str) -> dict[str, tuple[str, object]]:
+    """The committed parts by name, with their ETag and LastModified: a part written again, even
+    with the same bytes, is a newer object."""
+    found = {p.rsplit("/", 1)[-1]: i for p, i in fs.find(out, detail=True).items()}
+    return {name: (i["ETag"], i["LastModified"]) for name, i in found.items() if name.startswith("part-")}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +70,7 @@ def test_a_job_on_s3_writes_what_it_writes_on_local_disk(s3: Bucket, ray_cluster
     # Every payload went through the bucket and was found there: none was recomputed.
     assert metrics["kv_bytes_moved"] > 0 and metrics["kv_recomputed_rows"] == 0
     fs = s3.fs()
-    names = _names(fs, f"{root}/out")
-    assert {n for n in names if n.startswith("part-")} == PARTS and "_SUCCESS" in names
+    assert set(_parts(fs, f"{root}/out")) == PARTS and fs.exists(f"{root}/out/_SUCCESS")
     assert json.loads(fs.cat(f"{root}/out/metrics.json"))["rows_out"] == len(PROMPTS)
     assert fs.find(f"{root}/kv") == []  # the payload files go once their rows are committed
 
@@ -79,26 +81,22 @@ def test_a_job_killed_on_s3_resumes_without_rewriting_its_committed_parts(s3: Bu
     again: every row once, the parts committed before the kill untouched, the payload files of
     both runs gone."""
     root = f"{s3.url}/crash"
-    command = [sys.executable, "-m", "jobs.generate", *_job(root)]
-    fs = s3.fs()
+    out, command, fs = f"{root}/out", [sys.executable, "-m", "jobs.generate", *_job(root)], s3.fs()
     crashed = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not any(n.startswith("part-") for n in _names(fs, f"{root}/out")):
+    while not _parts(fs, out):
         assert crashed.poll() is None, "the job ended before committing a part"
         time.sleep(0.2)
     os.killpg(crashed.pid, signal.SIGKILL)
     crashed.wait()
-    # ETag and LastModified: a part written again, even with the same bytes, is a newer object.
-    committed = {p: (i["ETag"], i["LastModified"]) for p, i in fs.find(f"{root}/out", detail=True).items()
-                 if p.rsplit("/", 1)[-1].startswith("part-")}  # fmt: skip
-    assert "_SUCCESS" not in _names(fs, f"{root}/out")
+    committed = _parts(fs, out)
+    assert not fs.exists(f"{out}/_SUCCESS")
 
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert read_output(f"{root}/out").to_pylist() == local_rows
-    after = fs.find(f"{root}/out", detail=True)
-    assert {p: (after[p]["ETag"], after[p]["LastModified"]) for p in committed} == committed
-    names = _names(fs, f"{root}/out")
-    assert {n for n in names if n.startswith("part-")} == PARTS and "_SUCCESS" in names
-    shards = json.loads(fs.cat(f"{root}/out/metrics.json"))["shards"]
+    assert read_output(out).to_pylist() == local_rows
+    parts = _parts(fs, out)
+    assert set(parts) == PARTS and {p: parts[p] for p in committed} == committed
+    assert fs.exists(f"{out}/_SUCCESS")
+    shards = json.loads(fs.cat(f"{out}/metrics.json"))["shards"]
     assert shards["total"] == SHARDS and len(committed) <= shards["resumed"] <= SHARDS
     assert fs.find(f"{root}/kv") == []
