@@ -1,5 +1,7 @@
 """The KV payload column: Arrow and Parquet round trips for every codec and cache dtype, reads
-that do not copy, and refusal of payloads that are damaged or made for another engine."""
+that do not copy, and refusal of payloads that are damaged or made for another engine. And a
+prefill dataset's rows as the decode stage reads them: every field of the payload and every
+column the stage uses, crafted, ends in a row error of a named kind or in the same KV."""
 import dataclasses
 
 import numpy as np
@@ -8,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.columns import KV_PAYLOAD
+from pipeline.columns import GENERATED_TOKENS, KV_PAYLOAD, PROMPT_TOKENS
 from pipeline.config import Codec
 from pipeline.kv import payload
-from pipeline.kv.payload import KVPayload, PayloadLost, PayloadMismatch
+from pipeline.kv.payload import TYPE, KVPayload, PayloadError, PayloadLost, PayloadMismatch
+from pipeline.stages.decode import check_prefilled, load
 
 
 def _kv(model, tokens: int, dtype=torch.float32, seed=0) -> torch.Tensor:
@@ -79,3 +82,135 @@ def test_damaged_payload_fails_its_checksum(model):
     data[len(data) // 2] ^= 1
     with pytest.raises(PayloadLost, match="^kv_corrupt: KV payload fails its checksum"):
         dataclasses.replace(good, data=data).decode(model, 9)
+
+
+TOKENS = 9
+VOCAB = 49152
+
+
+def _written(column: pa.Array, tmp_path) -> pa.Table:
+    """The payload column as decode reads it: from Parquet, in the types it was written in."""
+    pq.write_table(pa.table({KV_PAYLOAD: column}), tmp_path / "prefilled.parquet")
+    return pq.read_table(tmp_path / "prefilled.parquet")
+
+
+def _struct(p: KVPayload, **replaced: pa.Array) -> pa.StructArray:
+    """The payload's one-row struct, with fields replaced (or added) by name."""
+    fields = {f.name: payload.to_column([p]).chunk(0).field(f.name) for f in TYPE}
+    fields.update(replaced)
+    return pa.StructArray.from_arrays(list(fields.values()), names=list(fields))
+
+
+def _outcome(table: pa.Table, model) -> str | torch.Tensor:
+    """The KV the decode stage would load for the row, or the kind of its row error."""
+    (p,) = payload.from_column(table)
+    try:
+        return load(p, model, TOKENS, None)[1]
+    except PayloadError as error:
+        return str(error).split(":", 1)[0]
+
+
+def _other_bytes(p: KVPayload, data: np.ndarray) -> dict[str, pa.Array]:
+    """Other bytes under their own valid checksum."""
+    return {"data": pa.array([data.tobytes()], pa.large_binary()), "checksum": pa.array([payload.checksum(data)], pa.uint64())}
+
+
+def _crafted(p: KVPayload) -> list[tuple[str, dict[str, pa.Array], str]]:
+    """(field, replaced fields, expected error kind): each field of the payload struct made wrong."""
+    shape = list(p.shape)
+    return [
+        ("format", {"format": pa.array([1], pa.int16())}, "kv_mismatch"),
+        ("format", {"format": pa.array([None], pa.int16())}, "kv_corrupt"),
+        ("fingerprint", {"fingerprint": pa.array(["0123456789abcdef"])}, "kv_mismatch"),
+        ("fingerprint", {"fingerprint": pa.array([None], pa.string())}, "kv_corrupt"),
+        ("dtype", {"dtype": pa.array(["float16"])}, "kv_mismatch"),
+        ("dtype", {"dtype": pa.array(["complex256"])}, "kv_mismatch"),
+        ("dtype", {"dtype": pa.array([None], pa.string())}, "kv_corrupt"),
+        ("codec", {"codec": pa.array(["zstd"])}, "kv_mismatch"),
+        ("codec", {"codec": pa.array(["int8"])}, "kv_corrupt"),  # raw bytes that int8 would misread
+        ("codec", {"codec": pa.array([None], pa.string())}, "kv_corrupt"),
+        ("shape", {"shape": pa.array([[shape[0], 2, TOKENS + 1, *shape[3:]]], pa.list_(pa.int32()))}, "kv_mismatch"),
+        ("shape", {"shape": pa.array([[-shape[0], 2, TOKENS, *shape[3:]]], pa.list_(pa.int32()))}, "kv_mismatch"),
+        ("shape", {"shape": pa.array([shape[:4]], pa.list_(pa.int32()))}, "kv_mismatch"),
+        ("shape", {"shape": pa.array([None], pa.list_(pa.int32()))}, "kv_corrupt"),
+        ("shape", {"shape": pa.array([[shape[0], None, *shape[2:]]], pa.list_(pa.int32()))}, "kv_corrupt"),
+        ("checksum", {"checksum": pa.array([p.checksum ^ 1], pa.uint64())}, "kv_corrupt"),
+        ("checksum", {"checksum": pa.array([None], pa.uint64())}, "kv_corrupt"),
+        ("data", _other_bytes(p, p.data[:-4]), "kv_corrupt"),
+        ("data", _other_bytes(p, np.concatenate([p.data, p.data[:4]])), "kv_corrupt"),
+        ("data", {"data": pa.array([None], pa.large_binary())}, "kv_corrupt"),
+        ("file", {"file": pa.array([f"{'0' * 16}/{'0' * 32}.kv"])}, "kv_mismatch"),  # no kv.storage_path
+    ]
+
+
+def test_every_crafted_payload_field_is_a_row_error_of_its_kind(model, tmp_path):
+    good = KVPayload.encode(_kv(model, TOKENS), model, "none")
+    assert torch.equal(_outcome(_written(_struct(good), tmp_path), model), _kv(model, TOKENS))
+    cases = _crafted(good)
+    assert {field for field, _, _ in cases} == set(TYPE.names)
+    got = [(field, _outcome(_written(_struct(good, **replaced), tmp_path), model)) for field, replaced, _ in cases]
+    assert got == [(field, kind) for field, _, kind in cases]
+
+
+def test_payload_columns_that_hold_the_same_values_are_read(model, tmp_path):
+    """As other writers store them: bytes as binary (Spark), fields in another order, wider
+    integers, one field more."""
+    good = KVPayload.encode(_kv(model, TOKENS), model, "int8")
+    fields = {f.name: _struct(good).field(f.name) for f in TYPE}
+    widened = {
+        **fields,
+        "data": fields["data"].cast(pa.binary()),
+        "format": fields["format"].cast(pa.int64()),
+        "shape": fields["shape"].cast(pa.large_list(pa.int64())),
+        "note": pa.array(["made elsewhere"]),
+    }
+    reordered = dict(reversed(widened.items()))
+    column = pa.StructArray.from_arrays(list(reordered.values()), names=list(reordered))
+    loaded = _outcome(_written(column, tmp_path), model)
+    assert torch.equal(loaded, good.decode(model, TOKENS))
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pa.array(["not a payload"]),
+        pa.StructArray.from_arrays([pa.array([2], pa.int16())], names=["format"]),  # fields missing
+        pa.StructArray.from_arrays([pa.array(["two"])], names=["format"]),  # a field not of its type
+    ],
+)
+def test_a_payload_column_of_another_type_fails_every_row(model, column, tmp_path):
+    table = _written(pa.concat_arrays([column, column]), tmp_path)
+    errors = payload.from_column(table)
+    assert len(errors) == 2 and all(isinstance(e, PayloadMismatch) for e in errors)
+    assert str(errors[0]).startswith("kv_mismatch: KV payload column is ")
+
+
+PROMPT = list(range(100, 100 + TOKENS))
+
+
+@pytest.mark.parametrize(
+    "prompt, first, kind",
+    [
+        (PROMPT, [7], None),
+        (None, [7], "invalid_token_ids"),
+        ("100 101 102", [7], "invalid_token_ids"),
+        ([], [7], "empty_prompt"),
+        ([*PROMPT, VOCAB], [7], "invalid_token_ids"),
+        ([-1, *PROMPT], [7], "invalid_token_ids"),
+        (list(range(2047)), [7], None),
+        (list(range(2048)), [7], "overlong_prompt"),
+        (PROMPT, None, "invalid_token_ids"),
+        (PROMPT, [], "invalid_first_token"),
+        (PROMPT, [7, 8], "invalid_first_token"),
+        (PROMPT, [VOCAB], "invalid_token_ids"),
+        (PROMPT, [-5], "invalid_token_ids"),
+    ],
+)
+def test_crafted_prompt_and_first_token_are_row_errors_of_their_kind(model, prompt, first, kind):
+    """The prefill dataset's token columns; its payload column is above, and its other columns
+    are the job's (id, error, finish_reason) or rewritten by decode (num_input_tokens)."""
+    error = check_prefilled(prompt, first, VOCAB, model.max_model_len)
+    assert (error and error.split(":", 1)[0]) == kind, error
+    if kind == "invalid_token_ids":
+        column = PROMPT_TOKENS if first == [7] else GENERATED_TOKENS
+        assert error.startswith(f"invalid_token_ids: {column} ")

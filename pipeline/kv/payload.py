@@ -14,7 +14,7 @@ import torch
 import xxhash
 
 from pipeline.columns import KV_PAYLOAD, row_error
-from pipeline.kv.codec import codec
+from pipeline.kv.codec import CODECS, codec
 from pipeline.model import ResolvedModel
 
 FORMAT = 2
@@ -30,6 +30,7 @@ TYPE = pa.struct(
         ("file", pa.string()),
     ]
 )
+OPTIONAL = ("file",)  # every other field of a payload must be set
 
 
 class PayloadError(ValueError):
@@ -65,8 +66,15 @@ class KVPayload:
     def num_tokens(self) -> int:
         return self.shape[2]
 
-    def decode(self, model: ResolvedModel, num_tokens: int) -> torch.Tensor:
-        """The KV for a prompt of `num_tokens` on `model`, or why this payload is not it."""
+    @property
+    def nbytes(self) -> int:
+        """The size of the encoded bytes that its codec, shape and dtype make (of a payload
+        that passed `check`)."""
+        return codec(self.codec).nbytes(self.shape, getattr(torch, self.dtype))
+
+    def check(self, model: ResolvedModel, num_tokens: int) -> None:
+        """Refuses a payload that is not the KV of a prompt of `num_tokens` on `model` by what
+        it says of itself, before any of its bytes are read."""
         if self.format != FORMAT:
             raise PayloadMismatch("kv_mismatch", f"KV payload format {self.format}; this kvrelay reads {FORMAT}")
         if self.fingerprint != model.fingerprint:
@@ -76,6 +84,15 @@ class KVPayload:
             raise PayloadMismatch("kv_mismatch", f"KV payload shape {self.shape}, expected {expected}")
         if self.dtype != model.dtype:
             raise PayloadMismatch("kv_mismatch", f"KV payload dtype {self.dtype}, engine cache is {model.dtype}")
+        if self.codec not in CODECS:
+            raise PayloadMismatch("kv_mismatch", f"KV payload codec {self.codec!r}; this kvrelay reads {', '.join(CODECS)}")
+
+    def decode(self, model: ResolvedModel, num_tokens: int) -> torch.Tensor:
+        """The KV for a prompt of `num_tokens` on `model`, or why this payload is not it."""
+        self.check(model, num_tokens)
+        if self.data.size != self.nbytes:
+            # Under a valid checksum too: the codec would read past the bytes or leave some unread.
+            raise PayloadLost("kv_corrupt", f"KV payload has {self.data.size} bytes; its shape and codec make {self.nbytes}")
         if checksum(self.data) != self.checksum:
             raise PayloadLost("kv_corrupt", "KV payload fails its checksum")
         return codec(self.codec).decode(self.data, self.shape, getattr(torch, self.dtype))
@@ -106,16 +123,46 @@ def to_column(payloads: list[KVPayload | None]) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, TYPE)
 
 
-def from_column(table: pa.Table) -> list[KVPayload | None]:
-    """Zero-copy: each payload's bytes are a view of the column's Arrow buffer."""
-    payloads: list[KVPayload | None] = []
+def from_column(table: pa.Table) -> list["KVPayload | PayloadError | None"]:
+    """Per row its payload, None where it has none, or why it cannot be read. Zero-copy: each
+    payload's bytes are a view of the column's Arrow buffer."""
+    payloads: list[KVPayload | PayloadError | None] = []
     for chunk in table.column(KV_PAYLOAD).chunks:
-        fields = dict(zip(TYPE.names, chunk.flatten()))  # flatten applies the struct's own offset
+        try:
+            fields = _fields(chunk)
+        except PayloadMismatch as error:
+            payloads.extend([error] * len(chunk))
+            continue
+        has_data = fields["data"].is_valid().to_pylist()
         data = _views(fields.pop("data"))
         meta = [dict(zip(fields, values)) for values in zip(*(f.to_pylist() for f in fields.values()))]
-        for valid, row, view in zip(chunk.is_valid().to_pylist(), meta, data):
-            payloads.append(KVPayload(**{**row, "shape": tuple(row["shape"]), "data": view}) if valid else None)
+        for valid, row, view, has in zip(chunk.is_valid().to_pylist(), meta, data, has_data):
+            payloads.append(_payload(row, view if has else None) if valid else None)
     return payloads
+
+
+def _fields(chunk: pa.Array) -> dict[str, pa.Array]:
+    """The struct's fields by name, in TYPE's types. A dataset written or edited by other tools
+    (Spark writes `binary`, a rebuilt struct may order its fields differently, integers may be
+    wider) holds the same values: those are read, since refusing them would fail every row of a
+    good dataset. What cannot be read losslessly as TYPE fails every row of the column, saying so."""
+    refused = PayloadMismatch("kv_mismatch", f"KV payload column is {chunk.type}; kvrelay reads {TYPE}")
+    if not pa.types.is_struct(chunk.type):
+        raise refused
+    children = dict(zip((f.name for f in chunk.type), chunk.flatten()))  # flatten applies the struct's own offset
+    try:
+        return {f.name: children[f.name].cast(f.type) for f in TYPE}  # a safe cast: no value changes
+    except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise refused from None
+
+
+def _payload(row: dict, data: np.ndarray | None) -> "KVPayload | PayloadError":
+    missing = [name for name, value in {**row, "data": data}.items() if value is None and name not in OPTIONAL]
+    if missing:
+        return PayloadLost("kv_corrupt", f"KV payload has no {', '.join(missing)}")
+    if None in row["shape"]:
+        return PayloadLost("kv_corrupt", f"KV payload shape {row['shape']} has a null dimension")
+    return KVPayload(**{**row, "shape": tuple(row["shape"]), "data": data})
 
 
 def _views(array: pa.LargeBinaryArray) -> list[np.ndarray]:

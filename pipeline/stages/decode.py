@@ -1,17 +1,35 @@
 """Decode stage: loads each prompt's KV payload into its own engine and continues generating
 after the first token. A payload lost or damaged on the way is recomputed here or reported, by
-kv.on_load_failure; one made for another engine is always refused."""
+kv.on_load_failure; one made for another engine is always refused.
+
+A prefill dataset may come from anywhere and may have been edited, so each row is checked
+before its request reaches the engine: the engine refuses a bad request by failing its whole
+batch, and a payload that does not match its prompt would give wrong tokens silently."""
 import logging
 import uuid
+from typing import Any
 
 import pyarrow as pa
+import torch
 
-from pipeline.columns import ERROR, FINISH_REASON, GENERATED_TOKENS, KV_FILE, KV_PAYLOAD, with_columns
+from pipeline.columns import (
+    ERROR,
+    FINISH_REASON,
+    GENERATED_TOKENS,
+    KV_FILE,
+    KV_PAYLOAD,
+    NUM_INPUT_TOKENS,
+    PROMPT_TOKENS,
+    row_error,
+    with_columns,
+)
 from pipeline.config import OnLoadFailure
 from pipeline.engine import CONSUMER, sampling_params
 from pipeline.kv import handoff, payload
 from pipeline.kv.payload import KVPayload, PayloadError, PayloadLost, PayloadMismatch
+from pipeline.kv.transport import PayloadStore
 from pipeline.metrics import BatchReport
+from pipeline.model import ResolvedModel
 from pipeline.stages.engine_stage import EngineStage
 
 log = logging.getLogger(__name__)
@@ -21,21 +39,35 @@ class Decode(EngineStage):
     stage = "decode"
     kv_role = CONSUMER
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        from transformers import AutoConfig
+
+        # Token ids are checked before the engine sees them (it fails the whole batch on one).
+        self.vocab_size = AutoConfig.from_pretrained(self.model.path).vocab_size
+
     async def process(
         self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport
     ) -> pa.Table:
         tokens = batch.column(GENERATED_TOKENS).to_pylist()
         finish = batch.column(FINISH_REASON).to_pylist()
         errors = batch.column(ERROR).to_pylist()
+        num_input = batch.column(NUM_INPUT_TOKENS).to_pylist()
         with handoff.timed():
             payloads = payload.from_column(batch)
         files: list[str | None] = [None] * batch.num_rows  # to remove once the row is committed
         keys: dict[int, str | None] = {}  # row -> handoff key; None: the engine prefills the prompt itself
         for i in rows:
+            errors[i] = check_prefilled(prompts[i], tokens[i], self.vocab_size, self.model.max_model_len)
+            if errors[i]:
+                continue
+            num_input[i] = len(prompts[i])  # the prompt's, whatever the dataset says
+            if self.budget(len(prompts[i])) == 1:  # a decode job given less room than its prefill job had
+                finish[i] = "length"
+                continue
             try:
                 with handoff.timed():
-                    loaded = self.fetch(payloads[i])
-                    kv = loaded.decode(self.model, len(prompts[i]))
+                    loaded, kv = load(payloads[i], self.model, len(prompts[i]), self.store)
             except PayloadError as error:
                 if isinstance(error, PayloadLost) and self.kv.on_load_failure is OnLoadFailure.recompute:
                     log.warning("row %d: %s; recomputing its prefill", i, error)
@@ -69,16 +101,43 @@ class Decode(EngineStage):
         report.preempted = int(handoff.preemptions.take())
         batch = with_columns(
             self.with_generation(batch, tokens, finish),
-            **{ERROR: pa.array(errors, pa.string()), KV_FILE: pa.array(files, pa.string())},
+            **{
+                ERROR: pa.array(errors, pa.string()),
+                KV_FILE: pa.array(files, pa.string()),
+                NUM_INPUT_TOKENS: pa.array(num_input, pa.int32()),
+            },
         )
         return batch.drop_columns([KV_PAYLOAD])
 
-    def fetch(self, p: KVPayload | None) -> KVPayload:
-        """The payload with its bytes at hand."""
-        if p is None:
-            raise PayloadLost("kv_missing", "KV payload is missing")
-        if p.file is None:
-            return p
-        if self.store is None:
+
+def load(
+    p: KVPayload | PayloadError | None, model: ResolvedModel, num_tokens: int, store: PayloadStore | None
+) -> tuple[KVPayload, torch.Tensor]:
+    """A row's payload with its bytes at hand, and the KV they hold; a payload is checked
+    against the engine before its file is read."""
+    if isinstance(p, PayloadError):
+        raise p
+    if p is None:
+        raise PayloadLost("kv_missing", "KV payload is missing")
+    p.check(model, num_tokens)
+    if p.file is not None:
+        if store is None:
             raise PayloadMismatch("kv_mismatch", f"KV payload is in file {p.file}; set kv.storage_path to its root")
-        return self.store.fetch(p)
+        p = store.fetch(p)
+    return p, p.decode(model, num_tokens)
+
+
+def check_prefilled(prompt: object, first: object, vocab_size: int, max_model_len: int) -> str | None:
+    """Why a prefill dataset's row (its prompt and first token) cannot be decoded, or None."""
+    for column, ids in ((PROMPT_TOKENS, prompt), (GENERATED_TOKENS, first)):
+        if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
+            return row_error("invalid_token_ids", f"{column} must be a list of token ids in [0, {vocab_size})")
+    if not prompt:
+        return row_error("empty_prompt", f"{PROMPT_TOKENS} is empty")
+    if len(first) != 1:
+        return row_error(
+            "invalid_first_token", f"{GENERATED_TOKENS} holds {len(first)} tokens; a prefilled row holds its first token alone"
+        )
+    if len(prompt) >= max_model_len:
+        return row_error("overlong_prompt", f"prompt has {len(prompt)} tokens; model.max_model_len is {max_model_len}")
+    return None
