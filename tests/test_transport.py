@@ -1,15 +1,19 @@
 """kv.transport=storage: a payload's bytes go to a file and come back bit-exact through a
 Parquet column that holds only the file's name; a missing file is a lost payload; a name that
-could reach outside the storage root is refused before any file is touched."""
+could reach outside the storage root is refused before any file is touched; errors of the
+storage that may pass are retried, and a file of the wrong size is never read."""
 import dataclasses
+import time
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.columns import KV_PAYLOAD
-from pipeline.kv import payload
+from pipeline.kv import payload, transport
 from pipeline.kv.payload import KVPayload, PayloadLost, PayloadMismatch
 from pipeline.kv.transport import PayloadStore
 
@@ -73,3 +77,82 @@ def test_remove_job_takes_the_whole_folder(model, store, tmp_path):
     store.remove_job()
     assert not (tmp_path / "kv" / JOB).exists()
     assert (tmp_path / "kv" / kept.file).exists()
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """The local filesystem under protocol flaky://, whose next calls of `size` and `cat_file`
+    raise the errors queued in `faults`, one each (None: that call goes through), as a shared
+    store does now and then."""
+
+    protocol = "flaky"
+    faults: list[OSError | None] = []
+    calls: list[str] = []
+
+    def size(self, path):
+        return self._call("size", super().size, path)
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        return self._call("cat_file", super().cat_file, path, start, end, **kwargs)
+
+    def _call(self, name, method, *args, **kwargs):
+        self.calls.append(name)
+        fault = self.faults.pop(0) if self.faults else None
+        if fault:
+            raise fault
+        return method(*args, **kwargs)
+
+
+fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+
+
+@pytest.fixture
+def flaky(tmp_path, monkeypatch) -> PayloadStore:
+    monkeypatch.setattr(FlakyFileSystem, "faults", [])
+    monkeypatch.setattr(FlakyFileSystem, "calls", [])
+    return PayloadStore(f"flaky://{tmp_path}/kv", JOB)
+
+
+def _backoff(failures: int) -> float:
+    return sum(transport.BACKOFF_S * 2**i for i in range(failures))
+
+
+@pytest.mark.parametrize("error", [OSError("503 Slow Down"), ConnectionResetError(), TimeoutError()])
+def test_errors_that_may_pass_are_retried_with_growing_waits(model, flaky, error):
+    sent = _payload(model)
+    stored = flaky.put(sent)
+    FlakyFileSystem.faults = [*[error] * transport.RETRIES, None, *[error] * transport.RETRIES]  # all but the last try
+    started = time.perf_counter()
+    fetched = flaky.fetch(stored)
+    assert time.perf_counter() - started >= 2 * _backoff(transport.RETRIES)
+    assert FlakyFileSystem.calls == ["size"] * (transport.RETRIES + 1) + ["cat_file"] * (transport.RETRIES + 1)
+    assert torch.equal(fetched.decode(model, 7), sent.decode(model, 7))
+
+
+def test_errors_that_persist_lose_the_row(model, flaky):
+    stored = flaky.put(_payload(model))
+    FlakyFileSystem.faults = [OSError("503 Slow Down")] * (transport.RETRIES + 1)
+    with pytest.raises(PayloadLost, match=r"^kv_unreadable: KV payload file .* OSError\('503 Slow Down'\)"):
+        flaky.fetch(stored)
+    assert FlakyFileSystem.calls == ["size"] * (transport.RETRIES + 1)
+
+
+@pytest.mark.parametrize(
+    "error, kind", [(PermissionError("403 Forbidden"), "kv_unreadable"), (FileNotFoundError(), "kv_missing")]
+)
+def test_errors_that_cannot_pass_are_not_retried(model, flaky, error, kind):
+    stored = flaky.put(_payload(model))
+    FlakyFileSystem.faults = [error]
+    with pytest.raises(PayloadLost, match=f"^{kind}: "):
+        flaky.fetch(stored)
+    assert FlakyFileSystem.calls == ["size"]
+
+
+@pytest.mark.parametrize("change", [-1, 1])
+def test_a_file_of_another_size_than_its_shape_makes_is_corrupt_and_not_read(model, flaky, tmp_path, change):
+    stored = flaky.put(_payload(model, "fp8"))
+    path = tmp_path / "kv" / stored.file
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] if change < 0 else data + b"\0")
+    with pytest.raises(PayloadLost, match=f"^kv_corrupt: KV payload file .* has {len(data) + change} bytes; its shape and codec make {len(data)}"):
+        flaky.fetch(stored)
+    assert FlakyFileSystem.calls == ["size"]

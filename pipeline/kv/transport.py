@@ -3,17 +3,29 @@ only the file's name and checksum. For payloads too large for the object store, 
 handing KV to a decode job that runs elsewhere or later.
 
 Names come from data (a prefill dataset may come from anywhere), so only names of the form
-kvrelay writes are accepted: a file can never be read or removed outside the root."""
+kvrelay writes are accepted: a file can never be read or removed outside the root.
+
+Shared storage fails now and then (a throttled or dropped request, a timeout): a read is tried
+again a few times, waiting longer each time, before its row is given up as lost."""
 import re
+import time
 import uuid
 from dataclasses import replace
+from typing import Callable, TypeVar
 
 import fsspec
 import numpy as np
 
 from pipeline.kv.payload import KVPayload, PayloadLost, PayloadMismatch
 
+T = TypeVar("T")
+
 _NAME = re.compile(r"[0-9a-f]{16}/[0-9a-f]{32}\.kv")
+RETRIES = 3  # tries after the first
+BACKOFF_S = 0.1  # the wait before the first retry, doubled before each next
+# Errors that the same call will meet again: not retried. fsspec's object stores raise these for
+# 404 and 403, and a plain OSError for the rest (throttling, 5xx).
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 class PayloadStore:
@@ -31,10 +43,18 @@ class PayloadStore:
         return replace(payload, data=np.empty(0, np.uint8), file=name)
 
     def fetch(self, payload: KVPayload) -> KVPayload:
+        """The payload (one that passed `KVPayload.check`) with its file's bytes; a file of
+        another size than the payload's shape and codec make is not read."""
+        path = self._path(payload.file)
         try:
-            data = self.fs.cat_file(self._path(payload.file))
+            size = _retried(self.fs.size, path)
+            if size is not None and size != payload.nbytes:  # None: the filesystem cannot tell
+                raise PayloadLost("kv_corrupt", f"KV payload file {payload.file} has {size} bytes; its shape and codec make {payload.nbytes}")
+            data = _retried(self.fs.cat_file, path)
         except FileNotFoundError:
             raise PayloadLost("kv_missing", f"KV payload file {payload.file} is missing from {self.url}") from None
+        except OSError as error:
+            raise PayloadLost("kv_unreadable", f"KV payload file {payload.file} in {self.url}: {error!r}") from None
         return replace(payload, data=np.frombuffer(data, np.uint8))
 
     def remove(self, names: list[str | None]) -> None:
@@ -51,3 +71,14 @@ class PayloadStore:
         if not _NAME.fullmatch(name or ""):
             raise PayloadMismatch("kv_unsafe_path", f"KV payload file name {name!r} is not one kvrelay writes")
         return f"{self.root}/{name}"
+
+
+def _retried(call: Callable[[str], T], path: str) -> T:
+    for attempt in range(RETRIES):
+        try:
+            return call(path)
+        except PERMANENT:
+            raise
+        except OSError:  # ConnectionError and TimeoutError are OSErrors too
+            time.sleep(BACKOFF_S * 2**attempt)
+    return call(path)  # the last try: what it raises is the row's error
