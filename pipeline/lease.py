@@ -26,7 +26,8 @@ class OutputLease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresh, daemon=True, name="kvrelay-lease")
 
-    def __enter__(self) -> "OutputLease":
+    def acquire(self) -> "OutputLease":
+        """Takes the lease, or raises naming the run that holds it; `with` the lease releases it."""
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         if not self._create():
             held = self.read()
@@ -43,7 +44,13 @@ class OutputLease:
         self._thread.start()
         return self
 
+    def __enter__(self) -> "OutputLease":
+        return self
+
     def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
         self._stop.set()
         self._thread.join()
         if (self.read() or {}).get("run") == self.holder["run"]:

@@ -133,7 +133,7 @@ class OutputTarget:
         run left: with overwrite, all a kvrelay job writes; otherwise what was in flight and the
         files written after the rows. Returns the lease, held until the caller exits it, and the
         shards committed already."""
-        lease = OutputLease(self.fs, self.root, self.url).__enter__()
+        lease = OutputLease(self.fs, self.root, self.url).acquire()
         try:
             done = self.inspect()  # again, now that no other run can change the directory
             for name, path in self._names.items():
@@ -149,7 +149,7 @@ class OutputTarget:
             with self.fs.open(f"{self.root}/{MANIFEST}", "w") as f:
                 json.dump(self.job, f, indent=2)
         except BaseException:
-            lease.__exit__(None, None, None)
+            lease.release()
             raise
         return lease, done
 

@@ -111,9 +111,11 @@ class PromptSource:
             schema = file_schema
             info = self.fs.info(path)
             version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-            footer = hashlib.sha256(json.dumps(meta.to_dict(), default=str).encode()).hexdigest()[:16]
+            footer = pa.BufferOutputStream()
+            meta.write_metadata_file(footer)  # the footer's bytes: schema, row groups, column statistics
             groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-            files.append(InputFile(path, info["size"], meta.num_rows, groups, str(version), footer))
+            digest = hashlib.sha256(footer.getvalue()).hexdigest()[:16]
+            files.append(InputFile(path, info["size"], meta.num_rows, groups, str(version), digest))
         return files, schema
 
     def _bad_ids(self) -> dict[int, str]:

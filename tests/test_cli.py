@@ -95,7 +95,9 @@ def test_cli_after_a_crash_resumes_and_writes_every_row_exactly_once(tmp_path):
     assert metrics["errors"] == {kind: 1 for _, _, kind in BAD}
     assert metrics["output_tokens"] == sum(r["num_generated_tokens"] for r in rows)
     assert metrics["input_tokens"] == sum(r["num_input_tokens"] for r in rows)
-    assert metrics["kv_bytes_per_prompt_token"] == 46_080 and metrics["output_tokens_per_second"] > 0
+    # The good prompts are shards 0-2: the rerun moved KV only if the crash came before all three committed.
+    expected_kv = 46_080 if metrics["shards"]["resumed"] < 3 else None
+    assert metrics["kv_bytes_per_prompt_token"] == expected_kv and metrics["output_tokens_per_second"] > 0
     assert (out / "_SUCCESS").exists()
 
     other = generate(f"input.path={source}", f"output.path=file://{out}", "sampling.max_tokens=9", timeout=120)

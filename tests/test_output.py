@@ -36,7 +36,7 @@ def claimed(path, **kwargs) -> tuple[OutputTarget, set[int]]:
     out = target(path, **kwargs)
     out.inspect()
     lease, done = out.claim()
-    lease.__exit__(None, None, None)
+    lease.release()
     return out, done
 
 
@@ -167,7 +167,7 @@ def test_one_run_at_a_time_holds_the_path(tmp_path):
     with pytest.raises(JobError, match=rf"in use by another run \(host {os.uname().nodename}, pid {os.getpid()}"):
         second.claim()
     assert (tmp_path / "out" / MANIFEST).exists()  # the refused overwrite removed nothing
-    lease.__exit__(None, None, None)
+    lease.release()
     assert not (tmp_path / "out" / LEASE).exists()
     claimed(tmp_path / "out", overwrite=True)
 
