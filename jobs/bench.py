@@ -102,7 +102,7 @@ def main(cfg: DictConfig) -> str:
                 start_ray(bench.cluster)  # the first call starts Ray; the pipeline modes share it
             with ProcessTreeRSSPeak() as rss:
                 result = plain_vllm(bench) if mode is BenchMode.plain else pipeline(bench, Mode(mode.value), root)
-            rounds.setdefault(mode.value, []).append({**result, "peak_rss_bytes": rss.bytes})
+            rounds.setdefault(mode.value, []).append({**result, "peak_rss_bytes": rss.peak})
     results = {mode: bench_report.fastest(runs) for mode, runs in rounds.items()}
     tokens = {mode: r.pop("tokens") for mode, r in results.items() if "tokens" in r}
     if len(tokens) == 2:

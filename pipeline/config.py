@@ -237,6 +237,25 @@ class BenchConfig(JobConfig):
     bench: BenchSettings = field(default_factory=BenchSettings)
 
 
+@dataclass
+class OverheadSettings:
+    # Dataset sizes, each run through every mode.
+    rows: List[int] = field(default_factory=lambda: [20_000, 200_000])
+    modes: List[Mode] = field(default_factory=lambda: list(Mode))
+    # Per row, a carried text column of this many bytes; the prompts are null but `prompts`
+    # of them, so the engines have almost nothing to do and the pipeline's own cost shows.
+    text_bytes: int = 2048
+    prompts: int = 4
+
+
+@dataclass
+class OverheadConfig(JobConfig):
+    """jobs.overhead: a job's config, run per mode and dataset size."""
+
+    overhead: OverheadSettings = field(default_factory=OverheadSettings)
+
+
 def register() -> None:
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
     ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+    ConfigStore.instance().store(name="overhead_schema", node=OverheadConfig)

@@ -205,7 +205,7 @@ class PeakSampler:
 
     def __init__(self, interval: float = 0.5):
         self.interval = interval
-        self.bytes = 0
+        self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -224,7 +224,7 @@ class PeakSampler:
     def _sample(self) -> None:
         measure = self.measurer()
         while True:
-            self.bytes = max(self.bytes, measure())
+            self.peak = max(self.peak, measure())
             if self._stop.wait(self.interval):
                 return
 
@@ -260,3 +260,24 @@ def tree_rss(root: psutil.Process) -> int:
         except (psutil.NoSuchProcess, psutil.AccessDenied):  # it ended between listing and reading
             pass
     return total
+
+
+class ProcessTreeCPU(PeakSampler):
+    """CPU seconds (user and system) this process and all its descendants used while the `with`
+    block ran, counting each process as last seen (a worker that ended keeps its last sample),
+    in milliseconds. The driver's own share is `time.process_time()` over the same span."""
+
+    def measurer(self) -> Callable[[], int]:
+        root, seen = psutil.Process(), {}
+
+        def measure() -> int:
+            for process in [root, *root.children(recursive=True)]:
+                try:
+                    times = process.cpu_times()
+                    seen[process.pid] = times.user + times.system
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            return int(1000 * sum(seen.values()))
+
+        before = measure()
+        return lambda: measure() - before
