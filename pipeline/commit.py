@@ -4,8 +4,8 @@ shard's fragments hold every one of its rows, a Ray task on a worker merges them
 shard's part: each row once, in input order, written aside and moved into place
 (`commit_shard`). Rows that arrive for a shard already committed (a batch redone after a
 worker died) are dropped and counted."""
-import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -13,15 +13,15 @@ import ray
 
 from pipeline.columns import INTERNAL, KV_FILE, ROW
 from pipeline.io import filesystem
-from pipeline.kv.transport import PayloadStore
 from pipeline.output import OutputTarget, ShardStats, read_stats, write_part
 from pipeline.source import Shard
 from pipeline.stages.write import OUTPUT_TOKENS, PATH, ROWS, SHARD, read_fragment
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # a commit task imports the payload code (and torch) only when it has files to remove
+    from pipeline.kv.transport import PayloadStore
 
 
-def commit_shard(url: str, part: str, shard: Shard, fragments: list[str], store: PayloadStore | None) -> ShardStats:
+def commit_shard(url: str, part: str, shard: Shard, fragments: list[str], store: "PayloadStore | None") -> ShardStats:
     """Runs on a worker: the shard's fragments -> its part. Idempotent: a retry finds the part
     in place and only clears up."""
     fs, arrow_fs, _ = filesystem(url)
@@ -52,7 +52,7 @@ class _Pending:
 class ShardLedger:
     """Driver side: fed the write stage's fragment rows; starts a commit task per complete shard."""
 
-    def __init__(self, output: OutputTarget, shards: list[Shard], store: PayloadStore | None, num_cpus: float):
+    def __init__(self, output: OutputTarget, shards: list[Shard], store: "PayloadStore | None", num_cpus: float):
         self.output, self.store = output, store
         self.pending = {s.index: _Pending(s, np.zeros(s.num_rows, bool), []) for s in shards}
         self.committing: dict[ray.ObjectRef, Shard] = {}
