@@ -266,3 +266,60 @@ def test_preempted_requests_load_their_kv_again(ray_cluster, few_prompts, coloca
     metrics = run(job_config("mode=disaggregated", *_overrides(few_prompts, output), "engine.kv_cache_gib=0.1"))
     assert _tokens_by_id(read_output(str(output))) == {f"p{n}": colocated[f"p{n}"] for n in FEW}
     assert metrics["preemptions"] > 0
+
+
+def _prefilled_dataset(model, prompts, colocated, path) -> dict[str, str | None]:
+    """A prefill dataset as another tool might leave it: its payload column's bytes `binary`
+    and its fields in reverse order, every row's num_input_tokens 0, and crafted rows. The good
+    rows have no payload: decode recomputes their prefill. Returns each row's expected error kind."""
+    by_id = dict(zip(*pq.read_table(prompts).to_pydict().values()))
+    kv = torch.zeros(model.layers, 2, 16, model.kv_heads, model.head_dim)
+    good = KVPayload.encode(kv, model, "none")
+    rows = [(f"p{n}", by_id[f"p{n}"], colocated[f"p{n}"][:1], None, None) for n in (16, 17, 31, 32, 63)]
+    p16, first = by_id["p16"], colocated["p16"][:1]
+    short = good.data[:-4]
+    rows += [
+        ("codec", p16, first, dataclasses.replace(good, codec="zstd"), "kv_mismatch"),
+        ("short_bytes", p16, first, dataclasses.replace(good, data=short, checksum=payload.checksum(short)), None),
+        ("null_shape", p16, first, good, None),
+        ("oov_prompt", [*p16, 49152], first, None, "invalid_token_ids"),
+        ("negative_first", p16, [-1], None, "invalid_token_ids"),
+        ("two_first", p16, first * 2, None, "invalid_first_token"),
+        ("overlong", by_id["p64"], colocated["p64"][:1], None, "overlong_prompt"),
+    ]
+    structs = [
+        {**{f: getattr(p, f) for f in payload.TYPE.names}, "shape": None if row_id == "null_shape" else list(p.shape),
+         "data": p.data.tobytes()} if p else None
+        for row_id, _, _, p, _ in rows
+    ]  # fmt: skip
+    fields = [pa.field(f.name, pa.binary() if f.name == "data" else f.type) for f in reversed(list(payload.TYPE))]
+    pq.write_table(
+        pa.table({
+            "id": [r[0] for r in rows],
+            "prompt_token_ids": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
+            "generated_tokens": pa.array([r[2] for r in rows], pa.list_(pa.int32())),
+            "num_input_tokens": pa.array([0] * len(rows), pa.int32()),
+            "finish_reason": pa.nulls(len(rows), pa.string()),
+            "error": pa.nulls(len(rows), pa.string()),
+            KV_PAYLOAD: pa.array(structs, pa.struct(fields)),
+        }),
+        path,
+    )  # fmt: skip
+    return {r[0]: r[4] for r in rows}
+
+
+def test_crafted_prefill_rows_fail_alone_and_the_rest_decode(ray_cluster, model, prompts, colocated, tmp_path):
+    """jobs.decode with model.max_model_len=64 on a crafted prefill dataset: each crafted row
+    gets its error, a lost payload is recomputed, a 63-token prompt ends at its first token, and
+    the other rows get colocated's tokens, in one batch."""
+    expected = _prefilled_dataset(model, prompts, colocated, tmp_path / "prefilled.parquet")
+    out = tmp_path / "out"
+    metrics = run(job_config("phase=decode", *_overrides(tmp_path / "prefilled.parquet", out), "model.max_model_len=64"))
+    rows = {r["id"]: r for r in read_output(str(out)).to_pylist()}
+    assert {k: r["error"] and r["error"].split(":", 1)[0] for k, r in rows.items()} == expected
+    assert rows["p63"]["generated_tokens"] == colocated["p63"][:1] and rows["p63"]["finish_reason"] == "length"
+    decoded = ["p16", "p17", "p31", "p32"]
+    assert all(rows[k]["generated_tokens"] == colocated[k] for k in decoded)
+    assert all(rows[k]["generated_tokens"] == colocated["p16"] for k in ("short_bytes", "null_shape"))
+    assert all(rows[k]["num_input_tokens"] == int(k[1:]) for k in decoded)
+    assert metrics["kv_recomputed_rows"] == 6

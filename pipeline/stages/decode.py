@@ -60,6 +60,7 @@ class Decode(EngineStage):
         for i in rows:
             errors[i] = check_prefilled(prompts[i], tokens[i], self.vocab_size, self.model.max_model_len)
             if errors[i]:
+                tokens[i] = None  # as prefill leaves a row it refused: ids no tokenizer may know
                 continue
             num_input[i] = len(prompts[i])  # the prompt's, whatever the dataset says
             if self.budget(len(prompts[i])) == 1:  # a decode job given less room than its prefill job had
