@@ -26,8 +26,11 @@ from ray.data import ActorPoolStrategy, ExecutionResources
 from tqdm import tqdm
 
 from pipeline.columns import (
+    FINISH_REASON,
     GENERATED_TEXT,
+    GENERATED_TOKENS,
     KV_PAYLOAD,
+    NUM_INPUT_TOKENS,
     NUM_GENERATED_TOKENS,
     OUTPUT,
     PROMPT_TOKENS,
@@ -131,7 +134,8 @@ def build(source: PromptSource, shards: list[Shard], stages: list[Stage], output
             ds = ds.repartition(target_num_rows_per_block=min(s.actors.batch_size for s in engines))
         ds = stage.apply(ds)
     starts = np.array([s.first_row for s in shards], np.int64)
-    writer = WriteFragments(output.fragments(), starts, np.array([s.index for s in shards], np.int64))
+    folder = output.fs.unstrip_protocol(output.fragments())  # a URL: the workers open it on the output's store
+    writer = WriteFragments(folder, starts, np.array([s.index for s in shards], np.int64))
     return ds.map_batches(writer, batch_size=None, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
 
 
@@ -276,7 +280,9 @@ def _window(timeline: list[BatchPoint], engines: list[str], clock_offset: float)
 
 
 def _needs(cfg: JobConfig) -> tuple[str, ...]:
-    return (PROMPT_TOKENS, KV_PAYLOAD) if cfg.phase is Phase.decode else (cfg.input.prompt_column,)
+    if cfg.phase is Phase.decode:  # a prefill dataset
+        return (PROMPT_TOKENS, GENERATED_TOKENS, NUM_INPUT_TOKENS, FINISH_REASON, KV_PAYLOAD)
+    return (cfg.input.prompt_column,)
 
 
 def _reserved(cfg: JobConfig) -> tuple[str, ...]:

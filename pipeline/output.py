@@ -96,6 +96,7 @@ class OutputTarget:
     def inspect(self) -> set[int]:
         """Checks the directory may take this job, touching nothing; returns the shards already
         committed to it by an earlier run of the same job (none when it will be overwritten)."""
+        self.fs.invalidate_cache()  # workers and other runs write here: a cached listing (s3fs) is stale
         listing = self.fs.ls(self.root) if self.fs.isdir(self.root) else []
         self._names = {name: p for p in listing if (name := p.rstrip("/").rsplit("/", 1)[-1]) != LEASE}
         if not self._names:
@@ -167,6 +168,7 @@ class OutputTarget:
         return f"{self.root}/{FRAGMENTS}"
 
     def finish(self, metrics: dict) -> None:
+        self.fs.invalidate_cache()
         if self.fs.exists(self.fragments()):  # late duplicates, a killed writer's leftovers
             self.fs.rm(self.fragments(), recursive=True)
         with self.fs.open(f"{self.root}/{METRICS}", "w") as f:

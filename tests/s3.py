@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import fsspec
 import fsspec.config
 import pytest
-from moto.server import ThreadedMotoServer
 
 BUCKET = "kvrelay-test"
 
@@ -26,6 +25,10 @@ class Bucket:
 
 @contextmanager
 def local_s3() -> Iterator[Bucket]:
+    # Imported here: moto brings flask, and a process with flask loaded cannot build a vLLM CPU
+    # engine (vLLM's kernel rebinding scans every loaded module); test modules reach Ray actors.
+    from moto.server import ThreadedMotoServer
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: a free one
     server.start()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise

@@ -34,9 +34,6 @@ PARTS = {f"part-{i:06d}.parquet" for i in range(SHARDS)}
 # ("bucket/out/_fragments"), as if it were a URL: on s3:// the workers write their fragments to
 # local disk (bucket/out/_fragments/... under their working directory) and commit_shard, opening
 # those local paths on S3, fails with FileNotFoundError (NoSuchBucket, the bucket being "tmp" etc.).
-FRAGMENTS_NOT_ON_S3 = "workers write output fragments to local disk for an s3:// output (output.fragments() is no URL)"
-
-
 def _job(root: str) -> list[str]:
     """Writes the prompts under root (a directory of one file); the job's paths under it."""
     with fsspec.open(f"{root}/prompts/prompts.parquet", "wb") as f:
@@ -68,7 +65,6 @@ def test_ray_workers_reach_the_bucket_from_a_plain_url(s3: Bucket, ray_cluster):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError, reason=FRAGMENTS_NOT_ON_S3)
 def test_a_job_on_s3_writes_what_it_writes_on_local_disk(s3: Bucket, ray_cluster, local_rows):
     root = f"{s3.url}/whole"
     metrics = run(job_config(*_job(root)))
@@ -84,7 +80,6 @@ def test_a_job_on_s3_writes_what_it_writes_on_local_disk(s3: Bucket, ray_cluster
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=FRAGMENTS_NOT_ON_S3)
 def test_a_job_killed_on_s3_resumes_without_rewriting_its_committed_parts(s3: Bucket, local_rows):
     """The command is killed (driver, Ray and workers) once a part is in the bucket, then run
     again: every row once, the parts committed before the kill untouched, the payload files of
