@@ -192,7 +192,7 @@ def run(cfg: JobConfig) -> dict:
     done = output.inspect()
     store = PayloadStore(cfg.kv.storage_path, _digest(job)) if cfg.kv.storage_path else None
     stage_metrics, timeline, counts, peak, nodes, clock_zero = {}, [], {}, ObjectStorePeak(), [], started_at
-    late, local, sink = 0, None, None
+    local, sink = None, None
     try:
         if len(done) < len(source.shards):
             local = start_ray(cfg.cluster)

@@ -41,6 +41,7 @@ SUCCESS = "_SUCCESS"
 FRAGMENTS = "_fragments"
 IN_FLIGHT = "_tmp."
 STATS_KEY = b"kvrelay.shard"  # a part's counts, in its Parquet footer
+_GROUP_BYTES = 128 << 20
 _PART = re.compile(r"part-(\d{6,})\.parquet")
 # What a kvrelay job writes at the top of its output, besides its parts.
 _OWN = (MANIFEST, LEASE, FRAGMENTS, SUCCESS, METRICS, REPORT, REPORT_PLOT)
@@ -182,7 +183,10 @@ def write_part(arrow_fs, path: str, table: pa.Table, stats: ShardStats) -> None:
     directory, name = path.rsplit("/", 1)
     aside = f"{directory}/{IN_FLIGHT}{uuid.uuid4().hex}.{name}"
     metadata = {**(table.schema.metadata or {}), STATS_KEY: json.dumps(stats.__dict__).encode()}
-    pq.write_table(table.replace_schema_metadata(metadata), aside, filesystem=arrow_fs)
+    # Row groups of about _GROUP_BYTES, not one per part: a part of KV payloads (a prefill
+    # dataset) is gigabytes, and readers decode a row group whole.
+    group_rows = max(1, _GROUP_BYTES * table.num_rows // max(table.nbytes, 1))
+    pq.write_table(table.replace_schema_metadata(metadata), aside, filesystem=arrow_fs, row_group_size=group_rows)
     arrow_fs.move(aside, path)
 
 

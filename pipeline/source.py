@@ -23,8 +23,10 @@ from pipeline.io import NOT_ROWS, filesystem
 
 
 UNIT = "unit"
-# Rows decoded at a time: a row group of any size is streamed, not held whole.
+# Rows decoded at a time, and about as many bytes at most: a row group of any size is
+# streamed, not held whole.
 _READ_ROWS = 8192
+_READ_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,10 @@ class ShardReader:
         file = pq.ParquetFile(unit.path, filesystem=self.filesystem)
         shards = iter(unit.shards)
         shard, pieces, offset = next(shards), [], unit.start
-        for batch in file.iter_batches(batch_size=_READ_ROWS, row_groups=list(unit.groups)):
+        groups = [file.metadata.row_group(g) for g in unit.groups]
+        size, rows = sum(g.total_byte_size for g in groups), sum(g.num_rows for g in groups)
+        batch_rows = max(1, min(_READ_ROWS, _READ_BYTES * rows // max(size, 1)))  # rows of KV are megabytes
+        for batch in file.iter_batches(batch_size=batch_rows, row_groups=list(unit.groups)):
             end = offset + batch.num_rows
             while shard is not None and shard.start < end:
                 lo, hi = max(shard.start, offset), min(shard.stop, end)
