@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.columns import ERROR, ROW
 from pipeline.errors import JobError
+from pipeline.job import identity
 from pipeline.source import UNIT, PromptSource
 from tests.conftest import job_config
 
@@ -153,3 +154,15 @@ def test_files_with_different_schemas_are_refused(tmp_path):
     pq.write_table(pa.table({"prompt": [[1, 2]]}), tmp_path / "b.parquet")
     with pytest.raises(JobError, match="different schema"):
         source(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "override", ["model.dtype=bfloat16", "model.max_model_len=1024", "kv.on_load_failure=error", "kv.codec=fp8",
+                 "sampling.seed=3", "output.shard_rows=7", "input.apply_chat_template=false"],
+)  # fmt: skip
+def test_every_setting_that_changes_the_output_is_in_the_job_identity(tmp_path, model, override):
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "in.parquet")
+    base = job_config(f"input.path={tmp_path / 'in.parquet'}")
+    changed = job_config(f"input.path={tmp_path / 'in.parquet'}", override)
+    make = lambda cfg: identity(cfg, PromptSource(cfg.input, cfg.output.shard_rows, ("prompt",)), model)  # noqa: E731
+    assert make(base) != make(changed)

@@ -48,6 +48,21 @@ def test_invalid_utf8_in_a_text_column_spoils_only_its_row(tmp_path):
     assert values == [b"fine", b"\xc3\x28 bad", None]
 
 
+def test_invalid_utf8_in_a_dictionary_encoded_column_spoils_only_its_row(encoder):
+    text = pa.array([b"fine", b"\xc3\x28 bad", b"fine"], pa.binary()).view(pa.string()).dictionary_encode()
+    values = prompt_values(pa.chunked_array([text]))
+    assert values == [b"fine", b"\xc3\x28 bad", b"fine"]
+    tokens, errors = encoder.encode_all(values, [None] * 3)
+    assert errors[1].startswith("invalid_utf8: ") and errors[0] is errors[2] is None and tokens[0] == tokens[2]
+
+
+def test_a_batch_is_tokenized_as_each_prompt_alone(encoder):
+    prompts = ["What is 2 + 2?", None, "Name a yellow fruit.", [5, 6, 7], ""]
+    tokens, errors = encoder.encode_all(prompts, [None, None, None, None, None])
+    assert list(zip(tokens, errors)) == [encoder.encode(p) for p in prompts]
+    assert encoder.encode_all(prompts[:1], ["duplicate_id: kept"]) == ([[]], ["duplicate_id: kept"])
+
+
 def test_overlong_prompt_is_an_error_or_keeps_its_end(model):
     prompt = list(range(1, model.max_model_len + 10))
     strict = PromptEncoder(model, job_config().input, MAX_TOKENS)
