@@ -242,6 +242,8 @@ def check_apart(input_url: str, output_url: str) -> None:
     nor around it (overwriting would remove it)."""
     fs_in, path_in = fsspec.core.url_to_fs(input_url)
     fs_out, path_out = fsspec.core.url_to_fs(output_url)
+    if "memory" in fs_out.protocol:  # fsspec's memory:// lives in one process; the workers write the output
+        raise JobError(f"output.path {output_url} is in this process's memory, out of the workers' reach")
     if fs_in.protocol != fs_out.protocol:
         return
     a, b = PurePosixPath(path_in.rstrip("/")), PurePosixPath(path_out.rstrip("/"))

@@ -98,7 +98,7 @@ class OutputTarget:
         """Checks the directory may take this job, touching nothing; returns the shards already
         committed to it by an earlier run of the same job (none when it will be overwritten)."""
         self.fs.invalidate_cache()  # workers and other runs write here: a cached listing (s3fs) is stale
-        listing = self.fs.ls(self.root) if self.fs.isdir(self.root) else []
+        listing = self.fs.ls(self.root, detail=False) if self.fs.isdir(self.root) else []
         self._names = {name: p for p in listing if (name := p.rstrip("/").rsplit("/", 1)[-1]) != LEASE}
         if not self._names:
             return set()

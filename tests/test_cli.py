@@ -127,8 +127,10 @@ def test_bad_override_fails_before_any_work(tmp_path):
          ["input.path={d}/in", "output.path={d}/in/out"], "overlap"),
         (lambda d: (d / "in").mkdir() or pq.write_table(pa.table({"prompt": ["a"]}), d / "in" / "a.parquet"),
          ["input.path={d}/in", "output.path={d}", "output.overwrite=true"], "overlap"),
+        (lambda d: pq.write_table(pa.table({"prompt": ["a"]}), d / "in.parquet"),
+         ["input.path={d}/in.parquet", "output.path=memory://kvrelay/out"], "out of the workers' reach"),
     ],
-    ids=["reserved-column", "output-inside-input", "overwrite-around-input"],
+    ids=["reserved-column", "output-inside-input", "overwrite-around-input", "output-in-memory"],
 )
 def test_a_job_that_must_not_run_touches_nothing_and_exits_2(tmp_path, setup, overrides, message):
     setup(tmp_path)
@@ -136,3 +138,17 @@ def test_a_job_that_must_not_run_touches_nothing_and_exits_2(tmp_path, setup, ov
     done = generate(*(o.format(d=tmp_path) for o in overrides), timeout=120)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_while_running_exits_3_with_its_cause_and_log(tmp_path):
+    """An engine that cannot start (a context longer than the model's), its worker out of restarts."""
+    pq.write_table(pa.table({"prompt": ["What is 2 + 2?"]}), tmp_path / "in.parquet")
+    done = generate(f"input.path={tmp_path}/in.parquet", f"output.path={tmp_path}/out", "mode=colocated",
+                    "model.max_model_len=100000", "pools.colocated.max_restarts=0", timeout=600)  # fmt: skip
+    assert done.returncode == 3, done.stderr[-2000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("kvrelay: failed: ")]
+    assert "max_model_len (100000) is greater than" in line
+    log = Path(line.rsplit("(traceback: ", 1)[1].rstrip(")"))
+    assert "Traceback" in log.read_text()
+    assert not (tmp_path / "out" / "_SUCCESS").exists()

@@ -17,7 +17,9 @@ from jobs.sample import SENTENCES
 from pipeline.columns import KV_PAYLOAD, with_columns
 from pipeline.config import PoolConfig
 from pipeline.io import read_output
-from pipeline.job import Stage, build, plan, run
+from pipeline.commit import ShardLedger
+from pipeline.job import Stage, build, commit, plan, run
+from pipeline.output import OutputTarget
 from pipeline.kv import payload
 from pipeline.kv.payload import KVPayload
 from pipeline.metrics import start_sink
@@ -140,18 +142,23 @@ FEW = [n for n in LENGTHS if 16 <= n <= 300]
 TAMPERED = {f"p{n}": ("noise", "damage", "drop", "foreign", None)[k % 5] for k, n in enumerate(FEW)}
 
 
-def _tampered_run(model, prompts, *overrides: str) -> tuple[pa.Table, dict]:
-    cfg = job_config("mode=disaggregated", *_overrides(prompts, "unused"), *overrides)
+def _tampered_run(model, prompts, output, *overrides: str) -> tuple[pa.Table, dict]:
+    """The disaggregated graph with a Tamper stage before decode, committed into `output`."""
+    cfg = job_config("mode=disaggregated", *_overrides(prompts, output), *overrides)
     source = PromptSource(cfg.input, cfg.output.shard_rows, (cfg.input.prompt_column,))
     sink_name, sink = start_sink()
     stages = plan(cfg, model, source.schema.names, sink_name, None)
     at = [s.name for s in stages].index("decode")
     tamper = Stage("tamper", Tamper, PoolConfig(num_cpus=0), {"actions": TAMPERED, "model": model})
-    ds = build(source, source.shards, [*stages[:at], tamper, *stages[at:]], cfg.cluster)
-    rows = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    target = OutputTarget(cfg.output, {"job": "tampered"})
+    target.inspect()
+    lease, _ = target.claim()
+    with lease:
+        ds = build(source, source.shards, [*stages[:at], tamper, *stages[at:]], target, cfg.cluster, sink_name)
+        commit(ds, ShardLedger(target, source.shards, None, cfg.cluster.io_num_cpus), source.num_rows)
     stage_metrics = ray.get(sink.stages.remote())
     ray.kill(sink)
-    return rows, stage_metrics
+    return read_output(str(output)), stage_metrics
 
 
 def _fate(table: pa.Table, clean: dict, action: str | None) -> list:
@@ -159,12 +166,12 @@ def _fate(table: pa.Table, clean: dict, action: str | None) -> list:
     return [(by_id[k]["generated_tokens"] == clean[k], by_id[k]["error"]) for k, a in TAMPERED.items() if a == action]
 
 
-def test_tampered_payloads_are_refused_and_the_rest_complete(ray_cluster, model, few_prompts, disaggregated):
+def test_tampered_payloads_are_refused_and_the_rest_complete(ray_cluster, model, few_prompts, disaggregated, tmp_path):
     """kv.on_load_failure=error: damaged or missing KV and another model's KV are row errors;
     noise under a valid checksum changes the output (decode really uses the payload); the
     other rows are untouched."""
     clean, _ = disaggregated
-    table, _ = _tampered_run(model, few_prompts, "kv.on_load_failure=error")
+    table, _ = _tampered_run(model, few_prompts, tmp_path / "out", "kv.on_load_failure=error")
     assert table.num_rows == len(FEW)
     noise = _fate(table, clean, "noise")
     assert sum(same for same, _ in noise) <= 1 and all(error is None for _, error in noise), noise
@@ -176,9 +183,9 @@ def test_tampered_payloads_are_refused_and_the_rest_complete(ray_cluster, model,
     assert all(by_id[k]["error"] is None and by_id[k]["generated_tokens"] == clean[k] for k in untouched)
 
 
-def test_lost_payloads_are_recomputed_by_the_decode_pool(ray_cluster, model, few_prompts, disaggregated):
+def test_lost_payloads_are_recomputed_by_the_decode_pool(ray_cluster, model, few_prompts, disaggregated, tmp_path):
     clean, _ = disaggregated
-    table, stages = _tampered_run(model, few_prompts, "kv.on_load_failure=recompute")
+    table, stages = _tampered_run(model, few_prompts, tmp_path / "out", "kv.on_load_failure=recompute")
     assert all(same and error is None for same, error in _fate(table, clean, "damage") + _fate(table, clean, "drop"))
     assert all(e.startswith("kv_mismatch") for _, e in _fate(table, clean, "foreign"))
     lost = sum(a in ("damage", "drop") for a in TAMPERED.values())
