@@ -52,14 +52,16 @@ class _Pending:
 class ShardLedger:
     """Driver side: fed the write stage's fragment rows; starts a commit task per complete shard."""
 
-    def __init__(self, output: OutputTarget, shards: list[Shard], store: "PayloadStore | None", num_cpus: float):
+    def __init__(self, output: OutputTarget, shards: list[Shard], store: "PayloadStore | None"):
         self.output, self.store = output, store
         self.pending = {s.index: _Pending(s, np.zeros(s.num_rows, bool), []) for s in shards}
         self.committing: dict[ray.ObjectRef, Shard] = {}
         self.stats = ShardStats()
         self.late_duplicate_rows = 0
         self.output_tokens = 0  # written so far, for progress
-        self._commit = ray.remote(commit_shard).options(num_cpus=num_cpus, max_retries=3, retry_exceptions=True)
+        # No CPU reserved, as the writers (pipeline/job.py build): short I/O that must not wait
+        # for the pipeline's ops to release theirs.
+        self._commit = ray.remote(commit_shard).options(num_cpus=0, max_retries=3, retry_exceptions=True)
 
     def add(self, fragments: pa.Table) -> None:
         columns = fragments.select([SHARD, PATH, ROWS, OUTPUT_TOKENS]).to_pydict()

@@ -110,9 +110,10 @@ class PoolsConfig:
     # num_cpus is what Ray reserves per actor, not the cores an engine uses (see
     # engine.bind_cores). The defaults leave one whole logical CPU free on a small machine:
     # Ray Data's file-listing task asks for one and never starts without it.
-    # The CPU stages take large batches: their cost is mostly per block. The job cuts the
-    # blocks to one engine batch before the first engine pool.
-    tokenize: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=1024, num_cpus=0.1))
+    # Tokenize's blocks are the engine's input: no larger than an engine batch, so each call of
+    # an engine stage is one batch (Ray Data splits a larger block into batches within a call).
+    # Detokenize takes large batches (several engine batches' blocks): its cost is mostly per block.
+    tokenize: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=32, num_cpus=0.1))
     # Engine pools: 3 batches of 32 in hand for an engine of 64 sequences, so it stays full
     # while the next batch comes (Ray Data has it queued already).
     prefill: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=32, concurrent_batches=3, num_cpus=0.4))

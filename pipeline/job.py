@@ -67,7 +67,6 @@ class Stage:
     actors: PoolConfig
     constructor: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
-    engine: bool = False  # a vLLM pool: fed blocks of one engine batch
 
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         return ds.map_batches(
@@ -95,7 +94,7 @@ def plan(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str, st
     def engine(name: str, fn: type) -> Stage:
         constructor = dict(model=model, engine=cfg.engine, sampling=cfg.sampling, kv=cfg.kv, store=store,
                            pool=getattr(pools, name), placement=placements[name], sink_name=sink)  # fmt: skip
-        return Stage(name, fn, getattr(pools, name), constructor, placements[name].env(), engine=True)
+        return Stage(name, fn, getattr(pools, name), constructor, placements[name].env())
 
     tokenize = Stage("tokenize", Tokenize, pools.tokenize,
                      dict(model=model, input=cfg.input, max_tokens=cfg.sampling.max_tokens, sink_name=sink))  # fmt: skip
@@ -124,19 +123,28 @@ def build(source: PromptSource, shards: list[Shard], stages: list[Stage], output
     reader = source.reader(shards, sink_name)
     ds = ray.data.from_items([{UNIT: i} for i in reader.units], override_num_blocks=len(reader.units))
     ds = ds.map_batches(reader, batch_size=1, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
-    engines = [s for s in stages if s.engine]
+    # Ray Data holds a stage back only between tasks, and a task takes whole blocks: blocks no
+    # larger than the smallest batch keep every task one batch long, so a shard of thousands of
+    # rows does not become one prefill task that no budget can stop. Cut right after the read,
+    # the cut runs inside the read tasks; after an actor stage it would be a task op of its own
+    # holding a whole CPU.
+    ds = ds.repartition(target_num_rows_per_block=min(s.actors.batch_size for s in stages))
     for stage in stages:
-        if engines and stage is engines[0]:
-            # Ray Data holds a stage back only between tasks, and a task takes whole blocks:
-            # blocks of one engine batch keep every engine task one batch long, so a large block
-            # does not become one prefill task that no object-store budget can stop. Reading,
-            # tokenizing and writing keep large blocks: per-block overhead is most of their cost.
-            ds = ds.repartition(target_num_rows_per_block=min(s.actors.batch_size for s in engines))
         ds = stage.apply(ds)
     starts = np.array([s.first_row for s in shards], np.int64)
     folder = output.fs.unstrip_protocol(output.fragments())  # a URL: the workers open it on the output's store
-    writer = WriteFragments(folder, starts, np.array([s.index for s in shards], np.int64))
-    return ds.map_batches(writer, batch_size=None, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
+    # Writers are actors, as many as the last stage's workers, reserving no CPU (as the commit
+    # tasks): a task op at the end of the graph got no share of Ray Data's resource budget until
+    # every other op was done, and the cut into blocks above holds a whole CPU for the job, so on
+    # a small machine a writer that reserved any stalled the pipeline.
+    return ds.map_batches(
+        WriteFragments,
+        fn_constructor_kwargs=dict(folder=folder, starts=starts, shards=np.array([s.index for s in shards], np.int64)),
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=stages[-1].actors.size),
+        num_cpus=0,
+    )
 
 
 def commit(ds: ray.data.Dataset, ledger: ShardLedger, total_rows: int) -> None:
@@ -208,7 +216,7 @@ def run(cfg: JobConfig) -> dict:
             if todo:
                 # A payload file goes once its row is committed (in a prefill dataset, it is kept).
                 removes = store if not cfg.kv.keep_files and cfg.phase is not Phase.prefill else None
-                ledger = ShardLedger(output, todo, removes, cfg.cluster.io_num_cpus)
+                ledger = ShardLedger(output, todo, removes)
                 with peak:
                     commit(build(source, todo, graph, output, cfg.cluster, sink_name), ledger, sum(s.num_rows for s in todo))
                 stage_metrics, timeline, counts, clock_zero = ray.get(

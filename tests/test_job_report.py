@@ -169,5 +169,5 @@ class Batches:
 def test_progress_bar_shows_rows_committed_and_output_tokens_per_second(tmp_path, capsys, ray_cluster):
     out, _ = claimed(tmp_path / "out")
     write = writer(out)
-    commit(Batches(write(rows(0, 1, 2)), write(rows(3, 4))), ShardLedger(out, SHARDS, None, num_cpus=0.1), 5)
+    commit(Batches(write(rows(0, 1, 2)), write(rows(3, 4))), ShardLedger(out, SHARDS, None), 5)
     assert re.search(r"committed: 100%.* 5/5 .*, [\d.]+ output tok/s\]", capsys.readouterr().err)

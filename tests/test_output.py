@@ -55,7 +55,7 @@ def writer(out: OutputTarget, shards=SHARDS) -> WriteFragments:
 
 def test_shard_commits_once_complete_in_input_order_without_duplicates(tmp_path, ray_cluster):
     out, _ = claimed(tmp_path / "out")
-    write, ledger = writer(out), ShardLedger(out, SHARDS, None, num_cpus=0.1)
+    write, ledger = writer(out), ShardLedger(out, SHARDS, None)
     ledger.add(write(rows(4, 1)))  # one fragment for each shard
     ledger.add(write(rows(0, 3)))  # shard 1 (rows 3, 4) is complete
     assert ledger.committed(wait=True) == 2
@@ -75,7 +75,7 @@ def test_shard_commits_once_complete_in_input_order_without_duplicates(tmp_path,
 
 def test_incomplete_shards_are_reported(tmp_path, ray_cluster):
     out, _ = claimed(tmp_path / "out")
-    ledger = ShardLedger(out, SHARDS, None, num_cpus=0.1)
+    ledger = ShardLedger(out, SHARDS, None)
     ledger.add(writer(out)(rows(0, 1, 2, 3)))
     ledger.committed(wait=True)
     assert ledger.missing() == [1]
@@ -91,7 +91,7 @@ def test_a_retried_commit_finds_its_part_and_only_clears_up(tmp_path):
 
 def test_rerun_of_the_same_job_resumes_after_committed_shards(tmp_path, ray_cluster):
     out, _ = claimed(tmp_path / "out")
-    ledger = ShardLedger(out, SHARDS, None, num_cpus=0.1)
+    ledger = ShardLedger(out, SHARDS, None)
     ledger.add(writer(out)(rows(3, 4, 0)))
     ledger.committed(wait=True)
     (tmp_path / "out" / "_tmp.abc.part-000000.parquet").write_bytes(b"half written")
@@ -120,7 +120,7 @@ def test_foreign_data_is_refused_even_with_overwrite_and_left_untouched(tmp_path
 
 def test_overwrite_removes_only_what_kvrelay_wrote(tmp_path, ray_cluster):
     out, _ = claimed(tmp_path / "out")
-    ledger = ShardLedger(out, SHARDS, None, num_cpus=0.1)
+    ledger = ShardLedger(out, SHARDS, None)
     ledger.add(writer(out)(rows(0, 1, 2)))
     ledger.committed(wait=True)
     out.finish({"rows_out": 3})

@@ -155,7 +155,7 @@ def _tampered_run(model, prompts, output, *overrides: str) -> tuple[pa.Table, di
     lease, _ = target.claim()
     with lease:
         ds = build(source, source.shards, [*stages[:at], tamper, *stages[at:]], target, cfg.cluster, sink_name)
-        commit(ds, ShardLedger(target, source.shards, None, cfg.cluster.io_num_cpus), source.num_rows)
+        commit(ds, ShardLedger(target, source.shards, None), source.num_rows)
     stage_metrics = ray.get(sink.stages.remote())
     ray.kill(sink)
     return read_output(str(output)), stage_metrics
