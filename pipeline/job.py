@@ -125,9 +125,8 @@ def build(source: PromptSource, shards: list[Shard], stages: list[Stage], output
     ds = ds.map_batches(reader, batch_size=1, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
     # Ray Data holds a stage back only between tasks, and a task takes whole blocks: blocks no
     # larger than the smallest batch keep every task one batch long, so a shard of thousands of
-    # rows does not become one prefill task that no budget can stop. Cut right after the read,
-    # the cut runs inside the read tasks; after an actor stage it would be a task op of its own
-    # holding a whole CPU.
+    # rows does not become one prefill task that no budget can stop. The cut is an op of its own
+    # that reserves a whole CPU while it runs (Ray Data offers no way to lower it).
     ds = ds.repartition(target_num_rows_per_block=min(s.actors.batch_size for s in stages))
     for stage in stages:
         ds = stage.apply(ds)
@@ -135,8 +134,8 @@ def build(source: PromptSource, shards: list[Shard], stages: list[Stage], output
     folder = output.fs.unstrip_protocol(output.fragments())  # a URL: the workers open it on the output's store
     # Writers are actors, as many as the last stage's workers, reserving no CPU (as the commit
     # tasks): a task op at the end of the graph got no share of Ray Data's resource budget until
-    # every other op was done, and the cut into blocks above holds a whole CPU for the job, so on
-    # a small machine a writer that reserved any stalled the pipeline.
+    # every other op was done, and with the cut above holding a whole CPU, a writer that reserved
+    # any stalled the pipeline on a small machine.
     return ds.map_batches(
         WriteFragments,
         fn_constructor_kwargs=dict(folder=folder, starts=starts, shards=np.array([s.index for s in shards], np.int64)),
