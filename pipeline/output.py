@@ -139,11 +139,10 @@ class OutputTarget:
         try:
             done = self.inspect()  # again, now that no other run can change the directory
             for name, path in self._names.items():
-                ours = name in _OWN or name.startswith(IN_FLIGHT) or shard_of(name) is not None
                 resumable = name == MANIFEST or shard_of(name) is not None
-                if ours and (self.overwrite or not resumable):
+                if _written_by_kvrelay(name) and (self.overwrite or not resumable):
                     self.fs.rm(path, recursive=True)
-            left = [n for n in self._names if not (n in _OWN or n.startswith(IN_FLIGHT) or shard_of(n) is not None)]
+            left = [n for n in self._names if not _written_by_kvrelay(n)]
             if left:
                 log.warning("output.path %s also holds files kvrelay did not write, left as they are: %s",
                             self.url, ", ".join(sorted(left)))  # fmt: skip
@@ -176,6 +175,11 @@ class OutputTarget:
             json.dump(metrics, f, indent=2)
         with self.fs.open(f"{self.root}/{SUCCESS}", "w"):
             pass
+
+
+def _written_by_kvrelay(name: str) -> bool:
+    """A name a kvrelay job writes at the top of its output."""
+    return name in _OWN or name.startswith(IN_FLIGHT) or shard_of(name) is not None
 
 
 def write_part(arrow_fs, path: str, table: pa.Table, stats: ShardStats) -> None:
