@@ -59,11 +59,13 @@ class ShardLedger:
         self.stats = ShardStats()
         self.late_duplicate_rows = 0
         self.output_tokens = 0  # written so far, for progress
+        self.bytes_received = 0  # the fragment rows' size: what reaches the driver, per row a few dozen bytes
         # No CPU reserved, as the writers (pipeline/job.py build): short I/O that must not wait
         # for the pipeline's ops to release theirs.
         self._commit = ray.remote(commit_shard).options(num_cpus=0, max_retries=3, retry_exceptions=True)
 
     def add(self, fragments: pa.Table) -> None:
+        self.bytes_received += fragments.nbytes
         columns = fragments.select([SHARD, PATH, ROWS, OUTPUT_TOKENS]).to_pydict()
         for shard, path, rows, tokens in zip(*columns.values()):
             self.output_tokens += tokens

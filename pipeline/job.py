@@ -231,6 +231,7 @@ def run(cfg: JobConfig) -> dict:
             metrics.update(_window(timeline, list(engine_pools(cfg)), clock_zero - started_at))
             metrics["input_rows_decoded"] = counts.get("input_rows_decoded", 0)
             metrics["late_duplicate_rows"] = ledger.late_duplicate_rows if ledger else 0
+            metrics["driver_bytes_received"] = ledger.bytes_received if ledger else 0
             metrics["object_store_peak_bytes"] = peak.peak
             metrics["nodes"] = {node.id: node.resources for node in nodes}  # where stages.*.per_worker ran
             write_report(output, metrics, timeline)  # before finish: _SUCCESS stays the last file written

@@ -265,6 +265,17 @@ def test_split_jobs_write_what_one_job_writes(ray_cluster, few_prompts, disaggre
     assert all(row == expected[row["id"]] for row in split.to_pylist())
 
 
+def test_a_prefill_dataset_with_inline_kv_is_written_by_the_workers(ray_cluster, few_prompts, tmp_path):
+    """jobs.prefill with the KV inline in the dataset: every payload is written where it was
+    computed; the driver receives fragment names and row numbers, a few dozen bytes a row."""
+    metrics = run(job_config("phase=prefill", *_overrides(few_prompts, tmp_path / "out")))
+    dataset = read_output(str(tmp_path / "out"))
+    data = pa.concat_arrays([c.field("data") for c in dataset.column(KV_PAYLOAD).chunks])
+    assert dataset.num_rows == len(FEW) and data.null_count == 0
+    assert metrics["kv_bytes_moved"] == 46_080 * sum(FEW)
+    assert 0 < metrics["driver_bytes_received"] < metrics["kv_bytes_moved"] / 10_000
+
+
 def test_preempted_requests_load_their_kv_again(ray_cluster, few_prompts, colocated, tmp_path):
     """A cache of 18 blocks of 128 tokens (0.1 GiB) per engine, where the prompts need 41 by
     their last token (the longest, 300 + 32 tokens, still fits): the decode engine preempts
