@@ -81,16 +81,16 @@ class SamplingConfig:
 @dataclass
 class PoolConfig:
     size: int = 1
-    # Rows per Ray Data batch: what a worker is handed at a time and passes on at once.
-    batch_size: int = 32
-    # Calls of its stage a worker runs at once, each one batch (or a few, where the input
-    # blocks hold more rows than batch_size). An engine worker feeds all of them to its one
-    # engine, whose next batch's requests join as the last one's finish (continuous batching
-    # across batches); other stages work on one batch at a time, whatever this says.
+    # Rows per Ray Data batch: what a worker is handed at a time and passes on at once (None:
+    # each block as it comes). Engine pools take whole blocks, of at least this many rows
+    # (more where rows are cheap: pipeline/job.py block_rows).
+    batch_size: Optional[int] = 32
+    # Engine pools: blocks a worker feeds its one engine at once, whose next block's requests
+    # join as the last one's finish (continuous batching across blocks). To keep the engine's
+    # sequences (max_num_seqs; on CPU it also sizes the KV cache) all busy while a finished
+    # block is replaced, the others should hold as many rows:
+    # (concurrent_batches - 1) * batch_size >= max_num_seqs.
     concurrent_batches: int = 1
-    # Engine pools: sequences the engine runs at once (vLLM's max_num_seqs; on CPU it also
-    # sizes the KV cache). To keep them all busy while a finished batch is replaced, the other
-    # batches in hand should hold as many rows: (concurrent_batches - 1) * batch_size >= max_num_seqs.
     max_num_seqs: int = 64
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -110,10 +110,9 @@ class PoolsConfig:
     # num_cpus is what Ray reserves per actor, not the cores an engine uses (see
     # engine.bind_cores). The defaults leave one whole logical CPU free on a small machine:
     # Ray Data's file-listing task asks for one and never starts without it.
-    # Tokenize's blocks are the engine's input: no larger than an engine batch, so each call of
-    # an engine stage is one batch (Ray Data splits a larger block into batches within a call).
-    # Detokenize takes large batches (several engine batches' blocks): its cost is mostly per block.
-    tokenize: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=32, num_cpus=0.1))
+    # Tokenize takes each block whole, detokenize several blocks at once: their cost is mostly
+    # per call.
+    tokenize: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=None, num_cpus=0.1))
     # Engine pools: 3 batches of 32 in hand for an engine of 64 sequences, so it stays full
     # while the next batch comes (Ray Data has it queued already).
     prefill: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=32, concurrent_batches=3, num_cpus=0.4))

@@ -56,6 +56,10 @@ from pipeline.stages.write import WriteFragments
 
 log = logging.getLogger(__name__)
 
+ENGINE_STAGES = (Prefill, Decode, Colocated)
+BLOCKS_PER_ENGINE_WORKER = 4
+BYTES_PER_TOKEN = 4
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -68,10 +72,10 @@ class Stage:
     constructor: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
 
-    def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+    def apply(self, ds: ray.data.Dataset, batch_size: int | None) -> ray.data.Dataset:
         return ds.map_batches(
             self.fn,
-            batch_size=self.actors.batch_size,
+            batch_size=batch_size,
             batch_format="pyarrow",
             # An async stage's calls (the engine stages') run on Ray Data's asyncio loop in the
             # actor, this many at once; a sync stage's, one at a time.
@@ -110,7 +114,7 @@ def plan(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str, st
 
 
 def build(source: PromptSource, shards: list[Shard], stages: list[Stage], output: OutputTarget,
-          cluster: ClusterConfig, sink_name: str) -> ray.data.Dataset:  # fmt: skip
+          cluster: ClusterConfig, sink_name: str, kv_row_bytes: float) -> ray.data.Dataset:  # fmt: skip
     """The rows of `shards` through `stages`, written as fragments by the workers: the dataset's
     own rows are the fragments' names and row numbers."""
     # The process's context: set for every job, so that no job inherits an earlier one's limits.
@@ -123,13 +127,12 @@ def build(source: PromptSource, shards: list[Shard], stages: list[Stage], output
     reader = source.reader(shards, sink_name)
     ds = ray.data.from_items([{UNIT: i} for i in reader.units], override_num_blocks=len(reader.units))
     ds = ds.map_batches(reader, batch_size=1, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
-    # Ray Data holds a stage back only between tasks, and a task takes whole blocks: blocks no
-    # larger than the smallest batch keep every task one batch long, so a shard of thousands of
-    # rows does not become one prefill task that no budget can stop. The cut is an op of its own
-    # that reserves a whole CPU while it runs (Ray Data offers no way to lower it).
-    ds = ds.repartition(target_num_rows_per_block=min(s.actors.batch_size for s in stages))
-    for stage in stages:
-        ds = stage.apply(ds)
+    # The cut is an op of its own that reserves a whole CPU while it runs (Ray Data offers no
+    # way to lower it).
+    rows = block_rows(shards, stages, kv_row_bytes)
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    for stage in stages:  # an engine worker takes each block whole
+        ds = stage.apply(ds, rows if stage.fn in ENGINE_STAGES else stage.actors.batch_size)
     starts = np.array([s.first_row for s in shards], np.int64)
     folder = output.fs.unstrip_protocol(output.fragments())  # a URL: the workers open it on the output's store
     # Writers are actors, as many as the last stage's workers, reserving no CPU (as the commit
@@ -144,6 +147,29 @@ def build(source: PromptSource, shards: list[Shard], stages: list[Stage], output
         compute=ActorPoolStrategy(size=stages[-1].actors.size),
         num_cpus=0,
     )
+
+
+def block_rows(shards: list[Shard], stages: list[Stage], kv_row_bytes: float) -> int:
+    """Rows per block, as the read is cut, and per call of an engine worker. Ray Data's cost is
+    mostly per block: as many rows as a shard (the unit of commit, which a block never needs to
+    exceed), but few enough that each engine worker gets several blocks and the last ones
+    spread over them, and, where KV leaves a stage (`kv_row_bytes` a row), that a block's KV
+    stays within Ray Data's block size (DataContext.target_max_block_size). Never fewer than
+    an engine pool's batch_size: the rows that keep its engine full."""
+    engines = [s.actors for s in stages if s.fn in ENGINE_STAGES]
+    rows = sum(s.num_rows for s in shards)
+    spread = -(-rows // (BLOCKS_PER_ENGINE_WORKER * sum(pool.size for pool in engines)))
+    fits = int(ray.data.DataContext.get_current().target_max_block_size // kv_row_bytes) if kv_row_bytes else rows
+    return max(min(max(s.num_rows for s in shards), spread, fits), max(pool.batch_size for pool in engines))
+
+
+def kv_row_bytes(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> float:
+    """The KV a row's prompt makes, estimated before the job runs from the first rows' prompts
+    (about 4 bytes of text or token ids a token); none colocated."""
+    if cfg.mode is Mode.colocated:
+        return 0
+    prompts = PROMPT_TOKENS if cfg.phase is Phase.decode else cfg.input.prompt_column
+    return model.kv_bytes_per_token * (source.sampled_bytes_per_row(prompts) / BYTES_PER_TOKEN + 1)
 
 
 def commit(ds: ray.data.Dataset, ledger: ShardLedger, total_rows: int) -> None:
@@ -217,7 +243,8 @@ def run(cfg: JobConfig) -> dict:
                 removes = store if not cfg.kv.keep_files and cfg.phase is not Phase.prefill else None
                 ledger = ShardLedger(output, todo, removes)
                 with peak:
-                    commit(build(source, todo, graph, output, cfg.cluster, sink_name), ledger, sum(s.num_rows for s in todo))
+                    ds = build(source, todo, graph, output, cfg.cluster, sink_name, kv_row_bytes(cfg, source, model))
+                    commit(ds, ledger, sum(s.num_rows for s in todo))
                 stage_metrics, timeline, counts, clock_zero = ray.get(
                     [sink.stages.remote(), sink.timeline.remote(), sink.counts.remote(), sink.started.remote()]
                 )

@@ -91,6 +91,12 @@ class PromptSource:
         self.has_ids = cfg.id_column in self.schema.names
         self.shards = self._cut(shard_rows, self._bad_ids() if self.has_ids else {})
 
+    def sampled_bytes_per_row(self, column: str, rows: int = 64) -> float:
+        """A column's mean size in memory per row, over the first rows of the first file."""
+        first = next(f for f in self.files if f.num_rows)
+        batch = next(pq.ParquetFile(first.path, filesystem=self.arrow_fs).iter_batches(rows, columns=[column]))
+        return batch.nbytes / batch.num_rows
+
     def _inspect(self, root: str) -> tuple[list[InputFile], pa.Schema]:
         if self.fs.isdir(root):
             # Hidden and underscore entries at any depth are not data (.ipynb_checkpoints/, _tmp/,

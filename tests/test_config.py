@@ -6,7 +6,8 @@ from omegaconf.errors import ValidationError
 
 from pipeline.config import Mode
 from pipeline.errors import JobError
-from pipeline.job import check_tensor_parallel
+from pipeline.job import block_rows, check_tensor_parallel, plan
+from pipeline.source import Shard
 from tests.conftest import job_config
 
 
@@ -59,3 +60,22 @@ def test_tensor_parallel_engines_need_their_gpus_and_no_kv_handoff(overrides, me
         check_tensor_parallel(job_config(*overrides))
     check_tensor_parallel(job_config("mode=colocated", "engine.tensor_parallel_size=2", "engine.device=cuda",
                                      "pools.colocated.num_gpus=2"))  # fmt: skip
+
+
+def _blocks(rows: int, *overrides: str, kv_row_bytes: float = 0) -> int:
+    cfg = job_config(*overrides)
+    shards = [Shard(i, "f", start, min(start + 1000, rows), start) for i, start in enumerate(range(0, rows, 1000))]
+    return block_rows(shards, plan(cfg, None, [], "sink", None), kv_row_bytes)
+
+
+def test_blocks_hold_a_shard_of_cheap_rows_and_spread_over_the_engines():
+    assert _blocks(200_000, "mode=colocated") == 1000  # Ray Data's cost is per block
+    assert _blocks(320, "mode=colocated") == 80  # 4 blocks for the one engine worker
+    assert _blocks(320) == 40  # two engine workers, prefill and decode
+    assert _blocks(320, "pools.decode.size=3") == 32  # never fewer than an engine batch
+    assert _blocks(23, "mode=colocated", "pools.colocated.batch_size=4") == 6
+
+
+def test_blocks_that_carry_kv_stay_within_ray_datas_block_size():
+    assert _blocks(200_000, kv_row_bytes=1 << 20) == 128  # 128 MiB of KV
+    assert _blocks(200_000, kv_row_bytes=46_080 * 1000) == 32  # long prompts: an engine batch

@@ -18,7 +18,7 @@ from pipeline.columns import KV_PAYLOAD, with_columns
 from pipeline.config import PoolConfig
 from pipeline.io import read_output
 from pipeline.commit import ShardLedger
-from pipeline.job import Stage, build, commit, plan, run
+from pipeline.job import Stage, build, commit, kv_row_bytes, plan, run
 from pipeline.output import OutputTarget
 from pipeline.kv import payload
 from pipeline.kv.payload import KVPayload
@@ -154,7 +154,8 @@ def _tampered_run(model, prompts, output, *overrides: str) -> tuple[pa.Table, di
     target.inspect()
     lease, _ = target.claim()
     with lease:
-        ds = build(source, source.shards, [*stages[:at], tamper, *stages[at:]], target, cfg.cluster, sink_name)
+        graph = [*stages[:at], tamper, *stages[at:]]
+        ds = build(source, source.shards, graph, target, cfg.cluster, sink_name, kv_row_bytes(cfg, source, model))
         commit(ds, ShardLedger(target, source.shards, None), source.num_rows)
     stage_metrics = ray.get(sink.stages.remote())
     ray.kill(sink)

@@ -6,6 +6,7 @@ a codec (pipeline.kv.codec), plus what decode needs to refuse a payload it must 
 model fingerprint, cache dtype, codec, shape and an XXH3-64 checksum of the encoded bytes (a
 hash ~7x faster than CRC32 here, and the check runs over every byte on both sides). The bytes are
 inline, or in a file named by `file` (pipeline.kv.transport)."""
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,24 +104,27 @@ def checksum(data: np.ndarray) -> int:
 
 
 def to_column(payloads: list[KVPayload | None]) -> pa.ChunkedArray:
-    """Null for rows without a payload. One chunk per row, so that each payload's bytes are
-    wrapped where they lie, never copied into one buffer."""
+    """Null for rows without a payload. One chunk per payload, so that its bytes are wrapped
+    where they lie, never copied into one buffer; one chunk per run of rows without."""
     chunks = []
-    for p in payloads:
-        data = p.data if p else np.empty(0, np.uint8)
-        offsets = pa.py_buffer(np.array([0, data.nbytes], np.int64))
-        fields = {
-            "format": pa.array([p.format if p else None], pa.int16()),
-            "fingerprint": pa.array([p.fingerprint if p else None], pa.string()),
-            "dtype": pa.array([p.dtype if p else None], pa.string()),
-            "codec": pa.array([p.codec if p else None], pa.string()),
-            "shape": pa.array([list(p.shape) if p else None], pa.list_(pa.int32())),
-            "checksum": pa.array([p.checksum if p else None], pa.uint64()),
-            "data": pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)]),
-            "file": pa.array([p.file if p else None], pa.string()),
-        }
-        chunks.append(pa.StructArray.from_arrays(list(fields.values()), fields=list(TYPE), mask=pa.array([p is None])))
+    for has, run in itertools.groupby(payloads, key=lambda p: p is not None):
+        chunks += [_chunk(p) for p in run] if has else [pa.nulls(len(list(run)), TYPE)]
     return pa.chunked_array(chunks, TYPE)
+
+
+def _chunk(p: KVPayload) -> pa.StructArray:
+    offsets = pa.py_buffer(np.array([0, p.data.nbytes], np.int64))
+    fields = {
+        "format": pa.array([p.format], pa.int16()),
+        "fingerprint": pa.array([p.fingerprint], pa.string()),
+        "dtype": pa.array([p.dtype], pa.string()),
+        "codec": pa.array([p.codec], pa.string()),
+        "shape": pa.array([list(p.shape)], pa.list_(pa.int32())),
+        "checksum": pa.array([p.checksum], pa.uint64()),
+        "data": pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(p.data)]),
+        "file": pa.array([p.file], pa.string()),
+    }
+    return pa.StructArray.from_arrays(list(fields.values()), fields=list(TYPE))
 
 
 def from_column(table: pa.Table) -> list["KVPayload | PayloadError | None"]:

@@ -54,7 +54,7 @@ class Decode(EngineStage):
         errors = batch.column(ERROR).to_pylist()
         num_input = batch.column(NUM_INPUT_TOKENS).to_pylist()
         with handoff.timed():
-            payloads = payload.from_column(batch)
+            payloads = payload.from_column(batch) if rows else []
         files: list[str | None] = [None] * batch.num_rows  # to remove once the row is committed
         keys: dict[int, str | None] = {}  # row -> handoff key; None: the engine prefills the prompt itself
         for i in rows:

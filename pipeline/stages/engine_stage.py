@@ -1,8 +1,12 @@
 """What the three vLLM stages (prefill, decode, colocated) share: an engine in the actor's own
 process on its own cores, fed from several batches at once, the generation budget, and metering.
 
-The stages are async: Ray Data runs up to `concurrent_batches` calls of an actor at once on its
-asyncio loop, and each call's requests go to the one engine (pipeline/engine_loop.py)."""
+The stages are async: a worker takes whole blocks (pipeline/job.py block_rows sizes them), up
+to `concurrent_batches` at once on the actor's asyncio loop; each call hands all its pending
+rows to the one engine (pipeline/engine_loop.py), where the next block's requests join as the
+last one's finish. A block with nothing left to generate (every row refused before the
+engine) passes at once."""
+import asyncio
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -43,6 +47,9 @@ class EngineStage:
         self.kv = kv
         self.store = store
         self.meter = StageMeter(self.stage, sink_name)
+        # Ray Data may run more calls at once than this (a bundle of blocks is split into calls,
+        # run four at a time): the rest wait here, before their requests reach the engine.
+        self.slots = asyncio.Semaphore(pool.concurrent_batches)
 
     def budget(self, num_prompt_tokens: int) -> int:
         """Tokens a request may generate: max_tokens, or fewer where the context ends first."""
@@ -51,11 +58,16 @@ class EngineStage:
     async def generate(self, prompts: list[list[int]], params: list["SamplingParams"]) -> list["RequestOutput"]:
         from vllm.inputs import tokens_input
 
+        if not prompts:
+            return []
         return await self.engine.generate([tokens_input(p) for p in prompts], params)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        async with self.meter.overlapping_batch() as report:
-            return await self.process(batch, pending(batch), batch.column(PROMPT_TOKENS).to_pylist(), report)
+        rows, prompts = pending(batch), batch.column(PROMPT_TOKENS).to_pylist()
+        if not rows:  # nothing for the engine, nothing to meter
+            return await self.process(batch, rows, prompts, BatchReport())
+        async with self.slots, self.meter.overlapping_batch() as report:
+            return await self.process(batch, rows, prompts, report)
 
     async def process(
         self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport
