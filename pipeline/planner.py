@@ -23,6 +23,7 @@ from typing import Iterable, Optional
 from omegaconf import MISSING
 
 from pipeline.errors import JobError
+from pipeline.model import load_tokenizer
 
 GB = 1e9
 
@@ -133,9 +134,7 @@ class Workload:
         if pa.types.is_string(prompts.type) or pa.types.is_large_string(prompts.type):
             if not tokenizer:
                 raise JobError("prompts are text: set workload.tokenizer (HF tokenizer path or hub id) to count tokens")
-            from transformers import AutoTokenizer
-
-            ids = AutoTokenizer.from_pretrained(tokenizer)(prompts.to_pylist())["input_ids"]
+            ids = load_tokenizer(tokenizer)(prompts.to_pylist())["input_ids"]
             lengths = [len(i) for i in ids]
         else:
             lengths = pc.list_value_length(prompts).to_pylist()

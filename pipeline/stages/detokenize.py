@@ -14,14 +14,12 @@ from pipeline.columns import (
     TOKEN_LIST,
 )
 from pipeline.metrics import StageMeter
-from pipeline.model import ResolvedModel
+from pipeline.model import ResolvedModel, load_tokenizer
 
 
 class Detokenize:
     def __init__(self, model: ResolvedModel, id_column: str, carried: list[str], sink_name: str):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model.path)
+        self.tokenizer = load_tokenizer(model.path)
         self.id_column = id_column
         self.carried = [c for c in carried if c != id_column]
         self.meter = StageMeter("detokenize", sink_name)

@@ -6,7 +6,7 @@ import pyarrow.compute as pc
 from pipeline.columns import ERROR, FINISH_REASON, NUM_INPUT_TOKENS, PROMPT_TOKENS, TOKEN_LIST, row_error, with_columns
 from pipeline.config import InputConfig, Overlong
 from pipeline.metrics import StageMeter
-from pipeline.model import ResolvedModel
+from pipeline.model import ResolvedModel, load_tokenizer
 
 
 class Tokenize:
@@ -48,9 +48,7 @@ class PromptEncoder:
     """Prompt -> token ids, or the reason there are none. Shared with the plain-vLLM baseline."""
 
     def __init__(self, model: ResolvedModel, input: InputConfig, max_tokens: int):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model.path)
+        self.tokenizer = load_tokenizer(model.path)
         self.vocab_size = len(self.tokenizer)
         self.apply_chat_template = input.apply_chat_template
         self.overlong = input.overlong
