@@ -113,8 +113,8 @@ class PoolsConfig:
     # Tokenize takes each block whole, detokenize several blocks at once: their cost is mostly
     # per call.
     tokenize: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=None, num_cpus=0.1))
-    # Engine pools: 3 batches of 32 in hand for an engine of 64 sequences, so it stays full
-    # while the next batch comes (Ray Data has it queued already).
+    # Engine pools: 3 blocks of at least 32 rows in hand for an engine of 64 sequences, so it
+    # stays full while the next block comes (Ray Data has it queued already).
     prefill: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=32, concurrent_batches=3, num_cpus=0.4))
     decode: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=32, concurrent_batches=3, num_cpus=0.4))
     colocated: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=32, concurrent_batches=3, num_cpus=0.8))

@@ -1,5 +1,5 @@
 """What the three vLLM stages (prefill, decode, colocated) share: an engine in the actor's own
-process on its own cores, fed from several batches at once, the generation budget, and metering.
+process on its own cores, fed from several blocks at once, the generation budget, and metering.
 
 The stages are async: a worker takes whole blocks (pipeline/job.py block_rows sizes them), up
 to `concurrent_batches` at once on the actor's asyncio loop; each call hands all its pending
