@@ -50,13 +50,13 @@ from pipeline.source import UNIT, PromptSource, Shard
 from pipeline.stages.colocated import Colocated
 from pipeline.stages.decode import Decode
 from pipeline.stages.detokenize import Detokenize
+from pipeline.stages.engine_stage import EngineStage
 from pipeline.stages.prefill import Prefill
 from pipeline.stages.tokenize import Tokenize
 from pipeline.stages.write import WriteFragments
 
 log = logging.getLogger(__name__)
 
-ENGINE_STAGES = (Prefill, Decode, Colocated)
 BLOCKS_PER_ENGINE_WORKER = 4
 BYTES_PER_TOKEN = 4
 
@@ -71,6 +71,10 @@ class Stage:
     actors: PoolConfig
     constructor: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def runs_engine(self) -> bool:
+        return issubclass(self.fn, EngineStage)
 
     def apply(self, ds: ray.data.Dataset, batch_size: int | None) -> ray.data.Dataset:
         return ds.map_batches(
@@ -132,7 +136,7 @@ def build(source: PromptSource, shards: list[Shard], stages: list[Stage], output
     rows = block_rows(shards, stages, kv_row_bytes)
     ds = ds.repartition(target_num_rows_per_block=rows)
     for stage in stages:  # an engine worker takes each block whole
-        ds = stage.apply(ds, rows if stage.fn in ENGINE_STAGES else stage.actors.batch_size)
+        ds = stage.apply(ds, rows if stage.runs_engine else stage.actors.batch_size)
     starts = np.array([s.first_row for s in shards], np.int64)
     folder = output.fs.unstrip_protocol(output.fragments())  # a URL: the workers open it on the output's store
     # Writers are actors, as many as the last stage's workers, reserving no CPU (as the commit
@@ -156,7 +160,7 @@ def block_rows(shards: list[Shard], stages: list[Stage], kv_row_bytes: float) ->
     spread over them, and, where KV leaves a stage (`kv_row_bytes` a row), that a block's KV
     stays within Ray Data's block size (DataContext.target_max_block_size). Never fewer than
     an engine pool's batch_size: the rows that keep its engine full."""
-    engines = [s.actors for s in stages if s.fn in ENGINE_STAGES]
+    engines = [s.actors for s in stages if s.runs_engine]
     rows = sum(s.num_rows for s in shards)
     spread = -(-rows // (BLOCKS_PER_ENGINE_WORKER * sum(pool.size for pool in engines)))
     fits = int(ray.data.DataContext.get_current().target_max_block_size // kv_row_bytes) if kv_row_bytes else rows
