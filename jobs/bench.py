@@ -14,105 +14,23 @@ vLLM and colocated run in its first job only (bench.baselines_once):
 
     python -m jobs.bench -m input.path=... output.path=outputs/bench-pd pools.prefill.size=1 pools.decode.size=1,2
 """
-import copy
-import multiprocessing
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import hydra
-import pyarrow.parquet as pq
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import bench_report
-from pipeline.cluster import start_ray
-from pipeline.config import BenchConfig, BenchMode, BenchSettings, JobConfig, Mode, register
-from pipeline.engine import bind_threads, build_engine, sampling_params
-from pipeline.errors import JobError
-from pipeline.io import read_output
-from pipeline.job import run
-from pipeline.metrics import ProcessTreeRSSPeak
-from pipeline.model import resolve_model
-from pipeline.stages.tokenize import PromptEncoder
+from pipeline.bench.config import BenchConfig, register
+from pipeline.bench.throughput import bench, later_job_of_sweep
 
 register()
 
 
-def plain_vllm(cfg: JobConfig) -> dict:
-    """The baseline, in a process of its own, so that what its engine leaves behind (memory, its
-    threads) weighs on no later mode."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
-        return process.submit(_generate_all, cfg).result()
-
-
-def _generate_all(cfg: JobConfig) -> dict:
-    """One engine on every core, all prompts in one generate call."""
-    started = time.perf_counter()
-    model = resolve_model(cfg.model)
-    encoder = PromptEncoder(model, cfg.input, cfg.sampling.max_tokens)
-    prompts = [encoder.encode(p)[0] for p in pq.read_table(cfg.input.path).column(cfg.input.prompt_column).to_pylist()]
-    prompts = [p for p in prompts if p]
-    bind_threads(None, None)
-    llm = build_engine(model, cfg.engine, cfg.pools.colocated.max_num_seqs)
-    generating = time.perf_counter()
-    outputs = llm.generate(
-        [{"prompt_token_ids": p} for p in prompts],
-        [sampling_params(cfg.sampling, min(cfg.sampling.max_tokens, model.max_model_len - len(p))) for p in prompts],
-        use_tqdm=False,
-    )
-    done = time.perf_counter()
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"wall_seconds": done - started, "generate_seconds": done - generating, "rows": len(prompts),
-            "output_tokens": tokens}  # fmt: skip
-
-
-def pipeline(cfg: JobConfig, mode: Mode, root: Path) -> dict:
-    """One mode's metrics and tokens; a mode whose pools cannot fit the cluster is reported,
-    not raised, so a sweep goes on to its next split."""
-    job = copy.deepcopy(cfg)
-    job.mode = mode
-    job.output.path = str(root / mode.value)
-    job.output.overwrite = True
-    try:
-        metrics = run(job)
-    except JobError as error:
-        return {"error": str(error)}
-    assert metrics["rows_out"] == metrics["rows_in"], "rows lost"
-    return {**metrics, "tokens": read_output(job.output.path, ["generated_tokens"]).column(0).to_pylist()}
-
-
-def modes(settings: BenchSettings) -> list[BenchMode]:
-    """What this run measures, in the order it runs them: plain vLLM before Ray starts."""
-    hydra_cfg = HydraConfig.get()
-    later_in_sweep = hydra_cfg.mode is RunMode.MULTIRUN and hydra_cfg.job.num > 0
-    skip = {BenchMode.plain, BenchMode.colocated} if settings.baselines_once and later_in_sweep else set()
-    return [mode for mode in BenchMode if mode in settings.modes and mode not in skip]
-
-
 @hydra.main(version_base=None, config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> str:
-    bench: BenchConfig = OmegaConf.to_object(cfg)
     root = Path(HydraConfig.get().runtime.output_dir)  # output.path; in a sweep, this job's folder in it
-    rounds: dict[str, list[dict]] = {}
-    for _ in range(bench.bench.rounds):
-        for mode in modes(bench.bench):
-            if mode is not BenchMode.plain:
-                start_ray(bench.cluster)  # the first call starts Ray; the pipeline modes share it
-            with ProcessTreeRSSPeak() as rss:
-                result = plain_vllm(bench) if mode is BenchMode.plain else pipeline(bench, Mode(mode.value), root)
-            rounds.setdefault(mode.value, []).append({**result, "peak_rss_bytes": rss.peak})
-    results = {mode: bench_report.fastest(runs) for mode, runs in rounds.items()}
-    tokens = {mode: r.pop("tokens") for mode, r in results.items() if "tokens" in r}
-    if len(tokens) == 2:
-        results["disaggregated_equals_colocated"] = tokens["colocated"] == tokens["disaggregated"]
-    rows = bench_report.bench_rows(results)
-    bench_report.write(root, results, rows)
-    print("\n".join(bench_report.markdown(rows)))
-    if len(tokens) == 2:
-        print(f"disaggregated tokens identical to colocated: {results['disaggregated_equals_colocated']}")
-    return str(root / bench_report.BENCH_JSON)
+    settings: BenchConfig = OmegaConf.to_object(cfg)
+    return str(bench(settings, root, later_job_of_sweep()))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ output contract of `jobs.generate` out, identical to a one-job run with the same
 import hydra
 from omegaconf import DictConfig
 
-from jobs.generate import run_phase
-from pipeline.config import Phase
+from pipeline.config import Phase, register
+from pipeline.job.cli import run_phase
+
+register()
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

@@ -5,54 +5,13 @@
 Rerunning the same command after a crash finishes the job. Exit codes: 0 done, 1 bad
 command line (Hydra names the key), 2 bad configuration, input or output (one-line message),
 3 the job failed while running (one-line cause; the traceback is in the log file it names)."""
-import re
-import sys
-import time
-import traceback
-
 import hydra
-import ray
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pipeline.cache import cache_dir
-from pipeline.config import JobConfig, Phase, register
-from pipeline.errors import JobError
-from pipeline.job import run
-from pipeline.report import print_summary
+from pipeline.config import Phase, register
+from pipeline.job.cli import run_phase
 
 register()
-_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*:")
-_MAX_CAUSE = 400
-
-
-def run_phase(cfg: DictConfig, phase: Phase) -> None:
-    job: JobConfig = OmegaConf.to_object(cfg)
-    job.phase = phase
-    try:
-        metrics = run(job)
-    except JobError as error:
-        print(f"kvrelay: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as error:  # an engine that cannot start, workers out of restarts, storage gone
-        log = cache_dir() / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{phase.value}.log"
-        log.parent.mkdir(exist_ok=True)
-        log.write_text(traceback.format_exc())
-        ray.shutdown()  # its own farewells otherwise come after the one line that matters
-        print(f"kvrelay: failed: {type(error).__name__}: {cause(error)} (traceback: {log})", file=sys.stderr)
-        sys.exit(3)
-    print_summary(job, metrics)
-
-
-def cause(error: BaseException) -> str:
-    """What went wrong, on one line: a worker's error arrives as its whole traceback, whose last
-    unindented `Name: message` line (with the line after it, where the message goes on) says it."""
-    lines = str(getattr(error, "cause", None) or error).strip().splitlines() or [""]
-    heads = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)]
-    if not heads:
-        return lines[-1][:_MAX_CAUSE]
-    i = heads[-1]
-    more = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1].startswith(" ") else ""
-    return f"{lines[i]} {more}".strip()[:_MAX_CAUSE]
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

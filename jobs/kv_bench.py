@@ -11,109 +11,19 @@
     python -m jobs.kv_bench input.path=prompts.parquet output.path=outputs/kv_bench cluster.object_store_budget_gib=0.25
 
 Writes kv_bench.json beside the runs' outputs."""
-import copy
-import json
-from pathlib import Path
-
 import hydra
-import pyarrow as pa
-import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.cluster import start_ray
-from pipeline.config import Codec, JobConfig, Transport, register
-from pipeline.io import read_output
-from pipeline.job import run
-from pipeline.model import resolve_model
+from pipeline.bench.kv_handoff import kv_bench
+from pipeline.config import JobConfig, register
 
 register()
-SCALE = 10
-SCALE_BATCH = 8
-
-
-def repeated(path: str, repeat: int, target: Path) -> str:
-    """The prompts `repeat` times over, under new ids."""
-    table = pq.read_table(path)
-    copies = [table.set_column(table.schema.get_field_index("id"), "id", pa.array([f"{r}-{i}" for i in table["id"].to_pylist()]))
-              for r in range(repeat)]  # fmt: skip
-    pq.write_table(pa.concat_tables(copies), target)
-    return str(target)
-
-
-def job(cfg: JobConfig, name: str, path: str, root: Path, *changes) -> dict:
-    one = copy.deepcopy(cfg)
-    one.input.path, one.output.path, one.output.overwrite = path, str(root / name), True
-    for change in changes:
-        change(one)
-    metrics = run(one)
-    table = read_output(one.output.path, ["id", "generated_tokens"])
-    return {**metrics, "tokens": dict(zip(table["id"].to_pylist(), table["generated_tokens"].to_pylist()))}
-
-
-def agreement(run: dict, reference: dict) -> dict:
-    """Share of rows whose tokens equal the reference's, and where the others first differ."""
-    firsts = [next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
-              for key, ref in reference.items() if (got := run[key]) != ref]  # fmt: skip
-    return {
-        "rows_identical": round(1 - len(firsts) / len(reference), 4),
-        "mean_first_divergence": round(sum(firsts) / len(firsts), 2) if firsts else None,
-    }
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
-def main(raw: DictConfig) -> None:
-    cfg: JobConfig = OmegaConf.to_object(raw)
-    root = Path(cfg.output.path)
-    root.mkdir(parents=True, exist_ok=True)
-    model = resolve_model(cfg.model)
-    start_ray(cfg.cluster)
-    prompts = cfg.input.path
-
-    def codec(c: Codec):
-        return lambda j: setattr(j.kv, "codec", c)
-
-    def storage(j: JobConfig) -> None:
-        j.kv.transport, j.kv.storage_path = Transport.storage, str(root / "kv-files")
-
-    runs = {f"codec={c.value}": job(cfg, f"codec-{c.value}", prompts, root, codec(c)) for c in Codec}
-    runs["transport=storage"] = job(cfg, "storage", prompts, root, storage)
-    reference = runs["codec=none"]["tokens"]
-
-    def steady(j: JobConfig) -> None:
-        j.engine.enable_prefix_caching = False  # repeated prompts must cost what new ones do
-        # Small batches, so even the smaller dataset spans many: the peak then shows what
-        # backpressure lets pile up, not the size of one batch's KV.
-        for pool in (j.pools.tokenize, j.pools.prefill, j.pools.decode, j.pools.detokenize):
-            pool.batch_size = SCALE_BATCH
-
-    peaks = {
-        times: job(cfg, f"scale-{times}x", repeated(prompts, times, root / f"scale-{times}.parquet"), root, steady)[
-            "object_store_peak_bytes"]
-        for times in (1, SCALE)
-    }  # fmt: skip
-
-    bf16_bytes = 2 * model.layers * model.kv_heads * model.head_dim * 2
-    results = {"model_kv_bytes_per_token": model.kv_bytes_per_token, "bf16_kv_bytes_per_token": bf16_bytes}
-    print(f"{'run':<20}{'B/prompt tok':>13}{'x bf16':>8}{'handoff/prefill':>16}{'rows identical':>15}{'1st diff at':>12}")
-    for name, r in runs.items():
-        row = {
-            "kv_bytes_per_prompt_token": r["kv_bytes_per_prompt_token"],
-            "ratio_to_bf16": round(r["kv_bytes_per_prompt_token"] / bf16_bytes, 4),
-            "handoff_share_of_prefill": r["kv_handoff_share_of_prefill"],
-            "handoff_seconds": r["kv_handoff_seconds"],
-            "prefill_busy_seconds": r["stages"]["prefill"]["busy_seconds"],
-            **agreement(r["tokens"], reference),
-        }
-        results[name] = row
-        print(f"{name:<20}{row['kv_bytes_per_prompt_token']:>13.1f}{row['ratio_to_bf16']:>8.3f}"
-              f"{row['handoff_share_of_prefill']:>16.2%}{row['rows_identical']:>15.1%}{row['mean_first_divergence'] or '-':>12}")  # fmt: skip
-    growth = peaks[SCALE] / peaks[1] - 1
-    budget = cfg.cluster.object_store_budget_gib
-    results["object_store"] = {"budget_gib": budget, "peak_bytes": peaks, "growth": round(growth, 4)}
-    print(f"object-store peak, budget {budget or 'Ray Data default'} GiB: dataset {peaks[1] / 2**20:.0f} MiB, "
-          f"{SCALE}x {peaks[SCALE] / 2**20:.0f} MiB ({growth:+.1%})")  # fmt: skip
-    print(f"formula for codec=none: {model.kv_bytes_per_token} B per prompt token")
-    (root / "kv_bench.json").write_text(json.dumps(results, indent=2))
+def main(cfg: DictConfig) -> None:
+    job: JobConfig = OmegaConf.to_object(cfg)
+    kv_bench(job)
 
 
 if __name__ == "__main__":

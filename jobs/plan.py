@@ -13,88 +13,18 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.bench_report import bench_rows
 from pipeline.errors import JobError
-from pipeline.planner import Efficiency, Hardware, ModelSpec, Option, Planner, Workload, catalogue, cheapest, load_bench
-from pipeline.planner_config import PlanConfig, register
+from pipeline.plan.config import PlanConfig, register
+from pipeline.plan.recommend import recommend
 
 register()
-
-
-def load_workload(cfg: PlanConfig) -> Workload:
-    w = cfg.workload
-    if w.path:
-        return Workload.from_parquet(w.path, w.prompt_column, w.tokenizer, w.output_tokens)
-    return Workload(w.prompt_tokens, w.output_tokens, w.rows)
-
-
-def calibrate(cfg: PlanConfig, model: ModelSpec, devices: list[Hardware]) -> tuple[Efficiency, list[str]]:
-    """The efficiency factors to plan with, and lines that say where they come from."""
-    bench, name = cfg.calibrate.bench, cfg.calibrate.hardware
-    if not bench:
-        return cfg.efficiency, []
-    if name is None and len(devices) > 1:
-        raise JobError("set calibrate.hardware: the catalogue entry the bench ran on")
-    found = [hw for hw in devices if hw.name == name] if name else devices
-    if not found:
-        selected = ", ".join(hw.name for hw in devices)
-        raise JobError(f"calibrate.hardware '{name}' is not among the selected hardware ({selected})")
-    eff = Efficiency.from_bench(bench, found[0], model, cfg.plan, cfg.efficiency.network)
-    rows = bench_rows(load_bench(bench))
-    return eff, [
-        f"  calibrated on the disaggregated stage rates of {bench}, run on {found[0].name}",
-        "  bench output tok/s while processing (whole run, start-up included): "
-        + "; ".join(f"{r['mode']} {r['processing_output_tokens_per_s']:.1f} ({r['output_tokens_per_s']:.1f})" for r in rows),
-    ]
-
-
-def table(options: list[Option]) -> list[str]:
-    lines = [f"{'mode':<14}{'prefill -> decode':<20}{'devices':>8}{'batch':>7}{'out tok/s':>11}{'$/h':>8}"
-             f"{'$/M out':>9}{'KV GB/s':>9}  bound"]  # fmt: skip
-    for o in options:
-        lines.append(
-            f"{o.mode:<14}{' -> '.join(hw.name for hw, _ in o.pools):<20}{' + '.join(str(n) for _, n in o.pools):>8}"
-            f"{o.batch:>7}{o.output_tokens_per_s:>11,.1f}{o.usd_per_hour:>8.2f}{o.usd_per_m_tokens:>9.3f}"
-            f"{o.kv_gb_per_s:>9.2f}  {o.bound}"
-        )
-    return lines
-
-
-def describe(o: Option) -> str:
-    pools = " -> ".join(f"{n} x {hw.name}" for hw, n in o.pools)
-    return f"{pools}: ${o.usd_per_m_tokens:.3f} per million output tokens, {o.bound}-bound"
-
-
-def report(cfg: PlanConfig) -> list[str]:
-    model, devices = cfg.model_spec, catalogue(cfg.hardware)
-    workload = load_workload(cfg)
-    eff, calibration = calibrate(cfg, model, devices)
-    options = Planner(model, workload, eff, cfg.plan).options(devices)
-    best = cheapest(options)
-    other = next((o for o in options if o.mode != best.mode), None)
-    hours = workload.rows * workload.output_tokens / best.output_tokens_per_s / 3600
-    return [
-        f"{model.name}: {workload.prompt_tokens:.0f} prompt + {workload.output_tokens:.0f} output tokens per row, "
-        f"{workload.rows:,} rows; KV {model.kv_bytes_per_token / 2**10:.1f} KiB per token, "
-        f"{workload.prompt_tokens * model.kv_bytes_per_token / 2**20:.1f} MiB per prompt",
-        f"efficiency: prefill {eff.prefill:.3f} of peak FLOP/s, decode {eff.decode:.3f} of peak memory bandwidth, "
-        f"network {eff.network:.3f}",
-        *calibration,
-        "",
-        *table(options),
-        "",
-        f"recommended: {best.mode} on {describe(best)}",
-        *([f"  cheapest {other.mode}: {describe(other)}"] if other else []),
-        f"  {workload.rows:,} rows: {hours:.2f} h, ${hours * best.usd_per_hour:,.2f}",
-        "python -m jobs.generate " + " ".join(best.hydra_overrides()),
-    ]
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="plan")
 def main(cfg: DictConfig) -> None:
     plan: PlanConfig = OmegaConf.to_object(cfg)
     try:
-        lines = report(plan)
+        lines = recommend(plan)
     except JobError as error:
         print(f"kvrelay: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -8,8 +8,10 @@ dataset out (ids, prompts, token ids, first token, KV payload or its file name, 
 import hydra
 from omegaconf import DictConfig
 
-from jobs.generate import run_phase
-from pipeline.config import Phase
+from pipeline.config import Phase, register
+from pipeline.job.cli import run_phase
+
+register()
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

@@ -5,7 +5,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ModelConfig, register
-from pipeline.model import resolve_model
+from pipeline.engine.model import resolve_model
 
 register()
 

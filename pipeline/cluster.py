@@ -23,13 +23,7 @@ _DRIVER_NICENESS = 10
 def start_ray(cluster: ClusterConfig) -> "Cluster | None":
     """Starts or joins Ray as cluster.kind says; a Ray this process already runs (as in tests)
     is used as it is. Returns the local-hetero test cluster, whose nodes stop when this process
-    exits or when the caller shuts it down."""
-    if cluster.address and cluster.kind is not ClusterKind.existing:
-        raise JobError("cluster.address is the address of a running cluster: use cluster=existing cluster.address=...")
-    if cluster.kind is ClusterKind.existing and not cluster.address:
-        raise JobError("cluster=existing needs cluster.address (ray://head:10001, or auto on a node of the cluster)")
-    if cluster.kind is ClusterKind.local_hetero and not cluster.nodes:
-        raise JobError("cluster=local-hetero needs cluster.nodes (the node classes to start)")
+    exits or when the caller shuts it down. The config has passed pipeline.job.validate."""
     if ray.is_initialized():
         return None
     if cluster.kind is ClusterKind.existing:

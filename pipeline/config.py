@@ -1,7 +1,7 @@
 """Structured config schema: every key a job accepts, typed, registered with Hydra's ConfigStore."""
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -103,6 +103,10 @@ class PoolConfig:
     # (Ray's label selectors: "v", "!v", "in(a,b)", "!in(a,b)").
     resources: Dict[str, float] = field(default_factory=dict)
     label_selector: Dict[str, str] = field(default_factory=dict)
+
+
+# The pools that run a model: what generates tokens, and the candidates for a job's bottleneck.
+ENGINE_POOLS = ("prefill", "decode", "colocated")
 
 
 @dataclass
@@ -212,50 +216,5 @@ class JobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
-class BenchMode(str, Enum):
-    plain = "plain"  # vLLM's LLM.generate in a process of its own, on every core: the baseline
-    colocated = "colocated"
-    disaggregated = "disaggregated"
-
-
-@dataclass
-class BenchSettings:
-    modes: List[BenchMode] = field(default_factory=lambda: list(BenchMode))
-    # In a sweep (-m), plain vLLM and colocated run in its first job only: they do not depend
-    # on the prefill:decode split that the sweep varies.
-    baselines_once: bool = True
-    # The modes run in turn this many times (plain, colocated, disaggregated, plain, ...); each
-    # mode's row is its fastest round. A shared machine's noise only ever slows a run down, and
-    # taking turns spreads a slow spell over every mode rather than one.
-    rounds: int = 1
-
-
-@dataclass
-class BenchConfig(JobConfig):
-    """jobs.bench: a job's config, run once per mode."""
-
-    bench: BenchSettings = field(default_factory=BenchSettings)
-
-
-@dataclass
-class OverheadSettings:
-    # Dataset sizes, each run through every mode.
-    rows: List[int] = field(default_factory=lambda: [20_000, 200_000])
-    modes: List[Mode] = field(default_factory=lambda: list(Mode))
-    # Per row, a carried text column of this many bytes; the prompts are null but `prompts`
-    # of them, so the engines have almost nothing to do and the pipeline's own cost shows.
-    text_bytes: int = 2048
-    prompts: int = 4
-
-
-@dataclass
-class OverheadConfig(JobConfig):
-    """jobs.overhead: a job's config, run per mode and dataset size."""
-
-    overhead: OverheadSettings = field(default_factory=OverheadSettings)
-
-
 def register() -> None:
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
-    ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
-    ConfigStore.instance().store(name="overhead_schema", node=OverheadConfig)

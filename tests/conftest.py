@@ -8,8 +8,9 @@ import ray
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.config import JobConfig, register
-from pipeline.model import ResolvedModel, resolve_model
+from pipeline.bench.config import register
+from pipeline.config import JobConfig
+from pipeline.engine.model import ResolvedModel, resolve_model
 from tests.s3 import Bucket, local_s3
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

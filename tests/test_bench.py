@@ -15,17 +15,19 @@ from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from jobs.bench import modes
-from pipeline.bench_report import (
-    BENCH_JSON, SweepTable, bench_rows, combine, fastest, markdown, mode_row, pool_rates, write,
+from pipeline.bench.results import (
+    BENCH_JSON, SweepTable, bench_rows, combine, fastest, markdown, mode_row, write,
 )
-from pipeline.config import BenchMode
+from pipeline.bench.config import BenchMode
+from pipeline.bench.throughput import later_job_of_sweep, modes
 from pipeline.errors import JobError
-from pipeline.job import _window
-from pipeline.metrics import BatchPoint, ProcessTreeRSSPeak, processing_window, tree_rss
-from pipeline.planner import load_bench
+from pipeline.job.meter import BatchPoint, processing_window
+from pipeline.job.metrics import JobMetrics
+from pipeline.job.run import _window
+from pipeline.job.usage import ProcessTreeRSSPeak, tree_rss
+from pipeline.plan.roofline import load_bench
 from tests.conftest import CONF
-from tests.test_job_report import stage
+from tests.test_job_report import METRICS, stage
 
 GIB = 2**30
 
@@ -37,7 +39,7 @@ def pool(busy: float, rows: int, input_tokens: int, output_tokens: int, size: in
 
 PLAIN = {"wall_seconds": 50.0, "generate_seconds": 40.0, "rows": 10, "output_tokens": 300, "peak_rss_bytes": 4 * GIB}
 DISAGGREGATED = {
-    "mode": "disaggregated", "rows_in": 11, "rows_out": 11, "rows_errored": 1,
+    **METRICS, "mode": "disaggregated", "rows_in": 11, "rows_out": 11, "rows_errored": 1,
     "input_tokens": 2000, "output_tokens": 300,
     "wall_seconds": 100.0, "startup_seconds": 20.0, "processing_seconds": 70.0,
     "stages": {
@@ -58,11 +60,12 @@ RESULTS = {"plain": PLAIN, "colocated": COLOCATED, "disaggregated": DISAGGREGATE
 
 
 def test_a_pool_rate_is_its_work_over_one_workers_mean_busy_time():
-    assert pool_rates(DISAGGREGATED["stages"]["decode"]) == {
+    assert JobMetrics.from_dict(DISAGGREGATED).stages["decode"].rates() == {
         "rows_per_s": 0.25, "prompt_tokens_per_s": 0.0, "output_tokens_per_s": 7.25,
     }  # fmt: skip
     # A worker that died (OOM) and its replacement: two workers joined, one ran at a time.
-    assert pool_rates(pool(40.0, 10, 0, 290, size=1, workers=2))["rows_per_s"] == 0.25
+    replaced = {**DISAGGREGATED, "stages": {"decode": pool(40.0, 10, 0, 290, size=1, workers=2)}}
+    assert JobMetrics.from_dict(replaced).stages["decode"].rates()["rows_per_s"] == 0.25
 
 
 def test_disaggregated_row_rates_efficiency_and_memory():
@@ -124,8 +127,8 @@ def test_processing_window_spans_the_engine_pools_batches():
     assert processing_window(timeline, ["prefill", "decode"]) == (2.0, 95.0)
     assert processing_window(timeline, ["colocated"]) is None
     # The sink's clock started 3 s into the job.
-    assert _window(timeline, ["prefill", "decode"], 3.0) == {"startup_seconds": 5.0, "processing_seconds": 93.0}
-    assert _window([], ["prefill", "decode"], 3.0) == {"startup_seconds": None, "processing_seconds": None}
+    assert _window(timeline, 3.0) == (5.0, 93.0)  # (start-up, processing)
+    assert _window([], 3.0) == (None, None)
 
 
 def test_markdown_table_one_row_per_mode():
@@ -239,7 +242,7 @@ def test_later_jobs_of_a_sweep_skip_the_baselines(mode, num, once, expected):
             cfg.hydra.job.num = num
     HydraConfig.instance().set_config(cfg)
     try:
-        assert modes(OmegaConf.to_object(cfg.bench)) == expected  # in the order they run
+        assert modes(OmegaConf.to_object(cfg.bench), later_job_of_sweep()) == expected  # in the order they run
     finally:
         HydraConfig.instance().cfg = None
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io import read_output
+from pipeline.io.storage import read_output
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = [

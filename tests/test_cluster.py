@@ -21,10 +21,11 @@ from ray._private import utils as ray_utils
 
 import pipeline
 from pipeline.cluster import Demand, Node, alive_nodes, check_schedulable, demands, start_ray
+from pipeline.job.validate import check_cluster
 from pipeline.config import ClusterKind, PoolConfig
 from pipeline.errors import JobError
-from pipeline.io import read_output
-from pipeline.job import run
+from pipeline.io.storage import read_output
+from pipeline.job.run import run
 from tests.conftest import job_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,13 +143,10 @@ def test_existing_takes_the_address_ray_job_submit_sets(monkeypatch, no_ray):
     assert no_ray == [{"address": "10.0.0.1:6379", "runtime_env": shipped}]
 
 
-def test_existing_without_an_address_fails_before_starting_ray(monkeypatch, no_ray):
+def test_existing_without_an_address_is_refused(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(JobError, match=r"cluster=existing needs cluster.address"):
-        start_ray(job_config("cluster=existing").cluster)
-    with pytest.raises(JobError, match=r"use cluster=existing cluster.address=\.\.\."):
-        start_ray(job_config("cluster.address=ray://head:10001").cluster)
-    assert no_ray == []
+        check_cluster(job_config("cluster=existing").cluster)
 
 
 def test_an_image_with_the_code_ships_none(no_ray):

@@ -4,10 +4,11 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from pipeline.config import Mode
+from pipeline.config import Mode, Phase
 from pipeline.errors import JobError
-from pipeline.job import block_rows, check_tensor_parallel, plan
-from pipeline.source import Shard
+from pipeline.io.source import Shard
+from pipeline.job.graph import block_rows, build_stages
+from pipeline.job.validate import check_job
 from tests.conftest import job_config
 
 
@@ -49,23 +50,38 @@ def test_bad_override_fails_before_any_work_naming_the_key(override, message):
 @pytest.mark.parametrize(
     "overrides, message",
     [
+        (["kv.transport=storage"], "kv.transport=storage needs kv.storage_path"),
         (["engine.tensor_parallel_size=2"], "engine.tensor_parallel_size=2 needs mode=colocated: the KV handoff"),
         (["mode=colocated", "engine.tensor_parallel_size=2"], "needs engine.device=cuda and pools.colocated.num_gpus=2"),
         (["mode=colocated", "engine.tensor_parallel_size=4", "engine.device=cuda", "pools.colocated.num_gpus=2"],
          "pools.colocated.num_gpus=4 (each worker holds its engine's GPUs; it has 2)"),
+        (["model.checkpoint=/models/x"], "model 'smollm2-135m': set exactly one of model.bundled_gguf and model.checkpoint"),
+        (["cluster=existing", "cluster.address=null"], "cluster=existing needs cluster.address"),
+        (["cluster.address=ray://head:10001"], "use cluster=existing cluster.address=..."),
+        (["cluster.kind=local_hetero"], "cluster=local-hetero needs cluster.nodes"),
+        (["output.path=/data/in/out"], "output.path /data/in/out and input.path /data/in overlap"),
+        (["output.path=memory://out"], "output.path memory://out is in this process's memory"),
     ],
 )  # fmt: skip
-def test_tensor_parallel_engines_need_their_gpus_and_no_kv_handoff(overrides, message):
+def test_a_job_refuses_before_any_work(overrides, message):
     with pytest.raises(JobError, match=re.escape(message)):
-        check_tensor_parallel(job_config(*overrides))
-    check_tensor_parallel(job_config("mode=colocated", "engine.tensor_parallel_size=2", "engine.device=cuda",
-                                     "pools.colocated.num_gpus=2"))  # fmt: skip
+        check_job(job_config("input.path=/data/in", "output.path=/data/out", *overrides))
+
+
+def test_each_refusal_has_its_way_out():
+    check_job(job_config("input.path=/data/in", "output.path=/data/out"))
+    check_job(job_config("input.path=/data/in", "output.path=/data/out", "mode=colocated",
+                         "engine.tensor_parallel_size=2", "engine.device=cuda", "pools.colocated.num_gpus=2"))  # fmt: skip
+    halves = job_config("input.path=/data/in", "output.path=/data/out", "mode=colocated")
+    halves.phase = Phase.prefill  # set by jobs.prefill, not a config key
+    with pytest.raises(JobError, match="a prefill job is one half of mode=disaggregated"):
+        check_job(halves)
 
 
 def _blocks(rows: int, *overrides: str, kv_row_bytes: float = 0) -> int:
     cfg = job_config(*overrides)
     shards = [Shard(i, "f", start, min(start + 1000, rows), start) for i, start in enumerate(range(0, rows, 1000))]
-    return block_rows(shards, plan(cfg, None, [], "sink", None), kv_row_bytes)
+    return block_rows(shards, build_stages(cfg, None, [], "sink", None), kv_row_bytes)
 
 
 def test_blocks_hold_a_shard_of_cheap_rows_and_spread_over_the_engines():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.engine_loop import EngineFailed, EngineLoop
+from pipeline.engine.loop import EngineFailed, EngineLoop
 
 TIMEOUT = 10.0
 

@@ -8,20 +8,21 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.commit import ShardLedger, commit_shard
-from pipeline.io import read_output
-from pipeline.job import commit
-from pipeline.job_report import output_rate, write_report
-from pipeline import metrics
-from pipeline.metrics import BatchPoint, BatchReport, StageTally
+from pipeline.io.commit import ShardLedger, commit_shard
+from pipeline.io.storage import read_output
+from pipeline.job import meter
+from pipeline.job.meter import BatchPoint, BatchReport, StageTally
+from pipeline.job.metrics import JobMetrics, WorkerMetrics
+from pipeline.job.report import output_rate, write_report
+from pipeline.job.run import commit
 from tests.test_output import SHARDS, claimed, rows, writer
 
 
 def stage(busy: float, rows: int, input_tokens: int, output_tokens: int, workers: int = 1, size: int = 0) -> dict:
     totals = {"busy_seconds": busy, "rows": rows, "input_tokens": input_tokens, "output_tokens": output_tokens}
     per_worker = [{"worker": f"node{i}:10{i}", "node": f"node{i}", "batches": 2, **totals} for i in range(workers)]
-    return {**totals, "workers": workers, "size": size or workers, "worker_cores": [[0]] * workers,
-            "per_worker": per_worker}  # fmt: skip
+    return {**totals, "kv_handoff_seconds": 0.0, "workers": workers, "size": size or workers,
+            "worker_cores": [[0]] * workers, "per_worker": per_worker}  # fmt: skip
 
 
 METRICS = {
@@ -36,7 +37,9 @@ METRICS = {
         "detokenize": stage(1.0, 8, 0, 160),
     },
     "kv_bytes_moved": 6 * 2**20, "kv_recomputed_rows": 2, "kv_bytes_per_prompt_token": 46_080.0,
-    "kv_handoff_seconds": 3.0, "kv_handoff_share_of_prefill": 0.05, "object_store_peak_bytes": 3 * 2**20,
+    "preemptions": 0, "kv_handoff_seconds": 3.0, "kv_handoff_share_of_prefill": 0.05, "startup_seconds": 2.0,
+    "processing_seconds": 93.0, "input_rows_decoded": 8, "late_duplicate_rows": 0, "driver_bytes_received": 900,
+    "object_store_peak_bytes": 3 * 2**20, "nodes": {"node0": {"CPU": 2.0}, "node1": {"CPU": 2.0}},
 }  # fmt: skip
 TIMELINE = [
     BatchPoint("tokenize", 1.0, 1.0, 4, 200, 0),
@@ -53,7 +56,7 @@ TIMELINE = [
 def written(tmp_path):
     out, _ = claimed(tmp_path / "out")
     commit_shard(out.url, out.part(0), SHARDS[0], writer(out)(rows(0, 1, 2)).column("path").to_pylist(), None)
-    write_report(out, METRICS, TIMELINE)
+    write_report(out, JobMetrics.from_dict(METRICS), TIMELINE)
     return tmp_path / "out"
 
 
@@ -84,7 +87,7 @@ def test_report_files_are_not_read_as_rows(written):
 def test_a_run_that_resumed_everything_has_no_pools_and_no_plot(tmp_path):
     out, _ = claimed(tmp_path / "out")
     resumed = {**METRICS, "stages": {}, "errors": {}, "kv_bytes_moved": 0, "kv_bytes_per_prompt_token": None}
-    write_report(out, resumed, [])
+    write_report(out, JobMetrics.from_dict(resumed), [])
     report = (tmp_path / "out" / "report.md").read_text()
     assert "No pool ran: every shard was committed by an earlier run." in report
     assert "No row errors." in report and "KV moved" not in report and "report.png" not in report
@@ -109,22 +112,22 @@ def test_output_rate_spreads_each_batch_over_the_seconds_it_ran():
 
 def test_tally_keeps_one_point_per_batch_on_one_clock(monkeypatch):
     clock = iter([1000.0, 1002.5, 1004.0])
-    monkeypatch.setattr(metrics, "time", SimpleNamespace(time=lambda: next(clock)))
+    monkeypatch.setattr(meter, "time", SimpleNamespace(time=lambda: next(clock)))
     tally = StageTally()
     tally.join("prefill", "w1", "n1", [0])
     tally.join("decode", "w2", "n2", [1])
     tally.record("prefill", "w1", 2.4567, 2.4567, BatchReport(rows=3, input_tokens=30, output_tokens=3, kv_bytes=900))
     tally.record("decode", "w2", 1.5, 1.5, BatchReport(rows=3, output_tokens=21))
     assert tally.timeline() == [("prefill", 2.5, 2.457, 3, 30, 3), ("decode", 4.0, 1.5, 3, 0, 21)]
-    assert tally.stages()["prefill"]["kv_bytes"] == 900  # the totals are kept as before
+    assert tally.stages()["prefill"].work.kv_bytes == 900  # the totals are kept as before
 
 
 def test_overlapping_batches_count_their_common_time_once(monkeypatch):
     """An engine worker holds several batches: from 0 to 10 s and from 4 to 12 s is 12 s busy,
     not 18; each batch keeps its own duration on the timeline."""
     clock = iter([0.0, 10.0, 12.0, 20.0, 21.0])  # the second start, at 4 s, reads no clock
-    monkeypatch.setattr(metrics, "time", SimpleNamespace(perf_counter=lambda: next(clock), time=lambda: 0.0))
-    busy = metrics.BusyClock()
+    monkeypatch.setattr(meter, "time", SimpleNamespace(perf_counter=lambda: next(clock), time=lambda: 0.0))
+    busy = meter.BusyClock()
     busy.start()
     busy.start()
     shares = [busy.stop(), busy.stop()]
@@ -135,7 +138,7 @@ def test_overlapping_batches_count_their_common_time_once(monkeypatch):
     tally.join("colocated", "w", "n", [0])
     tally.record("colocated", "w", 10.0, 10.0, BatchReport(rows=2))
     tally.record("colocated", "w", 8.0, 2.0, BatchReport(rows=2))
-    assert tally.stages()["colocated"]["busy_seconds"] == 12.0
+    assert tally.stages()["colocated"].busy_seconds == 12.0
     assert [p.seconds for p in tally.timeline()] == [10.0, 8.0]
 
 
@@ -147,13 +150,13 @@ def test_tally_keeps_each_workers_node_and_share():
     for worker, rows in (("a:1", 3), ("b:2", 2), ("a:1", 1)):
         tally.record("decode", worker, 0.5, 0.5, BatchReport(rows=rows, input_tokens=10 * rows, output_tokens=rows))
     decode = tally.stages()["decode"]
-    assert decode["worker_cores"] == [[0], [1], [1]]
-    assert decode["per_worker"] == [
-        {"worker": "a:1", "node": "a" * 56, "busy_seconds": 1.0, "batches": 2, "rows": 4, "input_tokens": 40, "output_tokens": 4},
-        {"worker": "b:2", "node": "b" * 56, "busy_seconds": 0.5, "batches": 1, "rows": 2, "input_tokens": 20, "output_tokens": 2},
-        {"worker": "b:3", "node": "b" * 56, "busy_seconds": 0, "batches": 0, "rows": 0, "input_tokens": 0, "output_tokens": 0},
+    assert decode.worker_cores == [[0], [1], [1]]
+    assert list(decode.workers.values()) == [
+        WorkerMetrics(worker="a:1", node="a" * 56, busy_seconds=1.0, batches=2, rows=4, input_tokens=40, output_tokens=4),
+        WorkerMetrics(worker="b:2", node="b" * 56, busy_seconds=0.5, batches=1, rows=2, input_tokens=20, output_tokens=2),
+        WorkerMetrics(worker="b:3", node="b" * 56, busy_seconds=0, batches=0, rows=0, input_tokens=0, output_tokens=0),
     ]  # fmt: skip
-    assert decode["rows"] == sum(w["rows"] for w in decode["per_worker"]) == 6
+    assert decode.work.rows == sum(w.rows for w in decode.workers.values()) == 6
 
 
 class Batches:

@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io import read_output
-from pipeline.job import run
-from pipeline.output import part_name
+from pipeline.io.storage import read_output
+from pipeline.job.run import run
+from pipeline.io.output import part_name
 from tests.conftest import job_config
 
 pytestmark = pytest.mark.slow
@@ -29,8 +29,8 @@ def test_one_row_group_is_decoded_once_and_every_row_comes_out_once(ray_cluster,
     cfg = job_config("mode=colocated", f"input.path={one_row_group}", f"output.path={out}",
                      f"output.shard_rows={SHARD_ROWS}", "sampling.max_tokens=4")  # fmt: skip
     metrics = run(cfg)
-    assert metrics["rows_out"] == ROWS and metrics["input_rows_decoded"] <= 1.1 * ROWS
-    assert metrics["errors"] == {"null_prompt": ROWS - 2} and metrics["late_duplicate_rows"] == 0
+    assert metrics.rows_out == ROWS and metrics.input_rows_decoded <= 1.1 * ROWS
+    assert metrics.errors == {"null_prompt": ROWS - 2} and metrics.late_duplicate_rows == 0
     assert read_output(str(out), ["n"]).column("n").to_pylist() == list(range(ROWS))
 
     for shard in (3, 7, 14):  # as if a crash had come before these shards committed

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.columns import ERROR, GENERATED_TOKENS, NUM_INPUT_TOKENS, ROW
-from pipeline.commit import ShardLedger, commit_shard
+from pipeline.io.commit import ShardLedger, commit_shard
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
-from pipeline.io import read_output
-from pipeline.lease import LEASE
-from pipeline.output import FRAGMENTS, MANIFEST, SUCCESS, OutputTarget, ShardStats, part_name, read_stats
-from pipeline.source import Shard
+from pipeline.io.storage import read_output
+from pipeline.io.lease import LEASE
+from pipeline.io.output import FRAGMENTS, MANIFEST, SUCCESS, OutputTarget, ShardStats, part_name, read_stats
+from pipeline.io.source import Shard
 from pipeline.stages.write import WriteFragments
 
 JOB = {"input": {"digest": "abc"}, "model": "m1", "sampling": {"max_tokens": 8}, "shard_rows": 3}
@@ -123,7 +123,7 @@ def test_overwrite_removes_only_what_kvrelay_wrote(tmp_path, ray_cluster):
     ledger = ShardLedger(out, SHARDS, None)
     ledger.add(writer(out)(rows(0, 1, 2)))
     ledger.committed(wait=True)
-    out.finish({"rows_out": 3})
+    out.finish('{"rows_out": 3}')
     (tmp_path / "out" / "notes.txt").write_text("mine")
     (tmp_path / "out" / "_mine").mkdir()
     again, done = claimed(tmp_path / "out", job={**JOB, "model": "m2"}, overwrite=True)
@@ -152,7 +152,7 @@ def test_a_damaged_output_is_refused_with_a_clear_message(tmp_path, damage, mess
 def test_success_marker_only_after_finish(tmp_path):
     out, _ = claimed(tmp_path / "out")
     assert not (tmp_path / "out" / SUCCESS).exists()
-    out.finish({"rows_out": 1})
+    out.finish('{"rows_out": 1}')
     assert (tmp_path / "out" / SUCCESS).exists() and (tmp_path / "out" / "metrics.json").exists()
     _, done = claimed(tmp_path / "out")  # a rerun starts by withdrawing the marker
     assert done == set() and not (tmp_path / "out" / SUCCESS).exists()

@@ -13,17 +13,19 @@ import ray
 import torch
 from transformers import AutoTokenizer
 
-from jobs.sample import SENTENCES
+from pipeline.bench.sample import SENTENCES
 from pipeline.columns import KV_PAYLOAD, with_columns
 from pipeline.config import PoolConfig
-from pipeline.io import read_output
-from pipeline.commit import ShardLedger
-from pipeline.job import Stage, build, commit, kv_row_bytes, plan, run
-from pipeline.output import OutputTarget
+from pipeline.io.storage import read_output
+from pipeline.io.commit import ShardLedger
+from pipeline.job.graph import Stage, build_dataset, build_stages, kv_row_bytes
+from pipeline.job.metrics import ShardCounts
+from pipeline.job.run import commit, run
+from pipeline.io.output import OutputTarget
 from pipeline.kv import payload
 from pipeline.kv.payload import KVPayload
-from pipeline.metrics import start_sink
-from pipeline.source import PromptSource
+from pipeline.job.meter import start_sink
+from pipeline.io.source import PromptSource
 from tests.conftest import job_config
 
 pytestmark = pytest.mark.slow
@@ -98,7 +100,7 @@ def test_disaggregated_tokens_equal_colocated(colocated, disaggregated):
 
 def test_engine_pools_run_on_their_own_cores(disaggregated):
     _, metrics = disaggregated
-    (prefill,), (decode,) = metrics["stages"]["prefill"]["worker_cores"], metrics["stages"]["decode"]["worker_cores"]
+    (prefill,), (decode,) = metrics.stages["prefill"].worker_cores, metrics.stages["decode"].worker_cores
     assert prefill and decode and set(prefill).isdisjoint(decode)
     assert set(prefill) | set(decode) == os.sched_getaffinity(0)
 
@@ -106,8 +108,8 @@ def test_engine_pools_run_on_their_own_cores(disaggregated):
 def test_kv_bytes_per_prompt_token_match_the_model_geometry(disaggregated, model):
     _, metrics = disaggregated
     assert model.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4 == 46_080
-    assert metrics["kv_bytes_per_prompt_token"] == model.kv_bytes_per_token
-    assert metrics["kv_bytes_moved"] == model.kv_bytes_per_token * sum(LENGTHS)
+    assert metrics.kv_bytes_per_prompt_token == model.kv_bytes_per_token
+    assert metrics.kv_bytes_moved == model.kv_bytes_per_token * sum(LENGTHS)
 
 
 class Tamper:
@@ -147,7 +149,7 @@ def _tampered_run(model, prompts, output, *overrides: str) -> tuple[pa.Table, di
     cfg = job_config("mode=disaggregated", *_overrides(prompts, output), *overrides)
     source = PromptSource(cfg.input, cfg.output.shard_rows, (cfg.input.prompt_column,))
     sink_name, sink = start_sink()
-    stages = plan(cfg, model, source.schema.names, sink_name, None)
+    stages = build_stages(cfg, model, source.schema.names, sink_name, None)
     at = [s.name for s in stages].index("decode")
     tamper = Stage("tamper", Tamper, PoolConfig(num_cpus=0), {"actions": TAMPERED, "model": model})
     target = OutputTarget(cfg.output, {"job": "tampered"})
@@ -155,7 +157,7 @@ def _tampered_run(model, prompts, output, *overrides: str) -> tuple[pa.Table, di
     lease, _ = target.claim()
     with lease:
         graph = [*stages[:at], tamper, *stages[at:]]
-        ds = build(source, source.shards, graph, target, cfg.cluster, sink_name, kv_row_bytes(cfg, source, model))
+        ds = build_dataset(source, source.shards, graph, target, cfg.cluster, sink_name, kv_row_bytes(cfg, source, model))
         commit(ds, ShardLedger(target, source.shards, None), source.num_rows)
     stage_metrics = ray.get(sink.stages.remote())
     ray.kill(sink)
@@ -190,7 +192,7 @@ def test_lost_payloads_are_recomputed_by_the_decode_pool(ray_cluster, model, few
     assert all(same and error is None for same, error in _fate(table, clean, "damage") + _fate(table, clean, "drop"))
     assert all(e.startswith("kv_mismatch") for _, e in _fate(table, clean, "foreign"))
     lost = sum(a in ("damage", "drop") for a in TAMPERED.values())
-    assert stages["decode"]["kv_recomputed"] == lost > 0
+    assert stages["decode"].work.kv_recomputed == lost > 0
 
 
 def test_killed_workers_are_replaced_and_their_rows_redone(ray_cluster, few_prompts, colocated, tmp_path):
@@ -209,8 +211,8 @@ def test_killed_workers_are_replaced_and_their_rows_redone(ray_cluster, few_prom
     table = read_output(str(output))
     assert table.column("id").to_pylist() == [f"p{n}" for n in FEW]  # each row once, in input order
     assert _tokens_by_id(table) == {k: colocated[k] for k in TAMPERED}
-    assert metrics["stages"]["prefill"]["workers"] == 2 and metrics["stages"]["decode"]["workers"] == 2
-    assert metrics["shards"] == {"total": -(-len(FEW) // 4), "resumed": 0}
+    assert metrics.stages["prefill"].workers == 2 and metrics.stages["decode"].workers == 2
+    assert metrics.shards == ShardCounts(total=-(-len(FEW) // 4), resumed=0)
 
 
 def _kill_each_after_one_batch(stages: list[str], killed: list[str]) -> None:
@@ -238,7 +240,7 @@ def test_storage_transport_generates_the_same(ray_cluster, few_prompts, disaggre
     kv = ["kv.transport=storage", f"kv.storage_path={storage}", "kv.keep_files=true"]
     metrics = run(job_config(*_overrides(few_prompts, out), *kv))
     assert _tokens_by_id(read_output(str(out))) == {k: clean[k] for k in TAMPERED}
-    assert metrics["kv_bytes_per_prompt_token"] == 46_080
+    assert metrics.kv_bytes_per_prompt_token == 46_080
     assert len(list(storage.rglob("*.kv"))) == len(FEW)
 
 
@@ -248,15 +250,15 @@ def test_split_jobs_write_what_one_job_writes(ray_cluster, few_prompts, disaggre
     storage, prefilled, out = tmp_path / "kv", tmp_path / "prefilled", tmp_path / "out"
     kv = ["kv.transport=storage", f"kv.storage_path={storage}"]
     first = run(job_config("phase=prefill", *_overrides(few_prompts, prefilled), *kv))
-    assert set(first["stages"]) == {"tokenize", "prefill"}
+    assert set(first.stages) == {"tokenize", "prefill"}
     dataset = read_output(str(prefilled))
     assert dataset.num_rows == len(FEW) and KV_PAYLOAD in dataset.column_names
     files = [p for p in storage.rglob("*.kv")]
     assert len(files) == len(FEW)
 
     second = run(job_config("phase=decode", *_overrides(prefilled, out), f"kv.storage_path={storage}"))
-    assert set(second["stages"]) == {"decode", "detokenize"}
-    assert second["kv_bytes_moved"] == first["kv_bytes_moved"] == 46_080 * sum(FEW)
+    assert set(second.stages) == {"decode", "detokenize"}
+    assert second.kv_bytes_moved == first.kv_bytes_moved == 46_080 * sum(FEW)
     assert not any(f.exists() for f in files)
     one_job = read_output(str(disaggregated_run[0]))
     split = read_output(str(out))
@@ -273,8 +275,8 @@ def test_a_prefill_dataset_with_inline_kv_is_written_by_the_workers(ray_cluster,
     dataset = read_output(str(tmp_path / "out"))
     data = pa.concat_arrays([c.field("data") for c in dataset.column(KV_PAYLOAD).chunks])
     assert dataset.num_rows == len(FEW) and data.null_count == 0
-    assert metrics["kv_bytes_moved"] == 46_080 * sum(FEW)
-    assert 0 < metrics["driver_bytes_received"] < metrics["kv_bytes_moved"] / 10_000
+    assert metrics.kv_bytes_moved == 46_080 * sum(FEW)
+    assert 0 < metrics.driver_bytes_received < metrics.kv_bytes_moved / 10_000
 
 
 def test_preempted_requests_load_their_kv_again(ray_cluster, few_prompts, colocated, tmp_path):
@@ -284,7 +286,7 @@ def test_preempted_requests_load_their_kv_again(ray_cluster, few_prompts, coloca
     output = tmp_path / "out"
     metrics = run(job_config("mode=disaggregated", *_overrides(few_prompts, output), "engine.kv_cache_gib=0.1"))
     assert _tokens_by_id(read_output(str(output))) == {f"p{n}": colocated[f"p{n}"] for n in FEW}
-    assert metrics["preemptions"] > 0
+    assert metrics.preemptions > 0
 
 
 def _prefilled_dataset(model, prompts, colocated, path) -> dict[str, str | None]:
@@ -341,4 +343,4 @@ def test_crafted_prefill_rows_fail_alone_and_the_rest_decode(ray_cluster, model,
     assert all(rows[k]["generated_tokens"] == colocated[k] for k in decoded)
     assert all(rows[k]["generated_tokens"] == colocated["p16"] for k in ("short_bytes", "null_shape"))
     assert all(rows[k]["num_input_tokens"] == int(k[1:]) for k in decoded)
-    assert metrics["kv_recomputed_rows"] == 6
+    assert metrics.kv_recomputed_rows == 6

@@ -1,6 +1,6 @@
 import os
 
-from pipeline.placement import _split, place_engines
+from pipeline.engine.placement import _split, place_engines
 from tests.conftest import job_config
 
 

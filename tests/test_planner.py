@@ -15,8 +15,8 @@ from omegaconf.errors import ValidationError
 
 from pipeline.config import Mode
 from pipeline.errors import JobError
-from pipeline.planner import Efficiency, Hardware, ModelSpec, PlanSettings, Planner, Workload, catalogue, cheapest
-from pipeline.planner_config import PlanConfig, register
+from pipeline.plan.roofline import Efficiency, Hardware, ModelSpec, PlanSettings, Planner, Workload, catalogue, cheapest
+from pipeline.plan.config import PlanConfig, register
 from tests.conftest import job_config
 
 REPO = Path(__file__).resolve().parents[1]

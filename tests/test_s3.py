@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from jobs.sample import SENTENCES
-from pipeline.io import read_output
-from pipeline.job import run
+from pipeline.bench.sample import SENTENCES
+from pipeline.io.storage import read_output
+from pipeline.job.run import run
 from tests.conftest import job_config
 from tests.s3 import Bucket
 
@@ -72,7 +72,7 @@ def test_a_job_on_s3_writes_what_it_writes_on_local_disk(s3: Bucket, ray_cluster
     assert [r["id"] for r in local_rows] == [f"s{i}" for i in range(len(PROMPTS))]
     assert all(r["error"] is None and r["num_generated_tokens"] > 0 for r in local_rows)
     # Every payload went through the bucket and was found there: none was recomputed.
-    assert metrics["kv_bytes_moved"] > 0 and metrics["kv_recomputed_rows"] == 0
+    assert metrics.kv_bytes_moved > 0 and metrics.kv_recomputed_rows == 0
     fs = s3.fs()
     assert set(_parts(fs, f"{root}/out")) == PARTS and fs.exists(f"{root}/out/_SUCCESS")
     assert json.loads(fs.cat(f"{root}/out/metrics.json"))["rows_out"] == len(PROMPTS)

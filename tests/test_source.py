@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.columns import ERROR, ROW
 from pipeline.errors import JobError
-from pipeline.job import identity
-from pipeline.source import UNIT, PromptSource
+from pipeline.job.run import identity
+from pipeline.io.source import UNIT, PromptSource
 from tests.conftest import job_config
 
 

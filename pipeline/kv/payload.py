@@ -5,7 +5,7 @@ Format 2: the KV in canonical layout [layers, 2 (K, V), tokens, kv_heads, head_d
 a codec (pipeline.kv.codec), plus what decode needs to refuse a payload it must not use: the
 model fingerprint, cache dtype, codec, shape and an XXH3-64 checksum of the encoded bytes (a
 hash ~7x faster than CRC32 here, and the check runs over every byte on both sides). The bytes are
-inline, or in a file named by `file` (pipeline.kv.transport)."""
+inline, or in a file named by `file` (pipeline.kv.store)."""
 import itertools
 from dataclasses import dataclass
 
@@ -16,7 +16,7 @@ import xxhash
 
 from pipeline.columns import KV_PAYLOAD, row_error
 from pipeline.kv.codec import CODECS, codec
-from pipeline.model import ResolvedModel
+from pipeline.engine.model import ResolvedModel
 
 FORMAT = 2
 TYPE = pa.struct(

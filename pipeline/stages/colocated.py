@@ -2,8 +2,8 @@
 import pyarrow as pa
 
 from pipeline.columns import FINISH_REASON
-from pipeline.metrics import BatchReport
-from pipeline.engine import sampling_params
+from pipeline.job.meter import BatchReport
+from pipeline.engine.build import sampling_params
 from pipeline.stages.engine_stage import EngineStage
 
 

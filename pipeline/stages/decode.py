@@ -24,12 +24,12 @@ from pipeline.columns import (
     with_columns,
 )
 from pipeline.config import OnLoadFailure
-from pipeline.engine import CONSUMER, sampling_params
+from pipeline.engine.build import CONSUMER, sampling_params
 from pipeline.kv import handoff, payload
 from pipeline.kv.payload import KVPayload, PayloadError, PayloadLost, PayloadMismatch
-from pipeline.kv.transport import PayloadStore
-from pipeline.metrics import BatchReport
-from pipeline.model import ResolvedModel
+from pipeline.kv.store import PayloadStore
+from pipeline.job.meter import BatchReport
+from pipeline.engine.model import ResolvedModel
 from pipeline.stages.engine_stage import EngineStage
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from pipeline.columns import (
     NUM_INPUT_TOKENS,
     TOKEN_LIST,
 )
-from pipeline.metrics import StageMeter
-from pipeline.model import ResolvedModel, load_tokenizer
+from pipeline.job.meter import StageMeter
+from pipeline.engine.model import ResolvedModel, load_tokenizer
 
 
 class Detokenize:

@@ -13,12 +13,12 @@ import pyarrow as pa
 
 from pipeline.columns import FINISH_REASON, GENERATED_TOKENS, PROMPT_TOKENS, TOKEN_LIST, pending, with_columns
 from pipeline.config import EngineConfig, KVConfig, PoolConfig, SamplingConfig
-from pipeline.engine import bind_threads, build_engine
-from pipeline.engine_loop import EngineLoop
-from pipeline.kv.transport import PayloadStore
-from pipeline.metrics import BatchReport, StageMeter
-from pipeline.model import ResolvedModel
-from pipeline.placement import Placement
+from pipeline.engine.build import bind_threads, build_engine
+from pipeline.engine.loop import EngineLoop
+from pipeline.kv.store import PayloadStore
+from pipeline.job.meter import BatchReport, StageMeter
+from pipeline.engine.model import ResolvedModel
+from pipeline.engine.placement import Placement
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams

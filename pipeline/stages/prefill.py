@@ -6,10 +6,10 @@ import pyarrow as pa
 
 from pipeline.columns import FINISH_REASON, KV_PAYLOAD, with_columns
 from pipeline.config import Transport
-from pipeline.engine import PRODUCER, sampling_params
+from pipeline.engine.build import PRODUCER, sampling_params
 from pipeline.kv import handoff, payload
 from pipeline.kv.payload import KVPayload
-from pipeline.metrics import BatchReport
+from pipeline.job.meter import BatchReport
 from pipeline.stages.engine_stage import EngineStage
 
 

@@ -5,8 +5,8 @@ import pyarrow.compute as pc
 
 from pipeline.columns import ERROR, FINISH_REASON, NUM_INPUT_TOKENS, PROMPT_TOKENS, TOKEN_LIST, row_error, with_columns
 from pipeline.config import InputConfig, Overlong
-from pipeline.metrics import StageMeter
-from pipeline.model import ResolvedModel, load_tokenizer
+from pipeline.job.meter import StageMeter
+from pipeline.engine.model import ResolvedModel, load_tokenizer
 
 
 class Tokenize:

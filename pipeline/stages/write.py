@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.columns import GENERATED_TOKENS, ROW
-from pipeline.io import filesystem
+from pipeline.io.storage import filesystem
 
 # What the write stage hands the driver: one row per fragment written.
 SHARD, PATH, ROWS, OUTPUT_TOKENS = "shard", "path", "rows", "output_tokens"

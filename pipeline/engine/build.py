@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.cache import cache_dir
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.model import ResolvedModel
+from pipeline.engine.model import ResolvedModel
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams

@@ -7,15 +7,14 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pipeline.io import REPORT, REPORT_PLOT
-from pipeline.metrics import BatchPoint
-from pipeline.output import OutputTarget
+from pipeline.config import ENGINE_POOLS
+from pipeline.io.output import OutputTarget
+from pipeline.io.storage import REPORT, REPORT_PLOT
+from pipeline.job.meter import BatchPoint
+from pipeline.job.metrics import JobMetrics, StageMetrics
 
-# The pools that run a model: the candidates for the bottleneck, and what generates tokens.
-ENGINES = ("prefill", "decode", "colocated")
 
-
-def write_report(output: OutputTarget, metrics: dict, timeline: list[BatchPoint]) -> None:
+def write_report(output: OutputTarget, metrics: JobMetrics, timeline: list[BatchPoint]) -> None:
     if timeline:
         with output.fs.open(f"{output.root}/{REPORT_PLOT}", "wb") as f:
             plot(timeline, f)
@@ -23,31 +22,31 @@ def write_report(output: OutputTarget, metrics: dict, timeline: list[BatchPoint]
         f.write("\n".join(report_lines(metrics, plotted=bool(timeline))) + "\n")
 
 
-def busy_share(stage: dict, wall: float) -> float:
+def busy_share(stage: StageMetrics, wall: float) -> float:
     """The fraction of the job's wall time the pool's workers spent on batches (a pool's size is
     the workers it runs at once; `workers` counts a replaced one too)."""
-    return stage["busy_seconds"] / (wall * stage["size"]) if wall else 0.0
+    return stage.busy_seconds / (wall * stage.size) if wall else 0.0
 
 
-def report_lines(m: dict, plotted: bool) -> list[str]:
-    wall = m["wall_seconds"]
+def report_lines(m: JobMetrics, plotted: bool) -> list[str]:
+    wall = m.wall_seconds
     lines = [
-        f"# kvrelay {m['mode']} {m['phase']} run of {m['model']}",
+        f"# kvrelay {m.mode} {m.phase} run of {m.model}",
         "",
-        f"- rows: {m['rows_in']} in, {m['rows_out']} out, {m['rows_errored']} with errors",
-        f"- shards: {m['shards']['total']}, {m['shards']['resumed']} committed by an earlier run",
-        f"- tokens: {m['input_tokens']} in, {m['output_tokens']} out",
-        f"- wall: {wall:.1f} s, {m['output_tokens_per_second']:.1f} output tokens/s",
+        f"- rows: {m.rows_in} in, {m.rows_out} out, {m.rows_errored} with errors",
+        f"- shards: {m.shards.total}, {m.shards.resumed} committed by an earlier run",
+        f"- tokens: {m.input_tokens} in, {m.output_tokens} out",
+        f"- wall: {wall:.1f} s, {m.output_tokens_per_second:.1f} output tokens/s",
         "",
         "## Pools",
         "",
     ]
-    if m["stages"]:
-        lines += _pool_table(m["stages"], wall) + ["", "### Workers", ""] + _worker_table(m["stages"])
+    if m.stages:
+        lines += _pool_table(m.stages, wall) + ["", "### Workers", ""] + _worker_table(m.stages)
     else:
         lines.append("No pool ran: every shard was committed by an earlier run.")
     lines += ["", "## Errors", ""]
-    errors = sorted(m["errors"].items(), key=lambda kv: (-kv[1], kv[0]))
+    errors = sorted(m.errors.items(), key=lambda kv: (-kv[1], kv[0]))
     lines += [f"- `{kind}`: {count}" for kind, count in errors] or ["No row errors."]
     lines += ["", "## KV handoff and memory", ""] + _kv_lines(m)
     if plotted:
@@ -55,53 +54,53 @@ def report_lines(m: dict, plotted: bool) -> list[str]:
     return lines
 
 
-def _pool_table(stages: dict, wall: float) -> list[str]:
+def _pool_table(stages: dict[str, StageMetrics], wall: float) -> list[str]:
     shares = {name: busy_share(s, wall) for name, s in stages.items()}
     lines = [
         "| pool | workers | busy s | busy share | rows | input tokens | output tokens | rows / worker | tokens / worker |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for name, s in stages.items():
-        n, tokens = s["workers"], s["input_tokens"] + s["output_tokens"]
+        n, tokens = s.workers, s.input_tokens + s.output_tokens
         lines.append(
-            f"| {name} | {n} | {s['busy_seconds']:.1f} | {shares[name]:.0%} | {s['rows']} | {s['input_tokens']} "
-            f"| {s['output_tokens']} | {s['rows'] / n:.0f} | {tokens / n:.0f} |"
+            f"| {name} | {n} | {s.busy_seconds:.1f} | {shares[name]:.0%} | {s.rows} | {s.input_tokens} "
+            f"| {s.output_tokens} | {s.rows / n:.0f} | {tokens / n:.0f} |"
         )
     lines += ["", "Busy share: busy seconds / (wall seconds · pool size); the wall includes start-up."]
-    engines = {name: share for name, share in shares.items() if name in ENGINES}
+    engines = {name: share for name, share in shares.items() if name in ENGINE_POOLS}
     if engines:
         pool = max(engines, key=engines.get)
         lines += ["", f"Bottleneck: the {pool} pool, its workers busy {engines[pool]:.0%} of the wall time."]
     return lines
 
 
-def _worker_table(stages: dict) -> list[str]:
+def _worker_table(stages: dict[str, StageMetrics]) -> list[str]:
     """Each worker's share: on a cluster, where each pool's work ran (a worker is named by the
     first characters of its Ray node id and its pid)."""
     lines = ["| pool | worker | batches | busy s | rows | input tokens | output tokens |",
              "|---|---|--:|--:|--:|--:|--:|"]  # fmt: skip
     for name, s in stages.items():
         lines += [
-            f"| {name} | {w['worker']} | {w['batches']} | {w['busy_seconds']:.1f} | {w['rows']} | {w['input_tokens']} "
-            f"| {w['output_tokens']} |"
-            for w in s["per_worker"]
+            f"| {name} | {w.worker} | {w.batches} | {w.busy_seconds:.1f} | {w.rows} | {w.input_tokens} "
+            f"| {w.output_tokens} |"
+            for w in s.per_worker
         ]
     return lines
 
 
-def _kv_lines(m: dict) -> list[str]:
+def _kv_lines(m: JobMetrics) -> list[str]:
     lines = []
-    if m["kv_bytes_moved"]:
+    if m.kv_bytes_moved:
         lines.append(
-            f"- KV moved: {m['kv_bytes_moved'] / 2**20:.1f} MiB, {m['kv_bytes_per_prompt_token']:.0f} B per prompt token"
+            f"- KV moved: {m.kv_bytes_moved / 2**20:.1f} MiB, {m.kv_bytes_per_prompt_token:.0f} B per prompt token"
         )
-        share = m["kv_handoff_share_of_prefill"]
+        share = m.kv_handoff_share_of_prefill
         lines.append(
-            f"- handoff: {m['kv_handoff_seconds']:.1f} s"
+            f"- handoff: {m.kv_handoff_seconds:.1f} s"
             + (f", {share:.1%} of the prefill pool's busy time" if share is not None else "")
         )
-        lines.append(f"- prefill recomputed by the decode pool: {m['kv_recomputed_rows']} rows")
-    lines.append(f"- object store peak: {m['object_store_peak_bytes'] / 2**20:.1f} MiB")
+        lines.append(f"- prefill recomputed by the decode pool: {m.kv_recomputed_rows} rows")
+    lines.append(f"- object store peak: {m.object_store_peak_bytes / 2**20:.1f} MiB")
     return lines
 
 
@@ -109,7 +108,7 @@ def output_rate(timeline: list[BatchPoint], points: int = 200) -> tuple[np.ndarr
     """Output tokens/s over the run, averaged over a rolling window of a twentieth of it (at
     least a second). Each engine batch's tokens are spread evenly over the seconds it ran, so a
     large batch shows as the work it was, not as a spike at its end."""
-    engine = [p for p in timeline if p.stage in ENGINES]
+    engine = [p for p in timeline if p.stage in ENGINE_POOLS]
     ends = np.array([p.end for p in engine])
     per_second = np.array([p.output_tokens / max(p.seconds, 1e-3) for p in engine])
     # Tokens done by time t is piecewise linear: its slope rises by a batch's rate at its start

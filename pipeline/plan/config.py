@@ -5,7 +5,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from pipeline.planner import Efficiency, Hardware, ModelSpec, PlanSettings
+from pipeline.plan.roofline import Efficiency, Hardware, ModelSpec, PlanSettings
 
 
 @dataclass

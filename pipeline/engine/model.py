@@ -45,8 +45,6 @@ class ResolvedModel:
 
 
 def resolve_model(cfg: ModelConfig) -> ResolvedModel:
-    if bool(cfg.bundled_gguf) == bool(cfg.checkpoint):
-        raise ModelError(f"model '{cfg.name}': set exactly one of model.bundled_gguf and model.checkpoint")
     path = str(convert_bundled_gguf(cfg.bundled_gguf)) if cfg.bundled_gguf else cfg.checkpoint
     from transformers import AutoConfig
 

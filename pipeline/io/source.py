@@ -19,7 +19,7 @@ import ray
 from pipeline.columns import ERROR, INTERNAL, ROW, row_error
 from pipeline.config import DuplicateIds, InputConfig
 from pipeline.errors import JobError
-from pipeline.io import NOT_ROWS, filesystem
+from pipeline.io.storage import NOT_ROWS, filesystem
 
 
 UNIT = "unit"

@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 from pipeline.columns import ERROR, GENERATED_TOKENS, NUM_INPUT_TOKENS, error_kinds
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
-from pipeline.io import METRICS, REPORT, REPORT_PLOT, filesystem
-from pipeline.lease import LEASE, OutputLease
+from pipeline.io.storage import METRICS, REPORT, REPORT_PLOT, filesystem
+from pipeline.io.lease import LEASE, OutputLease
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +167,12 @@ class OutputTarget:
     def fragments(self) -> str:
         return f"{self.root}/{FRAGMENTS}"
 
-    def finish(self, metrics: dict) -> None:
+    def finish(self, metrics_json: str) -> None:
         self.fs.invalidate_cache()
         if self.fs.exists(self.fragments()):  # late duplicates, a killed writer's leftovers
             self.fs.rm(self.fragments(), recursive=True)
         with self.fs.open(f"{self.root}/{METRICS}", "w") as f:
-            json.dump(metrics, f, indent=2)
+            f.write(metrics_json)
         with self.fs.open(f"{self.root}/{SUCCESS}", "w"):
             pass
 

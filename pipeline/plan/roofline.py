@@ -22,8 +22,9 @@ from typing import Iterable, Optional
 
 from omegaconf import MISSING
 
+from pipeline.engine.model import load_tokenizer
 from pipeline.errors import JobError
-from pipeline.model import load_tokenizer
+from pipeline.job.metrics import JobMetrics, StageMetrics
 
 GB = 1e9
 
@@ -78,15 +79,15 @@ class Efficiency:
         phase on its own pool). A stage's busy seconds are summed over its workers; on CPU each
         core a worker was bound to is a device, on GPUs each worker is one. The network factor
         is kept: the bench moves KV in memory."""
-        run = load_bench(path)["disaggregated"]
+        run = JobMetrics.from_dict(load_bench(path)["disaggregated"])
 
-        def device_seconds(stage: dict) -> float:
-            cores = [len(c) for c in stage["worker_cores"]]
-            return stage["busy_seconds"] * (sum(cores) / len(cores) if hardware.device == "cpu" else 1)
+        def device_seconds(stage: StageMetrics) -> float:
+            cores = [len(c) for c in stage.worker_cores]
+            return stage.busy_seconds * (sum(cores) / len(cores) if hardware.device == "cpu" else 1)
 
         peak = Planner(model, Workload.from_metrics(run), cls(1.0, 1.0, network), settings)
-        prefill = run["input_tokens"] / device_seconds(run["stages"]["prefill"]) / peak.prefill_rate(hardware)
-        decode = run["output_tokens"] / device_seconds(run["stages"]["decode"]) / peak.decode_rate(hardware)
+        prefill = run.input_tokens / device_seconds(run.stages["prefill"]) / peak.prefill_rate(hardware)
+        decode = run.output_tokens / device_seconds(run.stages["decode"]) / peak.decode_rate(hardware)
         return cls(prefill, decode, network)
 
 
@@ -97,10 +98,10 @@ class Workload:
     rows: int
 
     @classmethod
-    def from_metrics(cls, metrics: dict) -> "Workload":
-        """From a kvrelay metrics.json (or one mode of a bench.json)."""
-        rows = metrics["rows_out"] - metrics["rows_errored"]
-        return cls(metrics["input_tokens"] / rows, metrics["output_tokens"] / rows, rows)
+    def from_metrics(cls, metrics: JobMetrics) -> "Workload":
+        """From a kvrelay job's metrics."""
+        rows = metrics.rows_out - metrics.rows_errored
+        return cls(metrics.input_tokens / rows, metrics.output_tokens / rows, rows)
 
     @classmethod
     def from_parquet(cls, url: str, prompt_column: str = "prompt", tokenizer: Optional[str] = None,
@@ -113,7 +114,7 @@ class Workload:
         import pyarrow.compute as pc
 
         from pipeline.columns import ERROR, NUM_GENERATED_TOKENS, NUM_INPUT_TOKENS
-        from pipeline.io import parquet_dataset
+        from pipeline.io.storage import parquet_dataset
 
         try:
             dataset = parquet_dataset(url)

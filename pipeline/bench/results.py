@@ -21,6 +21,7 @@ workers):
   the other pool, uneven work between its workers, or replacing a worker that died.
 """
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -29,30 +30,40 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pipeline.job_report import ENGINES
+from pipeline.config import ENGINE_POOLS
+from pipeline.job.metrics import JobMetrics
 
 BENCH_JSON, BENCH_TABLE, BENCH_PLOT = "bench.json", "bench.md", "bench.png"
 RUNS = ("plain", "colocated", "disaggregated")  # the modes a bench.json holds, in the order they run
 
 
-def pool_rates(stage: dict) -> dict[str, float]:
-    """A pool's rows and tokens per second while busy: its work over a worker's mean busy time."""
-    busy = stage["busy_seconds"] / stage["size"]
-    return {
-        "rows_per_s": stage["rows"] / busy,
-        "prompt_tokens_per_s": stage["input_tokens"] / busy,
-        "output_tokens_per_s": stage["output_tokens"] / busy,
-    }
+@dataclass
+class PlainRun:
+    """Plain vLLM's run in bench.json: one engine, all prompts in one generate call."""
+
+    wall_seconds: float
+    generate_seconds: float
+    rows: int
+    output_tokens: int
 
 
-def processing_seconds(result: dict) -> float:
+def parse_run(result: dict) -> JobMetrics | PlainRun:
+    """One mode's result in bench.json: a pipeline job's metrics, or plain vLLM's run (each
+    beside the bench's own keys: peak RSS, the rounds' rates)."""
+    if "stages" in result:
+        return JobMetrics.from_dict(result)
+    return PlainRun(**{f.name: result[f.name] for f in fields(PlainRun)})
+
+
+def processing_seconds(run: JobMetrics | PlainRun) -> float:
     """The pipeline's processing window; plain vLLM's generate call."""
-    return result["processing_seconds"] if "stages" in result else result["generate_seconds"]
+    return run.processing_seconds if isinstance(run, JobMetrics) else run.generate_seconds
 
 
 def output_rates(result: dict) -> tuple[float, float]:
     """Output tokens/s over the wall time and over processing."""
-    return result["output_tokens"] / result["wall_seconds"], result["output_tokens"] / processing_seconds(result)
+    run = parse_run(result)
+    return run.output_tokens / run.wall_seconds, run.output_tokens / processing_seconds(run)
 
 
 def fastest(rounds: list[dict]) -> dict:
@@ -66,18 +77,18 @@ def fastest(rounds: list[dict]) -> dict:
 
 
 def mode_row(mode: str, result: dict, plain: dict | None) -> dict:
-    """One mode's row from its result in bench.json (the job's metrics, or plain vLLM's
-    timings), against plain vLLM's result."""
+    """One mode's row from its result in bench.json, against plain vLLM's result."""
     if "error" in result:
         return {"mode": mode, "error": result["error"]}
-    processing = processing_seconds(result)
-    if "stages" in result:
-        startup = result["startup_seconds"]
-        rows = result["rows_out"] - result["rows_errored"]
-        engines = {name: stage for name, stage in result["stages"].items() if name in ENGINES}
-    else:  # plain vLLM: one engine, no pools
-        startup, rows, engines = result["wall_seconds"] - processing, result["rows"], {}
-    rates = {name: pool_rates(stage) for name, stage in engines.items()}
+    run = parse_run(result)
+    processing = processing_seconds(run)
+    if isinstance(run, JobMetrics):
+        startup, rows = run.startup_seconds, run.rows_out - run.rows_errored
+        engines = {name: stage for name, stage in run.stages.items() if name in ENGINE_POOLS}
+        kv = (run.kv_bytes_per_prompt_token, run.kv_handoff_share_of_prefill, run.object_store_peak_bytes)
+    else:  # plain vLLM: one engine, no pools, no object store
+        startup, rows, engines, kv = run.wall_seconds - processing, run.rows, {}, (None, None, None)
+    rates = {name: stage.rates() for name, stage in engines.items()}
     prefill, decode = rates.get("prefill", rates.get("colocated", {})), rates.get("decode", rates.get("colocated", {}))
     slower = min(rates, key=lambda name: rates[name]["rows_per_s"]) if rates else None
     achieved = rows / processing
@@ -85,8 +96,8 @@ def mode_row(mode: str, result: dict, plain: dict | None) -> dict:
     plain_wall_rate, plain_processing_rate = output_rates(plain) if plain else (None, None)
     row = {
         "mode": mode,
-        "pools": " + ".join(f"{stage['size']} {name}" for name, stage in engines.items()) or None,
-        "wall_seconds": result["wall_seconds"],
+        "pools": " + ".join(f"{stage.size} {name}" for name, stage in engines.items()) or None,
+        "wall_seconds": run.wall_seconds,
         "startup_seconds": startup,
         "processing_seconds": processing,
         "output_tokens_per_s": wall_rate,
@@ -100,10 +111,10 @@ def mode_row(mode: str, result: dict, plain: dict | None) -> dict:
         "achieved_rows_per_s": achieved,
         "slower_pool": slower,
         "efficiency": achieved / rates[slower]["rows_per_s"] if slower else None,
-        "kv_bytes_per_prompt_token": result.get("kv_bytes_per_prompt_token"),
-        "kv_handoff_share_of_prefill": result.get("kv_handoff_share_of_prefill"),
+        "kv_bytes_per_prompt_token": kv[0],
+        "kv_handoff_share_of_prefill": kv[1],
         "peak_rss_bytes": result["peak_rss_bytes"],
-        "object_store_peak_bytes": result.get("object_store_peak_bytes"),  # plain vLLM has none
+        "object_store_peak_bytes": kv[2],
     }
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
@@ -166,7 +177,7 @@ def markdown(rows: list[dict]) -> list[str]:
 def plot(rows: list[dict], f: BinaryIO) -> None:
     """Output tokens/s per mode (whole run and processing) against plain vLLM's, and each
     engine pool's rows/s while busy against the rows/s achieved."""
-    # Imported here, as in job_report: Agg needs no display.
+    # Imported here, as in the job's report: Agg needs no display.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -1,18 +1,19 @@
-"""Job metrics: stages report each batch to one named actor; the driver summarises at the end.
+"""Metering while a job runs: stages report each batch to one named actor (the sink); the
+driver reads its totals at the end and makes them the job's metrics (pipeline/job/metrics.py).
 
 A stage waits for its report to land (one small round trip per batch), so when the dataset
 is done, so are its metrics."""
 import os
-import threading
 import time
 import uuid
 from collections import defaultdict
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Collection, Iterator, NamedTuple
+from dataclasses import dataclass, field, fields
+from typing import AsyncIterator, Collection, Iterator, NamedTuple
 
-import psutil
 import ray
+
+from pipeline.job.metrics import WorkerMetrics
 
 
 @dataclass
@@ -29,6 +30,10 @@ class BatchReport:
     preempted: int = 0
     kv_handoff_seconds: float = 0.0
 
+    def add(self, other: "BatchReport") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
 
 class BatchPoint(NamedTuple):
     """One batch in the job's time series: when it ended (seconds since the sink started, on
@@ -43,7 +48,15 @@ class BatchPoint(NamedTuple):
     output_tokens: int
 
 
-WORKER_TOTALS = ("busy_seconds", "batches", "rows", "input_tokens", "output_tokens")
+@dataclass
+class StageTotals:
+    """A stage's batches summed, as the sink keeps them."""
+
+    work: BatchReport = field(default_factory=BatchReport)
+    busy_seconds: float = 0.0
+    batches: int = 0
+    workers: dict[str, WorkerMetrics] = field(default_factory=dict)  # by worker name, in the order they joined
+    worker_cores: list[list[int]] = field(default_factory=list)
 
 
 class StageTally:
@@ -53,8 +66,7 @@ class StageTally:
 
     def __init__(self) -> None:
         self._started = time.time()
-        self._stages: dict[str, dict] = defaultdict(lambda: defaultdict(float))
-        self._workers: dict[str, dict[str, dict]] = defaultdict(dict)
+        self._stages: dict[str, StageTotals] = defaultdict(StageTotals)
         self._timeline: list[BatchPoint] = []
         self._counts: dict[str, int] = defaultdict(int)
 
@@ -66,40 +78,30 @@ class StageTally:
         return dict(self._counts)
 
     def join(self, stage: str, worker: str, node: str, cores: list[int]) -> None:
-        self._workers[stage][worker] = {"node": node, "cores": cores, **dict.fromkeys(WORKER_TOTALS, 0)}
+        totals = self._stages[stage]
+        totals.workers[worker] = WorkerMetrics(worker, node, 0.0, 0, 0, 0, 0)
+        totals.worker_cores.append(cores)
 
     def record(self, stage: str, worker: str, seconds: float, busy_seconds: float, report: BatchReport) -> None:
         """`seconds`: the batch from start to end; `busy_seconds`: the worker's busy time it
         accounts for (less where it overlapped the worker's other batches; see BusyClock)."""
-        totals, mine = self._stages[stage], self._workers[stage][worker]
-        for counts in (totals, mine):
-            counts["busy_seconds"] += busy_seconds
-            counts["batches"] += 1
-        for name, value in vars(report).items():
-            totals[name] += value
-            if name in WORKER_TOTALS:
-                mine[name] += value
+        totals, mine = self._stages[stage], self._stages[stage].workers[worker]
+        totals.work.add(report)
+        totals.busy_seconds += busy_seconds
+        totals.batches += 1
+        mine.busy_seconds += busy_seconds
+        mine.batches += 1
+        mine.rows += report.rows
+        mine.input_tokens += report.input_tokens
+        mine.output_tokens += report.output_tokens
         # A stage reports right after its batch, so arrival on this one clock is the batch's end.
         end = round(time.time() - self._started, 3)
         self._timeline.append(
             BatchPoint(stage, end, round(seconds, 3), report.rows, report.input_tokens, report.output_tokens)
         )
 
-    def stages(self) -> dict[str, dict]:
-        """Per stage: busy seconds, batches, the BatchReport sums, the cores each worker may run
-        on, and per worker (node id prefix and pid) its node id, busy seconds, batches, rows and
-        tokens."""
-        return {
-            stage: {
-                **_rounded(totals),
-                "worker_cores": [w["cores"] for w in self._workers[stage].values()],
-                "per_worker": [
-                    {"worker": name, "node": w["node"], **_rounded({k: w[k] for k in WORKER_TOTALS})}
-                    for name, w in self._workers[stage].items()
-                ],
-            }
-            for stage, totals in self._stages.items()
-        }
+    def stages(self) -> dict[str, StageTotals]:
+        return dict(self._stages)
 
     def timeline(self) -> list[BatchPoint]:
         """Every batch so far, in the order the sink received them."""
@@ -108,10 +110,6 @@ class StageTally:
     def started(self) -> float:
         """When the timeline's clock reads 0, as a Unix time."""
         return self._started
-
-
-def _rounded(counts: dict) -> dict:
-    return {k: (round(v, 3) if k.endswith("seconds") else int(v)) for k, v in counts.items()}
 
 
 def processing_window(timeline: list[BatchPoint], stages: Collection[str]) -> tuple[float, float] | None:
@@ -197,87 +195,3 @@ class StageMeter:
 
     def _record(self, start: float, busy: float, report: BatchReport) -> ray.ObjectRef:
         return self._sink.record.remote(self.stage, self._worker, time.perf_counter() - start, busy, report)
-
-
-class PeakSampler:
-    """The largest sample taken while the `with` block ran, twice a second, in a background
-    thread (the job's own threads keep running); a subclass says how to take one."""
-
-    def __init__(self, interval: float = 0.5):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> "PeakSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def measurer(self) -> Callable[[], int]:
-        """Called once, in the sampling thread: the function that takes one sample."""
-        raise NotImplementedError
-
-    def _sample(self) -> None:
-        measure = self.measurer()
-        while True:
-            self.peak = max(self.peak, measure())
-            if self._stop.wait(self.interval):
-                return
-
-
-class ObjectStorePeak(PeakSampler):
-    """The most object-store memory the cluster held while the job ran (the figure
-    `ray memory --stats-only` prints; Ray has no public call for it)."""
-
-    def measurer(self) -> Callable[[], int]:
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-        state = get_state_from_address(ray.get_runtime_context().gcs_address)
-        return lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used
-
-
-class ProcessTreeRSSPeak(PeakSampler):
-    """The most resident memory this process and all its descendants held at once: with Ray
-    started in-process, its raylet and so every worker are descendants. RSS counts a shared
-    page (shared libraries, the object store's shared memory) once in each process that maps
-    it, so the sum is an upper bound."""
-
-    def measurer(self) -> Callable[[], int]:
-        root = psutil.Process()
-        return lambda: tree_rss(root)
-
-
-def tree_rss(root: psutil.Process) -> int:
-    """Resident bytes of `root` and its descendants, summed."""
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            total += process.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):  # it ended between listing and reading
-            pass
-    return total
-
-
-class ProcessTreeCPU(PeakSampler):
-    """CPU seconds (user and system) this process and all its descendants used while the `with`
-    block ran, counting each process as last seen (a worker that ended keeps its last sample),
-    in milliseconds. The driver's own share is `time.process_time()` over the same span."""
-
-    def measurer(self) -> Callable[[], int]:
-        root, seen = psutil.Process(), {}
-
-        def measure() -> int:
-            for process in [root, *root.children(recursive=True)]:
-                try:
-                    times = process.cpu_times()
-                    seen[process.pid] = times.user + times.system
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            return int(1000 * sum(seen.values()))
-
-        before = measure()
-        return lambda: measure() - before

@@ -13,9 +13,9 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.columns import KV_PAYLOAD
-from pipeline.kv import payload, transport
+from pipeline.kv import payload
 from pipeline.kv.payload import KVPayload, PayloadLost, PayloadMismatch
-from pipeline.kv.transport import PayloadStore
+from pipeline.kv.store import BACKOFF_S, RETRIES, PayloadStore
 
 JOB = "0123456789abcdef"
 
@@ -113,27 +113,27 @@ def flaky(tmp_path, monkeypatch) -> PayloadStore:
 
 
 def _backoff(failures: int) -> float:
-    return sum(transport.BACKOFF_S * 2**i for i in range(failures))
+    return sum(BACKOFF_S * 2**i for i in range(failures))
 
 
 @pytest.mark.parametrize("error", [OSError("503 Slow Down"), ConnectionResetError(), TimeoutError()])
 def test_errors_that_may_pass_are_retried_with_growing_waits(model, flaky, error):
     sent = _payload(model)
     stored = flaky.put(sent)
-    FlakyFileSystem.faults = [*[error] * transport.RETRIES, None, *[error] * transport.RETRIES]  # all but the last try
+    FlakyFileSystem.faults = [*[error] * RETRIES, None, *[error] * RETRIES]  # all but the last try
     started = time.perf_counter()
     fetched = flaky.fetch(stored)
-    assert time.perf_counter() - started >= 2 * _backoff(transport.RETRIES)
-    assert FlakyFileSystem.calls == ["size"] * (transport.RETRIES + 1) + ["cat_file"] * (transport.RETRIES + 1)
+    assert time.perf_counter() - started >= 2 * _backoff(RETRIES)
+    assert FlakyFileSystem.calls == ["size"] * (RETRIES + 1) + ["cat_file"] * (RETRIES + 1)
     assert torch.equal(fetched.decode(model, 7), sent.decode(model, 7))
 
 
 def test_errors_that_persist_lose_the_row(model, flaky):
     stored = flaky.put(_payload(model))
-    FlakyFileSystem.faults = [OSError("503 Slow Down")] * (transport.RETRIES + 1)
+    FlakyFileSystem.faults = [OSError("503 Slow Down")] * (RETRIES + 1)
     with pytest.raises(PayloadLost, match=r"^kv_unreadable: KV payload file .* OSError\('503 Slow Down'\)"):
         flaky.fetch(stored)
-    assert FlakyFileSystem.calls == ["size"] * (transport.RETRIES + 1)
+    assert FlakyFileSystem.calls == ["size"] * (RETRIES + 1)
 
 
 @pytest.mark.parametrize(

@@ -12,13 +12,13 @@ import pyarrow as pa
 import ray
 
 from pipeline.columns import INTERNAL, KV_FILE, ROW
-from pipeline.io import filesystem
-from pipeline.output import OutputTarget, ShardStats, read_stats, write_part
-from pipeline.source import Shard
+from pipeline.io.storage import filesystem
+from pipeline.io.output import OutputTarget, ShardStats, read_stats, write_part
+from pipeline.io.source import Shard
 from pipeline.stages.write import OUTPUT_TOKENS, PATH, ROWS, SHARD, read_fragment
 
 if TYPE_CHECKING:  # a commit task imports the payload code (and torch) only when it has files to remove
-    from pipeline.kv.transport import PayloadStore
+    from pipeline.kv.store import PayloadStore
 
 
 def commit_shard(url: str, part: str, shard: Shard, fragments: list[str], store: "PayloadStore | None") -> ShardStats:

@@ -1,0 +1,59 @@
+"""Structured config schemas of the benches: a job's config and the bench's own settings,
+registered with Hydra's ConfigStore."""
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List
+
+from hydra.core.config_store import ConfigStore
+
+from pipeline.config import JobConfig, Mode
+from pipeline.config import register as register_job
+
+
+class BenchMode(str, Enum):
+    plain = "plain"  # vLLM's LLM.generate in a process of its own, on every core: the baseline
+    colocated = "colocated"
+    disaggregated = "disaggregated"
+
+
+@dataclass
+class BenchSettings:
+    modes: List[BenchMode] = field(default_factory=lambda: list(BenchMode))
+    # In a sweep (-m), plain vLLM and colocated run in its first job only: they do not depend
+    # on the prefill:decode split that the sweep varies.
+    baselines_once: bool = True
+    # The modes run in turn this many times (plain, colocated, disaggregated, plain, ...); each
+    # mode's row is its fastest round. A shared machine's noise only ever slows a run down, and
+    # taking turns spreads a slow spell over every mode rather than one.
+    rounds: int = 1
+
+
+@dataclass
+class BenchConfig(JobConfig):
+    """jobs.bench: a job's config, run once per mode."""
+
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
+@dataclass
+class OverheadSettings:
+    # Dataset sizes, each run through every mode.
+    rows: List[int] = field(default_factory=lambda: [20_000, 200_000])
+    modes: List[Mode] = field(default_factory=lambda: list(Mode))
+    # Per row, a carried text column of this many bytes; the prompts are null but `prompts`
+    # of them, so the engines have almost nothing to do and the pipeline's own cost shows.
+    text_bytes: int = 2048
+    prompts: int = 4
+
+
+@dataclass
+class OverheadConfig(JobConfig):
+    """jobs.overhead: a job's config, run per mode and dataset size."""
+
+    overhead: OverheadSettings = field(default_factory=OverheadSettings)
+
+
+def register() -> None:
+    register_job()
+    ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+    ConfigStore.instance().store(name="overhead_schema", node=OverheadConfig)

@@ -1,0 +1,50 @@
+"""A job on the command line: its exit codes and what it prints. 0 done (with the one-screen
+summary), 2 a configuration, input or output the job refuses (one line), 3 the job failed while
+running (one-line cause; the traceback goes to a log file it names). Hydra itself exits 1 on a
+bad command line."""
+import re
+import sys
+import time
+import traceback
+
+import ray
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.cache import cache_dir
+from pipeline.config import JobConfig, Phase
+from pipeline.errors import JobError
+from pipeline.job.run import run
+from pipeline.job.summary import print_summary
+
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*:")
+_MAX_CAUSE = 400
+
+
+def run_phase(cfg: DictConfig, phase: Phase) -> None:
+    job: JobConfig = OmegaConf.to_object(cfg)
+    job.phase = phase
+    try:
+        metrics = run(job)
+    except JobError as error:
+        print(f"kvrelay: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:  # an engine that cannot start, workers out of restarts, storage gone
+        log = cache_dir() / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{phase.value}.log"
+        log.parent.mkdir(exist_ok=True)
+        log.write_text(traceback.format_exc())
+        ray.shutdown()  # its own farewells otherwise come after the one line that matters
+        print(f"kvrelay: failed: {type(error).__name__}: {cause(error)} (traceback: {log})", file=sys.stderr)
+        sys.exit(3)
+    print_summary(job.output.path, metrics)
+
+
+def cause(error: BaseException) -> str:
+    """What went wrong, on one line: a worker's error arrives as its whole traceback, whose last
+    unindented `Name: message` line (with the line after it, where the message goes on) says it."""
+    lines = str(getattr(error, "cause", None) or error).strip().splitlines() or [""]
+    heads = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)]
+    if not heads:
+        return lines[-1][:_MAX_CAUSE]
+    i = heads[-1]
+    more = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1].startswith(" ") else ""
+    return f"{lines[i]} {more}".strip()[:_MAX_CAUSE]

@@ -1,0 +1,213 @@
+"""Runs one job: checks it, builds its graph (pipeline/job/graph.py), has the driver commit the
+shards the workers write, and writes metrics.json and the report.
+
+The workers write the rows; the driver commits each shard once its rows are all written
+(pipeline/io/commit.py). Shards already committed by an earlier run of the same job are not read
+again.
+"""
+import hashlib
+import json
+import time
+from dataclasses import asdict, replace
+
+import ray
+import ray.data
+from tqdm import tqdm
+
+from pipeline.cluster import alive_nodes, check_schedulable, demands, start_ray
+from pipeline.columns import (
+    FINISH_REASON,
+    GENERATED_TEXT,
+    GENERATED_TOKENS,
+    KV_PAYLOAD,
+    NUM_GENERATED_TOKENS,
+    NUM_INPUT_TOKENS,
+    OUTPUT,
+    PROMPT_TOKENS,
+    STAGE_COLUMNS,
+)
+from pipeline.config import ENGINE_POOLS, JobConfig, Phase
+from pipeline.engine.model import ResolvedModel, resolve_model
+from pipeline.errors import JobError
+from pipeline.io.commit import ShardLedger
+from pipeline.io.output import OutputTarget, ShardStats
+from pipeline.io.source import PromptSource
+from pipeline.job.graph import Stage, build_dataset, build_stages, kv_row_bytes
+from pipeline.job.meter import BatchPoint, StageTotals, processing_window, start_sink
+from pipeline.job.metrics import JobMetrics, ShardCounts, StageMetrics
+from pipeline.job.report import write_report
+from pipeline.job.usage import ObjectStorePeak
+from pipeline.job.validate import check_job
+from pipeline.kv.store import PayloadStore
+
+
+def run(cfg: JobConfig) -> JobMetrics:
+    """Runs one job to completion (or finishes a crashed run of it); returns the metrics also
+    written to metrics.json, beside report.md and report.png. Every check comes before the
+    output is touched."""
+    started, started_at = time.perf_counter(), time.time()
+    check_job(cfg)
+    source = PromptSource(cfg.input, cfg.output.shard_rows, _needs(cfg), _reserved(cfg))
+    model = resolve_model(cfg.model)
+    job = identity(cfg, source, model)
+    output = OutputTarget(cfg.output, job)
+    done = output.inspect()
+    store = PayloadStore(cfg.kv.storage_path, _digest(job)) if cfg.kv.storage_path else None
+    totals, timeline, counts, peak, nodes, clock_zero = {}, [], {}, ObjectStorePeak(), [], started_at
+    local, sink, graph = None, None, []
+    try:
+        if len(done) < len(source.shards):
+            local = start_ray(cfg.cluster)
+            nodes = alive_nodes()
+            sink_name, sink = start_sink()
+            carried = [c for c in source.schema.names if c not in STAGE_COLUMNS]
+            graph = build_stages(cfg, model, carried, sink_name, store)
+            check_schedulable(demands({s.name: s.actors for s in graph}, cfg.cluster.io_num_cpus), nodes)
+        lease, done = output.claim()
+        with lease:
+            todo = [s for s in source.shards if s.index not in done]
+            ledger = None
+            if todo:
+                # A payload file goes once its row is committed (in a prefill dataset, it is kept).
+                removes = store if not cfg.kv.keep_files and cfg.phase is not Phase.prefill else None
+                ledger = ShardLedger(output, todo, removes)
+                with peak:
+                    ds = build_dataset(source, todo, graph, output, cfg.cluster, sink_name,
+                                       kv_row_bytes(cfg, source, model))  # fmt: skip
+                    commit(ds, ledger, sum(s.num_rows for s in todo))
+                totals, timeline, counts, clock_zero = ray.get(
+                    [sink.stages.remote(), sink.timeline.remote(), sink.counts.remote(), sink.started.remote()]
+                )
+            if store and not cfg.kv.keep_files and cfg.phase is Phase.generate:
+                store.remove_job()
+            written = output.resumed + ledger.stats if ledger else output.resumed
+            if written.rows != source.num_rows:
+                raise JobError(f"the output holds {written.rows} rows of the input's {source.num_rows}; rerun to finish")
+            stages = _stage_metrics(graph, totals)
+            handoff = sum(s.kv_handoff_seconds for s in stages.values())
+            moved = totals.get("decode", totals.get("prefill", StageTotals())).work
+            prefill_busy = stages["prefill"].busy_seconds if "prefill" in stages else 0.0
+            wall = time.perf_counter() - started
+            startup, processing = _window(timeline, clock_zero - started_at)
+            metrics = JobMetrics(
+                mode=cfg.mode.value,
+                phase=cfg.phase.value,
+                model=cfg.model.name,
+                rows_in=source.num_rows,
+                rows_out=written.rows,
+                rows_errored=written.rows_errored,
+                errors=written.errors,
+                input_tokens=written.input_tokens,
+                output_tokens=written.output_tokens,
+                shards=ShardCounts(total=len(source.shards), resumed=len(done)),
+                wall_seconds=round(wall, 3),
+                output_tokens_per_second=round(written.output_tokens / wall, 2),
+                stages=stages,
+                kv_bytes_moved=moved.kv_bytes,
+                kv_recomputed_rows=moved.kv_recomputed,
+                preemptions=sum(t.work.preempted for t in totals.values()),
+                kv_bytes_per_prompt_token=moved.kv_bytes / moved.kv_tokens if moved.kv_tokens else None,
+                kv_handoff_seconds=round(handoff, 3),
+                kv_handoff_share_of_prefill=round(handoff / prefill_busy, 4) if prefill_busy else None,
+                startup_seconds=startup,
+                processing_seconds=processing,
+                input_rows_decoded=counts.get("input_rows_decoded", 0),
+                late_duplicate_rows=ledger.late_duplicate_rows if ledger else 0,
+                driver_bytes_received=ledger.bytes_received if ledger else 0,
+                object_store_peak_bytes=peak.peak,
+                nodes={node.id: node.resources for node in nodes},  # where stages.*.per_worker ran
+            )
+            write_report(output, metrics, timeline)  # before finish: _SUCCESS stays the last file written
+            output.finish(metrics.to_json())
+    finally:
+        if sink:
+            ray.kill(sink)
+        if local:  # a test cluster of this job's own: its nodes go with it
+            ray.shutdown()
+            local.shutdown()
+    return metrics
+
+
+def commit(ds: ray.data.Dataset, ledger: ShardLedger, total_rows: int) -> None:
+    """Has each shard committed once the workers have written all its rows; only fragment names
+    and row numbers reach the driver. The bar shows rows committed of all, and output tokens/s
+    since the pipeline started."""
+    started = time.perf_counter()
+    with tqdm(total=total_rows, unit="row", desc="committed", dynamic_ncols=True) as progress:
+        for fragments in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            ledger.add(fragments)
+            # Tokens counted as rows are written, not as their shard commits, so the rate moves between commits.
+            rate = ledger.output_tokens / (time.perf_counter() - started)
+            progress.set_postfix_str(f"{rate:.1f} output tok/s", refresh=False)
+            progress.update(ledger.committed())
+        progress.update(ledger.committed(wait=True))
+    if ledger.missing():
+        raise JobError(f"the pipeline ended without every row of shards {ledger.missing()}; rerun to finish them")
+
+
+def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict:
+    """What must be equal for a rerun to resume into the same output: everything that decides
+    which rows exist and what is generated for them, not how the work is spread."""
+    job = {
+        "phase": cfg.phase.value,
+        "input": source.fingerprint(),
+        "prompts": {k: v for k, v in asdict(cfg.input).items() if k != "path"},
+        "model": model.fingerprint,
+        "model_dtype": cfg.model.dtype,
+        "max_model_len": cfg.model.max_model_len,
+        "sampling": asdict(cfg.sampling),
+        "kv_codec": cfg.kv.codec.value,
+        "kv_on_load_failure": cfg.kv.on_load_failure.value,
+        "shard_rows": cfg.output.shard_rows,
+    }
+    return json.loads(json.dumps(job))  # as the manifest will read back
+
+
+def _window(timeline: list[BatchPoint], clock_offset: float) -> tuple[float | None, float | None]:
+    """The job's wall time split at its engine pools' first batch start and last batch end:
+    start-up (Ray, the actors, loading the engines) and processing; what follows is the tail
+    (the last rows through detokenize, commits, the report). `clock_offset`: the timeline's
+    zero in seconds since the job started (the sink starts once Ray is up)."""
+    window = processing_window(timeline, ENGINE_POOLS)
+    if window is None:  # nothing ran: every shard was committed earlier
+        return None, None
+    start, end = window
+    return round(clock_offset + start, 3), round(end - start, 3)
+
+
+def _needs(cfg: JobConfig) -> tuple[str, ...]:
+    if cfg.phase is Phase.decode:  # a prefill dataset
+        return (PROMPT_TOKENS, GENERATED_TOKENS, NUM_INPUT_TOKENS, FINISH_REASON, KV_PAYLOAD)
+    return (cfg.input.prompt_column,)
+
+
+def _reserved(cfg: JobConfig) -> tuple[str, ...]:
+    """Column names the job writes, which input columns must not take: the output contract's
+    (but the id column, carried as `id`), and for a prompt dataset the columns stages add (a
+    prefill dataset has those already)."""
+    written = OUTPUT if cfg.phase is not Phase.decode else (GENERATED_TEXT, NUM_GENERATED_TOKENS)
+    names = written + (STAGE_COLUMNS if cfg.phase is not Phase.decode else ())
+    return tuple(n for n in names if n != cfg.input.id_column)
+
+
+def _digest(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stage_metrics(graph: list[Stage], totals: dict[str, StageTotals]) -> dict[str, StageMetrics]:
+    """The pools that ran a batch, in graph order."""
+    return {
+        stage.name: StageMetrics(
+            busy_seconds=round(t.busy_seconds, 3),
+            rows=t.work.rows,
+            input_tokens=t.work.input_tokens,
+            output_tokens=t.work.output_tokens,
+            kv_handoff_seconds=round(t.work.kv_handoff_seconds, 3),
+            workers=len(t.workers),
+            size=stage.actors.size,
+            worker_cores=t.worker_cores,
+            per_worker=[replace(w, busy_seconds=round(w.busy_seconds, 3)) for w in t.workers.values()],
+        )
+        for stage in graph
+        if (t := totals.get(stage.name)) and t.batches
+    }

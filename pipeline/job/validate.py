@@ -1,0 +1,80 @@
+"""What a job refuses, checked before any work: each refusal is a JobError whose message alone
+says what to fix (the command line prints it as one line and exits with code 2).
+
+`check_job` holds every check the configuration alone decides. Those that need the world come
+next in `pipeline.job.run.run`, still before any row runs or the output is touched: the input's
+files and columns (pipeline/io/source.py), the model's files (pipeline/engine/model.py), the
+output's state and lease (pipeline/io/output.py), and whether the cluster's nodes can ever hold
+every pool (pipeline/cluster.py check_schedulable).
+"""
+from pathlib import PurePosixPath
+
+import fsspec
+
+from pipeline.config import ClusterConfig, ClusterKind, JobConfig, Mode, ModelConfig, Phase, Transport
+from pipeline.errors import JobError
+
+
+def check_job(cfg: JobConfig) -> None:
+    check_mode(cfg)
+    check_kv(cfg)
+    check_tensor_parallel(cfg)
+    check_model(cfg.model)
+    check_cluster(cfg.cluster)
+    check_apart(cfg.input.path, cfg.output.path)
+
+
+def check_mode(cfg: JobConfig) -> None:
+    if cfg.phase is not Phase.generate and cfg.mode is Mode.colocated:
+        raise JobError(f"a {cfg.phase.value} job is one half of mode=disaggregated, not of mode=colocated")
+
+
+def check_kv(cfg: JobConfig) -> None:
+    if cfg.kv.transport is Transport.storage and not cfg.kv.storage_path:
+        raise JobError("kv.transport=storage needs kv.storage_path (an fsspec URL every worker can reach)")
+
+
+def check_tensor_parallel(cfg: JobConfig) -> None:
+    """A tensor-parallel engine runs one process per GPU, so each engine worker must hold that
+    many; and its KV is split across those processes, out of the stage's reach."""
+    tp = cfg.engine.tensor_parallel_size
+    if tp == 1:
+        return
+    if cfg.mode is Mode.disaggregated:
+        raise JobError(
+            f"engine.tensor_parallel_size={tp} needs mode=colocated: the KV handoff reads and writes the cache "
+            "in the engine's own process, which tensor parallelism splits; use GPUs that hold the model alone"
+        )
+    if cfg.engine.device == "cpu" or cfg.pools.colocated.num_gpus < tp:
+        raise JobError(
+            f"engine.tensor_parallel_size={tp} needs engine.device=cuda and pools.colocated.num_gpus={tp} "
+            f"(each worker holds its engine's GPUs; it has {cfg.pools.colocated.num_gpus:g})"
+        )
+
+
+def check_model(model: ModelConfig) -> None:
+    if bool(model.bundled_gguf) == bool(model.checkpoint):
+        raise JobError(f"model '{model.name}': set exactly one of model.bundled_gguf and model.checkpoint")
+
+
+def check_cluster(cluster: ClusterConfig) -> None:
+    if cluster.address and cluster.kind is not ClusterKind.existing:
+        raise JobError("cluster.address is the address of a running cluster: use cluster=existing cluster.address=...")
+    if cluster.kind is ClusterKind.existing and not cluster.address:
+        raise JobError("cluster=existing needs cluster.address (ray://head:10001, or auto on a node of the cluster)")
+    if cluster.kind is ClusterKind.local_hetero and not cluster.nodes:
+        raise JobError("cluster=local-hetero needs cluster.nodes (the node classes to start)")
+
+
+def check_apart(input_url: str, output_url: str) -> None:
+    """The output must be neither the input, nor inside it (a rerun would read it back as rows),
+    nor around it (overwriting would remove it)."""
+    fs_in, path_in = fsspec.core.url_to_fs(input_url)
+    fs_out, path_out = fsspec.core.url_to_fs(output_url)
+    if "memory" in fs_out.protocol:  # fsspec's memory:// lives in one process; the workers write the output
+        raise JobError(f"output.path {output_url} is in this process's memory, out of the workers' reach")
+    if fs_in.protocol != fs_out.protocol:
+        return
+    a, b = PurePosixPath(path_in.rstrip("/")), PurePosixPath(path_out.rstrip("/"))
+    if a == b or a in b.parents or b in a.parents:
+        raise JobError(f"output.path {output_url} and input.path {input_url} overlap; write the output elsewhere")
