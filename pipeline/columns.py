@@ -1,7 +1,8 @@
-"""Column names of the output contract and of the columns stages hand each other, and the one
-way stages add columns to a batch (pyarrow in, pyarrow out, so carried input columns keep
-their exact types)."""
+"""The output contract: its column names, the kinds of row error, and the columns stages hand
+each other; and the one way stages add columns to a batch (pyarrow in, pyarrow out, so carried
+input columns keep their exact types)."""
 from collections import Counter
+from enum import Enum
 
 import pyarrow as pa
 
@@ -46,9 +47,31 @@ def pending(table: pa.Table) -> list[int]:
     return [i for i, (e, f) in enumerate(zip(errors, finished)) if e is None and f is None]
 
 
-def row_error(kind: str, detail: str) -> str:
-    """A row's error: a stable kind to filter and count by, then what exactly was wrong."""
-    return f"{kind}: {detail}"
+class ErrorKind(str, Enum):
+    """What was wrong with a row: the stable first word of its `error`, to filter and count by."""
+
+    # The input row (input.duplicate_ids=error: every row after the first with an id).
+    null_id = "null_id"
+    duplicate_id = "duplicate_id"
+    # Its prompt: text, or token ids (a prompt column of integer lists, or a prefill dataset's).
+    null_prompt = "null_prompt"
+    not_text = "not_text"
+    invalid_utf8 = "invalid_utf8"
+    empty_prompt = "empty_prompt"
+    overlong_prompt = "overlong_prompt"  # input.overlong=error: no room left for max_tokens
+    invalid_token_ids = "invalid_token_ids"
+    invalid_first_token = "invalid_first_token"  # a prefill dataset's row holds one first token
+    # Its KV payload, at decode time.
+    kv_mismatch = "kv_mismatch"  # made for another engine (model, format, shape, dtype, codec)
+    kv_corrupt = "kv_corrupt"  # damaged on the way (kv.on_load_failure=error; else recomputed)
+    kv_missing = "kv_missing"  # its file is gone (kv.on_load_failure=error; else recomputed)
+    kv_unreadable = "kv_unreadable"  # its storage fails after retries, or refuses access (likewise)
+    kv_unsafe_path = "kv_unsafe_path"  # its file name could leave kv.storage_path: refused
+
+
+def row_error(kind: ErrorKind, detail: str) -> str:
+    """A row's error: its kind, then what exactly was wrong."""
+    return f"{kind.value}: {detail}"
 
 
 def error_kinds(errors: pa.ChunkedArray) -> dict[str, int]:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cluster import start_ray
+from pipeline.columns import GENERATED_TOKENS, ID
 from pipeline.config import Codec, JobConfig, Transport
 from pipeline.engine.model import resolve_model
 from pipeline.io.storage import read_output
@@ -49,8 +50,8 @@ def job(cfg: JobConfig, name: str, path: str, root: Path, *changes) -> JobMetric
 
 def output_tokens(url: Path) -> dict[str, list[int]]:
     """A finished run's generated tokens by row id."""
-    table = read_output(str(url), ["id", "generated_tokens"])
-    return dict(zip(table["id"].to_pylist(), table["generated_tokens"].to_pylist()))
+    table = read_output(str(url), [ID, GENERATED_TOKENS])
+    return dict(zip(table[ID].to_pylist(), table[GENERATED_TOKENS].to_pylist()))
 
 
 def agreement(run: dict, reference: dict) -> dict:

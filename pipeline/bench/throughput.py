@@ -28,6 +28,7 @@ from hydra.types import RunMode
 from pipeline.bench.config import BenchConfig, BenchMode, BenchSettings
 from pipeline.bench.results import BENCH_JSON, PlainRun, bench_rows, fastest, markdown, write
 from pipeline.cluster import start_ray
+from pipeline.columns import GENERATED_TOKENS
 from pipeline.config import JobConfig, Mode
 from pipeline.engine.build import bind_threads, build_engine, sampling_params
 from pipeline.engine.model import resolve_model
@@ -78,7 +79,7 @@ def pipeline_mode(cfg: JobConfig, mode: Mode, root: Path) -> dict:
     except JobError as error:
         return {"error": str(error)}
     assert metrics.rows_out == metrics.rows_in, "rows lost"
-    return {**asdict(metrics), "tokens": read_output(job.output.path, ["generated_tokens"]).column(0).to_pylist()}
+    return {**asdict(metrics), "tokens": read_output(job.output.path, [GENERATED_TOKENS]).column(0).to_pylist()}
 
 
 def later_job_of_sweep() -> bool:

@@ -16,7 +16,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.columns import ERROR, INTERNAL, ROW, row_error
+from pipeline.columns import ERROR, INTERNAL, ROW, ErrorKind, row_error
 from pipeline.config import DuplicateIds, InputConfig
 from pipeline.errors import JobError
 from pipeline.io.storage import NOT_ROWS, filesystem
@@ -132,12 +132,12 @@ class PromptSource:
             [pq.read_table(f.path, columns=[self.cfg.id_column], filesystem=self.arrow_fs).column(0).to_pandas()
              for f in self.files], ignore_index=True,
         )  # fmt: skip
-        bad = {int(row): row_error("null_id", "the id is null") for row in np.flatnonzero(ids.isna())}
+        bad = {int(row): row_error(ErrorKind.null_id, "the id is null") for row in np.flatnonzero(ids.isna())}
         if self.cfg.duplicate_ids is DuplicateIds.error:
             firsts = ids.dropna().drop_duplicates()
             first_row = pd.Series(firsts.index, index=firsts.to_numpy())
             for row in np.flatnonzero((ids.duplicated() & ids.notna()).to_numpy()):
-                bad[int(row)] = row_error("duplicate_id", f"id {ids[row]} is also on row {first_row[ids[row]]}")
+                bad[int(row)] = row_error(ErrorKind.duplicate_id, f"id {ids[row]} is also on row {first_row[ids[row]]}")
         return bad
 
     def _cut(self, shard_rows: int, bad: dict[int, str]) -> list[Shard]:

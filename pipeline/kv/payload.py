@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 import xxhash
 
-from pipeline.columns import KV_PAYLOAD, row_error
+from pipeline.columns import KV_PAYLOAD, ErrorKind, row_error
 from pipeline.kv.codec import CODECS, codec
 from pipeline.engine.model import ResolvedModel
 
@@ -35,7 +35,7 @@ OPTIONAL = ("file",)  # every other field of a payload must be set
 
 
 class PayloadError(ValueError):
-    def __init__(self, kind: str, detail: str):
+    def __init__(self, kind: ErrorKind, detail: str):
         super().__init__(row_error(kind, detail))
 
 
@@ -77,25 +77,25 @@ class KVPayload:
         """Refuses a payload that is not the KV of a prompt of `num_tokens` on `model` by what
         it says of itself, before any of its bytes are read."""
         if self.format != FORMAT:
-            raise PayloadMismatch("kv_mismatch", f"KV payload format {self.format}; this kvrelay reads {FORMAT}")
+            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload format {self.format}; this kvrelay reads {FORMAT}")
         if self.fingerprint != model.fingerprint:
-            raise PayloadMismatch("kv_mismatch", f"KV payload is from model {self.fingerprint}, engine runs {model.fingerprint}")
+            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload is from model {self.fingerprint}, engine runs {model.fingerprint}")
         expected = (model.layers, 2, num_tokens, model.kv_heads, model.head_dim)
         if self.shape != expected:
-            raise PayloadMismatch("kv_mismatch", f"KV payload shape {self.shape}, expected {expected}")
+            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload shape {self.shape}, expected {expected}")
         if self.dtype != model.dtype:
-            raise PayloadMismatch("kv_mismatch", f"KV payload dtype {self.dtype}, engine cache is {model.dtype}")
+            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload dtype {self.dtype}, engine cache is {model.dtype}")
         if self.codec not in CODECS:
-            raise PayloadMismatch("kv_mismatch", f"KV payload codec {self.codec!r}; this kvrelay reads {', '.join(CODECS)}")
+            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload codec {self.codec!r}; this kvrelay reads {', '.join(CODECS)}")
 
     def decode(self, model: ResolvedModel, num_tokens: int) -> torch.Tensor:
         """The KV for a prompt of `num_tokens` on `model`, or why this payload is not it."""
         self.check(model, num_tokens)
         if self.data.size != self.nbytes:
             # Under a valid checksum too: the codec would read past the bytes or leave some unread.
-            raise PayloadLost("kv_corrupt", f"KV payload has {self.data.size} bytes; its shape and codec make {self.nbytes}")
+            raise PayloadLost(ErrorKind.kv_corrupt, f"KV payload has {self.data.size} bytes; its shape and codec make {self.nbytes}")
         if checksum(self.data) != self.checksum:
-            raise PayloadLost("kv_corrupt", "KV payload fails its checksum")
+            raise PayloadLost(ErrorKind.kv_corrupt, "KV payload fails its checksum")
         return codec(self.codec).decode(self.data, self.shape, getattr(torch, self.dtype))
 
 
@@ -150,7 +150,7 @@ def _fields(chunk: pa.Array) -> dict[str, pa.Array]:
     (Spark writes `binary`, a rebuilt struct may order its fields differently, integers may be
     wider) holds the same values: those are read, since refusing them would fail every row of a
     good dataset. What cannot be read losslessly as TYPE fails every row of the column, saying so."""
-    refused = PayloadMismatch("kv_mismatch", f"KV payload column is {chunk.type}; kvrelay reads {TYPE}")
+    refused = PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload column is {chunk.type}; kvrelay reads {TYPE}")
     if not pa.types.is_struct(chunk.type):
         raise refused
     children = dict(zip((f.name for f in chunk.type), chunk.flatten()))  # flatten applies the struct's own offset
@@ -163,9 +163,9 @@ def _fields(chunk: pa.Array) -> dict[str, pa.Array]:
 def _payload(row: dict, data: np.ndarray | None) -> "KVPayload | PayloadError":
     missing = [name for name, value in {**row, "data": data}.items() if value is None and name not in OPTIONAL]
     if missing:
-        return PayloadLost("kv_corrupt", f"KV payload has no {', '.join(missing)}")
+        return PayloadLost(ErrorKind.kv_corrupt, f"KV payload has no {', '.join(missing)}")
     if None in row["shape"]:
-        return PayloadLost("kv_corrupt", f"KV payload shape {row['shape']} has a null dimension")
+        return PayloadLost(ErrorKind.kv_corrupt, f"KV payload shape {row['shape']} has a null dimension")
     return KVPayload(**{**row, "shape": tuple(row["shape"]), "data": data})
 
 

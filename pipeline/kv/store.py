@@ -16,6 +16,7 @@ from typing import Callable, TypeVar
 import fsspec
 import numpy as np
 
+from pipeline.columns import ErrorKind
 from pipeline.kv.payload import KVPayload, PayloadLost, PayloadMismatch
 
 T = TypeVar("T")
@@ -49,12 +50,12 @@ class PayloadStore:
         try:
             size = _retried(self.fs.size, path)
             if size is not None and size != payload.nbytes:  # None: the filesystem cannot tell
-                raise PayloadLost("kv_corrupt", f"KV payload file {payload.file} has {size} bytes; its shape and codec make {payload.nbytes}")
+                raise PayloadLost(ErrorKind.kv_corrupt, f"KV payload file {payload.file} has {size} bytes; its shape and codec make {payload.nbytes}")
             data = _retried(self.fs.cat_file, path)
         except FileNotFoundError:
-            raise PayloadLost("kv_missing", f"KV payload file {payload.file} is missing from {self.url}") from None
+            raise PayloadLost(ErrorKind.kv_missing, f"KV payload file {payload.file} is missing from {self.url}") from None
         except OSError as error:
-            raise PayloadLost("kv_unreadable", f"KV payload file {payload.file} in {self.url}: {error!r}") from None
+            raise PayloadLost(ErrorKind.kv_unreadable, f"KV payload file {payload.file} in {self.url}: {error!r}") from None
         return replace(payload, data=np.frombuffer(data, np.uint8))
 
     def remove(self, names: list[str | None]) -> None:
@@ -69,7 +70,7 @@ class PayloadStore:
 
     def _path(self, name: str) -> str:
         if not _NAME.fullmatch(name or ""):
-            raise PayloadMismatch("kv_unsafe_path", f"KV payload file name {name!r} is not one kvrelay writes")
+            raise PayloadMismatch(ErrorKind.kv_unsafe_path, f"KV payload file name {name!r} is not one kvrelay writes")
         return f"{self.root}/{name}"
 
 

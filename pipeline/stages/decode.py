@@ -20,6 +20,7 @@ from pipeline.columns import (
     KV_PAYLOAD,
     NUM_INPUT_TOKENS,
     PROMPT_TOKENS,
+    ErrorKind,
     row_error,
     with_columns,
 )
@@ -119,11 +120,11 @@ def load(
     if isinstance(p, PayloadError):
         raise p
     if p is None:
-        raise PayloadLost("kv_missing", "KV payload is missing")
+        raise PayloadLost(ErrorKind.kv_missing, "KV payload is missing")
     p.check(model, num_tokens)
     if p.file is not None:
         if store is None:
-            raise PayloadMismatch("kv_mismatch", f"KV payload is in file {p.file}; set kv.storage_path to its root")
+            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload is in file {p.file}; set kv.storage_path to its root")
         p = store.fetch(p)
     return p, p.decode(model, num_tokens)
 
@@ -132,13 +133,12 @@ def check_prefilled(prompt: object, first: object, vocab_size: int, max_model_le
     """Why a prefill dataset's row (its prompt and first token) cannot be decoded, or None."""
     for column, ids in ((PROMPT_TOKENS, prompt), (GENERATED_TOKENS, first)):
         if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
-            return row_error("invalid_token_ids", f"{column} must be a list of token ids in [0, {vocab_size})")
+            return row_error(ErrorKind.invalid_token_ids, f"{column} must be a list of token ids in [0, {vocab_size})")
     if not prompt:
-        return row_error("empty_prompt", f"{PROMPT_TOKENS} is empty")
+        return row_error(ErrorKind.empty_prompt, f"{PROMPT_TOKENS} is empty")
     if len(first) != 1:
-        return row_error(
-            "invalid_first_token", f"{GENERATED_TOKENS} holds {len(first)} tokens; a prefilled row holds its first token alone"
+        return row_error(ErrorKind.invalid_first_token, f"{GENERATED_TOKENS} holds {len(first)} tokens; a prefilled row holds its first token alone"
         )
     if len(prompt) >= max_model_len:
-        return row_error("overlong_prompt", f"prompt has {len(prompt)} tokens; model.max_model_len is {max_model_len}")
+        return row_error(ErrorKind.overlong_prompt, f"prompt has {len(prompt)} tokens; model.max_model_len is {max_model_len}")
     return None

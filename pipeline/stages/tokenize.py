@@ -3,7 +3,16 @@ be generated from. A prompt column of integer lists is taken as token ids alread
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.columns import ERROR, FINISH_REASON, NUM_INPUT_TOKENS, PROMPT_TOKENS, TOKEN_LIST, row_error, with_columns
+from pipeline.columns import (
+    ERROR,
+    FINISH_REASON,
+    NUM_INPUT_TOKENS,
+    PROMPT_TOKENS,
+    TOKEN_LIST,
+    ErrorKind,
+    row_error,
+    with_columns,
+)
 from pipeline.config import InputConfig, Overlong
 from pipeline.job.meter import StageMeter
 from pipeline.engine.model import ResolvedModel, load_tokenizer
@@ -73,20 +82,20 @@ class PromptEncoder:
                 try:
                     prompt = prompt.decode("utf-8")
                 except UnicodeDecodeError as error:
-                    errors[i] = row_error("invalid_utf8", f"prompt is not valid UTF-8 ({error.reason} at byte {error.start})")
+                    errors[i] = row_error(ErrorKind.invalid_utf8, f"prompt is not valid UTF-8 ({error.reason} at byte {error.start})")
                     continue
             if isinstance(prompt, list):
                 if all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
                     tokens[i] = prompt
                 else:
-                    errors[i] = row_error("invalid_token_ids", "prompt token ids must be integers in the vocabulary")
+                    errors[i] = row_error(ErrorKind.invalid_token_ids, "prompt token ids must be integers in the vocabulary")
             elif isinstance(prompt, str):
                 if prompt.strip():
                     texts[i] = prompt
             elif prompt is None:
-                errors[i] = row_error("null_prompt", "prompt is null")
+                errors[i] = row_error(ErrorKind.null_prompt, "prompt is null")
             else:
-                errors[i] = row_error("not_text", f"prompt is {type(prompt).__name__}, not text")
+                errors[i] = row_error(ErrorKind.not_text, f"prompt is {type(prompt).__name__}, not text")
         for i, ids in zip(texts, self.tokenize(list(texts.values()))):
             tokens[i] = ids
         for i, ids in enumerate(tokens):
@@ -97,12 +106,11 @@ class PromptEncoder:
     def fit(self, tokens: list[int]) -> tuple[list[int], str | None]:
         """A prompt's tokens as the engine gets them, or why there are none."""
         if not tokens:
-            return [], row_error("empty_prompt", "prompt is empty")
+            return [], row_error(ErrorKind.empty_prompt, "prompt is empty")
         if len(tokens) >= self.max_model_len:
             if self.overlong is Overlong.truncate_left:
                 return tokens[-self.truncated_len :], None
-            return [], row_error(
-                "overlong_prompt", f"prompt has {len(tokens)} tokens; model.max_model_len is {self.max_model_len}"
+            return [], row_error(ErrorKind.overlong_prompt, f"prompt has {len(tokens)} tokens; model.max_model_len is {self.max_model_len}"
             )
         return tokens, None
 
