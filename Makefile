@@ -7,7 +7,7 @@ SAMPLE := data/sample_prompts.parquet
 OUTPUT ?= outputs/sample
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-fast sample bench kv-bench clean
+.PHONY: venv run test test-fast lint format sample bench kv-bench clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP) $(SAMPLE)
 	$(PY) -m jobs.bench input.path=$(SAMPLE) output.path=outputs/bench bench.rounds=2

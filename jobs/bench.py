@@ -14,6 +14,7 @@ vLLM and colocated run in its first job only (bench.baselines_once):
 
     python -m jobs.bench -m input.path=... output.path=outputs/bench-pd pools.prefill.size=1 pools.decode.size=1,2
 """
+
 from pathlib import Path
 
 import hydra

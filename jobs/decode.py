@@ -3,6 +3,7 @@ output contract of `jobs.generate` out, identical to a one-job run with the same
 
     python -m jobs.decode input.path=prefilled/ output.path=out/ [kv.storage_path=s3://bucket/kv/]
 """
+
 import hydra
 from omegaconf import DictConfig
 

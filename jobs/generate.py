@@ -5,6 +5,7 @@
 Rerunning the same command after a crash finishes the job. Exit codes: 0 done, 1 bad
 command line (Hydra names the key), 2 bad configuration, input or output (one-line message),
 3 the job failed while running (one-line cause; the traceback is in the log file it names)."""
+
 import hydra
 from omegaconf import DictConfig
 

@@ -11,6 +11,7 @@
     python -m jobs.kv_bench input.path=prompts.parquet output.path=outputs/kv_bench cluster.object_store_budget_gib=0.25
 
 Writes kv_bench.json beside the runs' outputs."""
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 

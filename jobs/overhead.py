@@ -6,6 +6,7 @@ puts on a job of cheap rows can be read side by side.
 
     python -m jobs.overhead output.path=outputs/overhead [overhead.rows=[20000,200000]]
 """
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 

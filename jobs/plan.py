@@ -8,6 +8,7 @@ as overrides for jobs.generate.
         workload.path=outputs/bench/colocated plan.max_batch=64 plan.max_devices=2
 
 Exit codes: 0 done, 2 bad input (one-line message), 1 bad Hydra override."""
+
 import sys
 
 import hydra

@@ -5,6 +5,7 @@ dataset out (ids, prompts, token ids, first token, KV payload or its file name, 
     python -m jobs.prefill input.path=prompts.parquet output.path=prefilled/ \
         [kv.transport=storage kv.storage_path=s3://bucket/kv/] [kv.codec=fp8]
 """
+
 import hydra
 from omegaconf import DictConfig
 

@@ -1,6 +1,7 @@
 """Resolves the configured model ahead of a job: converts a bundled GGUF into the cache dir once.
 
-    python -m jobs.prepare_model [model=...]"""
+python -m jobs.prepare_model [model=...]"""
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 

@@ -1,6 +1,7 @@
 """Writes the bundled sample: a few hundred varied prompts, from a few tokens to ~700.
 
-    python -m jobs.sample path=data/sample_prompts.parquet [rows=320] [seed=0]"""
+python -m jobs.sample path=data/sample_prompts.parquet [rows=320] [seed=0]"""
+
 from pathlib import Path
 
 import hydra

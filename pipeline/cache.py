@@ -1,4 +1,5 @@
 """The one directory that holds everything kvrelay caches: converted models, vLLM and inductor caches."""
+
 import os
 from pathlib import Path
 

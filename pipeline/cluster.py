@@ -1,6 +1,7 @@
 """The Ray cluster a job runs on: started here, started as a local multi-node test cluster, or
 joined; and whether the pools can ever be scheduled on it, checked before any work so that a
 pool no node can hold fails with a message instead of waiting forever."""
+
 import math
 import os
 from dataclasses import dataclass
@@ -154,8 +155,11 @@ def _check_pool(demand: Demand, nodes: list[Node]) -> None:
         custom = [r for r in demand.resources if r not in ("CPU", "GPU")]
         of_class = [n for n in allowed if all(n.resources.get(r, 0) for r in custom)] or allowed
         most = {r: max(n.resources.get(r, 0) for n in of_class) for r in demand.resources}
-        short = [f"{r}: {have:g}" + (_none_of(r) if have == 0 else " at most on one node")
-                 for r, have in most.items() if have + _EPSILON < demand.resources[r]]  # fmt: skip
+        short = [
+            f"{r}: {have:g}" + (_none_of(r) if have == 0 else " at most on one node")
+            for r, have in most.items()
+            if have + _EPSILON < demand.resources[r]
+        ]
         has = "; the cluster has " + ", ".join(short) if short else "; no one node has all of it"
         raise JobError(f"{demand.key} asks {demand.asks()}{has}")
     if fits < demand.size:

@@ -1,6 +1,7 @@
 """The output contract: its column names, the kinds of row error, and the columns stages hand
 each other; and the one way stages add columns to a batch (pyarrow in, pyarrow out, so carried
 input columns keep their exact types)."""
+
 from collections import Counter
 from enum import Enum
 

@@ -1,4 +1,5 @@
 """Structured config schema: every key a job accepts, typed, registered with Hydra's ConfigStore."""
+
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Dict, Optional

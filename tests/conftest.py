@@ -1,5 +1,6 @@
 """Shared fixtures: configs composed with Hydra as a user would, the bundled model resolved
 once, a local S3 and one Ray cluster for the whole session."""
+
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """A local S3: moto's server on 127.0.0.1, reached through fsspec's config, so that a plain
 `s3://` URL works in this process, in Ray's workers and in jobs run as subprocesses."""
+
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,4 +56,3 @@ def local_s3() -> Iterator[Bucket]:
             yield bucket
     finally:
         server.stop()
-

@@ -1,6 +1,7 @@
 """jobs.bench's figures without running a model: pool rates, the processing window, efficiency,
 the table and plot, a sweep's combined table, the memory sampler on real processes, and the
 bench config as Hydra composes it."""
+
 import json
 import subprocess
 import sys
@@ -15,10 +16,17 @@ from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from pipeline.bench.results import (
-    BENCH_JSON, SweepTable, bench_rows, combine, fastest, markdown, mode_row, write,
-)
 from pipeline.bench.config import BenchMode
+from pipeline.bench.results import (
+    BENCH_JSON,
+    SweepTable,
+    bench_rows,
+    combine,
+    fastest,
+    markdown,
+    mode_row,
+    write,
+)
 from pipeline.bench.throughput import later_job_of_sweep, modes
 from pipeline.errors import JobError
 from pipeline.job.meter import BatchPoint, processing_window
@@ -39,30 +47,47 @@ def pool(busy: float, rows: int, input_tokens: int, output_tokens: int, size: in
 
 PLAIN = {"wall_seconds": 50.0, "generate_seconds": 40.0, "rows": 10, "output_tokens": 300, "peak_rss_bytes": 4 * GIB}
 DISAGGREGATED = {
-    **METRICS, "mode": "disaggregated", "rows_in": 11, "rows_out": 11, "rows_errored": 1,
-    "input_tokens": 2000, "output_tokens": 300,
-    "wall_seconds": 100.0, "startup_seconds": 20.0, "processing_seconds": 70.0,
+    **METRICS,
+    "mode": "disaggregated",
+    "rows_in": 11,
+    "rows_out": 11,
+    "rows_errored": 1,
+    "input_tokens": 2000,
+    "output_tokens": 300,
+    "wall_seconds": 100.0,
+    "startup_seconds": 20.0,
+    "processing_seconds": 70.0,
     "stages": {
         "tokenize": pool(0.5, 11, 2000, 0),
         "prefill": pool(50.0, 10, 2000, 10),  # 0.2 rows/s, 40 prompt tokens/s: the slower pool
         "decode": pool(80.0, 10, 0, 290, size=2),  # 40 s per worker: 0.25 rows/s, 7.25 output tokens/s
         "detokenize": pool(0.2, 11, 0, 300),
     },
-    "kv_bytes_per_prompt_token": 46080.0, "kv_handoff_share_of_prefill": 0.07,
-    "object_store_peak_bytes": 300 * 2**20, "peak_rss_bytes": 6 * GIB,
-}  # fmt: skip
+    "kv_bytes_per_prompt_token": 46080.0,
+    "kv_handoff_share_of_prefill": 0.07,
+    "object_store_peak_bytes": 300 * 2**20,
+    "peak_rss_bytes": 6 * GIB,
+}
 COLOCATED = {
-    **DISAGGREGATED, "mode": "colocated", "wall_seconds": 80.0, "startup_seconds": 10.0, "processing_seconds": 65.0,
-    "stages": {"colocated": pool(60.0, 10, 2000, 300)}, "kv_bytes_per_prompt_token": None,
-    "kv_handoff_share_of_prefill": None, "peak_rss_bytes": 5 * GIB,
-}  # fmt: skip
+    **DISAGGREGATED,
+    "mode": "colocated",
+    "wall_seconds": 80.0,
+    "startup_seconds": 10.0,
+    "processing_seconds": 65.0,
+    "stages": {"colocated": pool(60.0, 10, 2000, 300)},
+    "kv_bytes_per_prompt_token": None,
+    "kv_handoff_share_of_prefill": None,
+    "peak_rss_bytes": 5 * GIB,
+}
 RESULTS = {"plain": PLAIN, "colocated": COLOCATED, "disaggregated": DISAGGREGATED}
 
 
 def test_a_pool_rate_is_its_work_over_one_workers_mean_busy_time():
     assert JobMetrics.from_dict(DISAGGREGATED).stages["decode"].rates() == {
-        "rows_per_s": 0.25, "prompt_tokens_per_s": 0.0, "output_tokens_per_s": 7.25,
-    }  # fmt: skip
+        "rows_per_s": 0.25,
+        "prompt_tokens_per_s": 0.0,
+        "output_tokens_per_s": 7.25,
+    }
     # A worker that died (OOM) and its replacement: two workers joined, one ran at a time.
     replaced = {**DISAGGREGATED, "stages": {"decode": pool(40.0, 10, 0, 290, size=1, workers=2)}}
     assert JobMetrics.from_dict(replaced).stages["decode"].rates()["rows_per_s"] == 0.25
@@ -137,9 +162,13 @@ def test_markdown_table_one_row_per_mode():
     assert lines[0].startswith("| mode | pools | wall s | start-up s | processing s | output tok/s | x plain |")
     assert lines[1].startswith("|---|---|--:|")
     assert len(lines) == 5 and all(line.count(" | ") == lines[0].count(" | ") for line in lines[2:])
-    assert lines[2].startswith("| plain | - | 50.0 | 10.0 | 40.0 | 6.0 | 1.00 | 7.5 | 1.00 | - | - | - | - | 0.25 | - | - |")
+    assert lines[2].startswith(
+        "| plain | - | 50.0 | 10.0 | 40.0 | 6.0 | 1.00 | 7.5 | 1.00 | - | - | - | - | 0.25 | - | - |"
+    )
     assert lines[2].endswith("| - | - | 4.00 | - |")
-    assert lines[3].startswith("| colocated | 1 colocated | 80.0 | 10.0 | 65.0 | 3.8 | 0.62 | 4.6 | 0.62 | 33 | 0.17 | 5.0 |")
+    assert lines[3].startswith(
+        "| colocated | 1 colocated | 80.0 | 10.0 | 65.0 | 3.8 | 0.62 | 4.6 | 0.62 | 33 | 0.17 | 5.0 |"
+    )
     assert lines[3].endswith("| 92% | colocated | - | - | 5.00 | 300 |")
     assert lines[4].startswith("| disaggregated | not run: pools.decode asks 3 x {CPU: 0.4} \\| more | - |")
 
@@ -170,13 +199,20 @@ def sweep_job(folder, results: dict):
 def test_sweep_combines_its_jobs_against_the_first_plain_run(tmp_path):
     first = sweep_job(tmp_path / "pools.decode.size=1", RESULTS)
     second = sweep_job(tmp_path / "pools.decode.size=2", {"disaggregated": DISAGGREGATED})
-    rows = combine([("pools.decode.size=1", first), ("pools.decode.size=2", second),
-                    ("pools.decode.size=3", "failed: RuntimeError: engine died")])  # fmt: skip
+    rows = combine(
+        [
+            ("pools.decode.size=1", first),
+            ("pools.decode.size=2", second),
+            ("pools.decode.size=3", "failed: RuntimeError: engine died"),
+        ]
+    )
     assert [(r["run"], r["mode"]) for r in rows] == [
-        ("pools.decode.size=1", "plain"), ("pools.decode.size=1", "colocated"),
+        ("pools.decode.size=1", "plain"),
+        ("pools.decode.size=1", "colocated"),
         ("pools.decode.size=1", "disaggregated"),
-        ("pools.decode.size=2", "disaggregated"), ("pools.decode.size=3", "-"),
-    ]  # fmt: skip
+        ("pools.decode.size=2", "disaggregated"),
+        ("pools.decode.size=3", "-"),
+    ]
     assert rows[3]["ratio_to_plain"] == 0.5  # against the first job's plain vLLM: 3.0 / 6.0
     assert rows[4]["error"] == "failed: RuntimeError: engine died"
     lines = markdown(rows)
@@ -213,8 +249,9 @@ def test_sweep_table_callback_writes_the_table_after_each_job(tmp_path, capsys):
 
 def bench_config(*overrides: str, hydra: bool = False):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("bench", overrides=["input.path=unset", "output.path=/tmp/unset", *overrides],
-                       return_hydra_config=hydra)  # fmt: skip
+        return compose(
+            "bench", overrides=["input.path=unset", "output.path=/tmp/unset", *overrides], return_hydra_config=hydra
+        )
 
 
 def test_bench_config_composes_with_modes_and_a_sweep_folder_per_split():
@@ -228,12 +265,15 @@ def test_bench_config_composes_with_modes_and_a_sweep_folder_per_split():
         bench_config("bench.modes=[speculative]")
 
 
-@pytest.mark.parametrize(("mode", "num", "once", "expected"), [
-    (RunMode.RUN, None, True, list(BenchMode)),
-    (RunMode.MULTIRUN, 0, True, list(BenchMode)),
-    (RunMode.MULTIRUN, 1, True, [BenchMode.disaggregated]),
-    (RunMode.MULTIRUN, 1, False, list(BenchMode)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("mode", "num", "once", "expected"),
+    [
+        (RunMode.RUN, None, True, list(BenchMode)),
+        (RunMode.MULTIRUN, 0, True, list(BenchMode)),
+        (RunMode.MULTIRUN, 1, True, [BenchMode.disaggregated]),
+        (RunMode.MULTIRUN, 1, False, list(BenchMode)),
+    ],
+)
 def test_later_jobs_of_a_sweep_skip_the_baselines(mode, num, once, expected):
     cfg = bench_config("bench.modes=[disaggregated,plain,colocated]", f"bench.baselines_once={once}", hydra=True)
     with open_dict(cfg):

@@ -1,5 +1,6 @@
 """The command line as a scheduler runs it: a subprocess, a Parquet file in, the whole output
 contract out, and a one-line message with exit code 2 when the job cannot start."""
+
 import json
 import os
 import signal
@@ -16,11 +17,19 @@ from pipeline.io.storage import read_output
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = [
-    "What is the capital of France?", "Write a haiku about rain.", "Name three primary colours.",
-    "How many legs does a spider have?", "Translate to English: 東京は日本の首都です 🚀", "What is 2 + 2?",
-    "Give a synonym for happy.", "Which planet is the largest?", "What colour is the sky on a clear day?",
-    "Name a fruit that is yellow.", "What do bees make?", "Spell the word cat backwards.",
-]  # fmt: skip
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "Name three primary colours.",
+    "How many legs does a spider have?",
+    "Translate to English: 東京は日本の首都です 🚀",
+    "What is 2 + 2?",
+    "Give a synonym for happy.",
+    "Which planet is the largest?",
+    "What colour is the sky on a clear day?",
+    "Name a fruit that is yellow.",
+    "What do bees make?",
+    "Spell the word cat backwards.",
+]
 BAD = [  # prompt, id, error kind
     ("", "bad-empty", "empty_prompt"),
     (None, "bad-null", "null_prompt"),
@@ -42,14 +51,16 @@ def _prompts(path: Path) -> None:
     prompts = [p.encode() for p in GOOD] + [p.encode() if isinstance(p, str) else p for p, _, _ in BAD]
     ids = [f"g{i}" for i in range(len(GOOD))] + [i for _, i, _ in BAD]
     pq.write_table(
-        pa.table({
-            "id": ids,
-            "prompt": pa.array(prompts, pa.binary()).view(pa.string()),  # Parquet keeps invalid UTF-8 as it is
-            "topic": [f"t{i}" for i in range(len(ids))],
-            "priority": list(range(len(ids))),
-        }),
+        pa.table(
+            {
+                "id": ids,
+                "prompt": pa.array(prompts, pa.binary()).view(pa.string()),  # Parquet keeps invalid UTF-8 as it is
+                "topic": [f"t{i}" for i in range(len(ids))],
+                "priority": list(range(len(ids))),
+            }
+        ),
         path,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.slow
@@ -59,10 +70,19 @@ def test_cli_after_a_crash_resumes_and_writes_every_row_exactly_once(tmp_path):
     prompts, a per-row error for each bad one."""
     source, out = tmp_path / "prompts.parquet", tmp_path / "out"
     _prompts(source)
-    command = [sys.executable, "-m", "jobs.generate", f"input.path={source}", f"output.path=file://{out}",
-               "sampling.max_tokens=8", "output.shard_rows=4",
-               *(f"pools.{p}.batch_size=4" for p in ("tokenize", "prefill", "decode", "detokenize"))]  # fmt: skip
-    crashed = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.generate",
+        f"input.path={source}",
+        f"output.path=file://{out}",
+        "sampling.max_tokens=8",
+        "output.shard_rows=4",
+        *(f"pools.{p}.batch_size=4" for p in ("tokenize", "prefill", "decode", "detokenize")),
+    ]
+    crashed = subprocess.Popen(
+        command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     while not (out / "part-000000.parquet").exists():
         assert crashed.poll() is None, "the job ended before committing a shard"
         time.sleep(0.05)
@@ -78,7 +98,16 @@ def test_cli_after_a_crash_resumes_and_writes_every_row_exactly_once(tmp_path):
 
     table = read_output(str(out))
     assert table.schema.field("generated_tokens").type == pa.list_(pa.int32())
-    for column in ("id", "generated_text", "num_input_tokens", "num_generated_tokens", "finish_reason", "error", "topic", "priority"):
+    for column in (
+        "id",
+        "generated_text",
+        "num_input_tokens",
+        "num_generated_tokens",
+        "finish_reason",
+        "error",
+        "topic",
+        "priority",
+    ):
         assert column in table.column_names
     rows = table.drop_columns(["prompt"]).to_pylist()  # carried as it came, invalid UTF-8 included
     assert [r["priority"] for r in rows] == list(range(len(rows))) == list(range(18))  # each row once, in input order
@@ -121,14 +150,26 @@ def test_bad_override_fails_before_any_work(tmp_path):
 @pytest.mark.parametrize(
     "setup, overrides, message",
     [
-        (lambda d: pq.write_table(pa.table({"prompt": ["a"], "error": ["x"]}), d / "in.parquet"),
-         ["input.path={d}/in.parquet", "output.path={d}/out"], "input column(s) error would clash"),
-        (lambda d: (d / "in").mkdir() or pq.write_table(pa.table({"prompt": ["a"]}), d / "in" / "a.parquet"),
-         ["input.path={d}/in", "output.path={d}/in/out"], "overlap"),
-        (lambda d: (d / "in").mkdir() or pq.write_table(pa.table({"prompt": ["a"]}), d / "in" / "a.parquet"),
-         ["input.path={d}/in", "output.path={d}", "output.overwrite=true"], "overlap"),
-        (lambda d: pq.write_table(pa.table({"prompt": ["a"]}), d / "in.parquet"),
-         ["input.path={d}/in.parquet", "output.path=memory://kvrelay/out"], "out of the workers' reach"),
+        (
+            lambda d: pq.write_table(pa.table({"prompt": ["a"], "error": ["x"]}), d / "in.parquet"),
+            ["input.path={d}/in.parquet", "output.path={d}/out"],
+            "input column(s) error would clash",
+        ),
+        (
+            lambda d: (d / "in").mkdir() or pq.write_table(pa.table({"prompt": ["a"]}), d / "in" / "a.parquet"),
+            ["input.path={d}/in", "output.path={d}/in/out"],
+            "overlap",
+        ),
+        (
+            lambda d: (d / "in").mkdir() or pq.write_table(pa.table({"prompt": ["a"]}), d / "in" / "a.parquet"),
+            ["input.path={d}/in", "output.path={d}", "output.overwrite=true"],
+            "overlap",
+        ),
+        (
+            lambda d: pq.write_table(pa.table({"prompt": ["a"]}), d / "in.parquet"),
+            ["input.path={d}/in.parquet", "output.path=memory://kvrelay/out"],
+            "out of the workers' reach",
+        ),
     ],
     ids=["reserved-column", "output-inside-input", "overwrite-around-input", "output-in-memory"],
 )
@@ -144,8 +185,14 @@ def test_a_job_that_must_not_run_touches_nothing_and_exits_2(tmp_path, setup, ov
 def test_a_job_that_fails_while_running_exits_3_with_its_cause_and_log(tmp_path):
     """An engine that cannot start (a context longer than the model's), its worker out of restarts."""
     pq.write_table(pa.table({"prompt": ["What is 2 + 2?"]}), tmp_path / "in.parquet")
-    done = generate(f"input.path={tmp_path}/in.parquet", f"output.path={tmp_path}/out", "mode=colocated",
-                    "model.max_model_len=100000", "pools.colocated.max_restarts=0", timeout=600)  # fmt: skip
+    done = generate(
+        f"input.path={tmp_path}/in.parquet",
+        f"output.path={tmp_path}/out",
+        "mode=colocated",
+        "model.max_model_len=100000",
+        "pools.colocated.max_restarts=0",
+        timeout=600,
+    )
     assert done.returncode == 3, done.stderr[-2000:]
     (line,) = [line for line in done.stderr.splitlines() if line.startswith("kvrelay: failed: ")]
     assert "max_model_len (100000) is greater than" in line

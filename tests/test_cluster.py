@@ -2,6 +2,7 @@
 no node can run before any work, and (slow) a local multi-node cluster with prefill and decode
 node classes, where every row's prefill runs on a prefill node and its decode on a decode node,
 with the output of a single-node run."""
+
 import json
 import os
 import re
@@ -21,11 +22,11 @@ from ray._private import utils as ray_utils
 
 import pipeline
 from pipeline.cluster import Demand, Node, alive_nodes, check_schedulable, demands, start_ray
-from pipeline.job.validate import check_cluster
 from pipeline.config import ClusterKind, PoolConfig
 from pipeline.errors import JobError
 from pipeline.io.storage import read_output
 from pipeline.job.run import run
+from pipeline.job.validate import check_cluster
 from tests.conftest import job_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,11 +104,25 @@ def test_a_pool_asking_nothing_fits_any_node():
 
 
 def test_alive_nodes_drop_dead_nodes_and_rays_bookkeeping(monkeypatch):
-    monkeypatch.setattr(ray, "nodes", lambda: [
-        {"NodeID": "a", "Alive": True, "Labels": {"node_class": "prefill"},
-         "Resources": {"CPU": 4.0, "prefill_node": 1.0, "node:10.0.0.1": 1.0, "memory": 1e9, "object_store_memory": 1e8}},
-        {"NodeID": "b", "Alive": False, "Resources": {"CPU": 4.0}},
-    ])  # fmt: skip
+    monkeypatch.setattr(
+        ray,
+        "nodes",
+        lambda: [
+            {
+                "NodeID": "a",
+                "Alive": True,
+                "Labels": {"node_class": "prefill"},
+                "Resources": {
+                    "CPU": 4.0,
+                    "prefill_node": 1.0,
+                    "node:10.0.0.1": 1.0,
+                    "memory": 1e9,
+                    "object_store_memory": 1e8,
+                },
+            },
+            {"NodeID": "b", "Alive": False, "Resources": {"CPU": 4.0}},
+        ],
+    )
     assert alive_nodes() == [Node("a", {"CPU": 4.0, "prefill_node": 1.0}, {"node_class": "prefill"})]
 
 
@@ -121,9 +136,15 @@ def test_cluster_options_compose():
     assert hetero.pools.tokenize.resources == {} and hetero.pools.prefill.num_cpus == 0
     existing = job_config("cluster=existing", "cluster.address=ray://head:10001", "cluster.ship_code=false")
     assert (existing.cluster.kind, existing.cluster.address, existing.cluster.ship_code) == (
-        ClusterKind.existing, "ray://head:10001", False)  # fmt: skip
-    labelled = job_config("cluster=local-hetero", "~pools.prefill.resources.prefill_node",
-                          "+pools.prefill.label_selector.node_class=prefill")  # fmt: skip
+        ClusterKind.existing,
+        "ray://head:10001",
+        False,
+    )
+    labelled = job_config(
+        "cluster=local-hetero",
+        "~pools.prefill.resources.prefill_node",
+        "+pools.prefill.label_selector.node_class=prefill",
+    )
     assert (labelled.pools.prefill.resources, labelled.pools.prefill.label_selector) == ({}, {"node_class": "prefill"})
 
 
@@ -203,10 +224,15 @@ def test_a_local_cluster_runs_its_workers_above_the_driver():
     worker, driver = map(int, done.stdout.split()[-2:])
     assert (worker, driver) == (0, 10)
 
+
 PROMPTS = [
-    "What is the capital of France?", "Write a haiku about rain.", "Name three primary colours.",
-    "How many legs does a spider have?", "Give a synonym for happy.", "Which planet is the largest?",
-]  # fmt: skip
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "Name three primary colours.",
+    "How many legs does a spider have?",
+    "Give a synonym for happy.",
+    "Which planet is the largest?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +268,11 @@ def test_local_hetero_runs_each_phase_on_its_node_class(single_node, prompts, tm
     output = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "jobs.generate", "cluster=local-hetero", *_overrides(prompts, output), *DECODE_BY_LABEL],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((output / "metrics.json").read_text())
     assert Counter(_node_class(r) for r in metrics["nodes"].values()) == {"cpu": 1, "prefill": 1, "decode": 1}
@@ -259,14 +288,18 @@ def test_local_hetero_runs_each_phase_on_its_node_class(single_node, prompts, tm
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("++pools.prefill.resources.prefill_node=1",
-         "pools.prefill asks 1 x {CPU: 0.4, prefill_node: 1}; the cluster has prefill_node: 0 (no node of that class)"),
-        ("+pools.decode.label_selector.node_class=decode",
-         "pools.decode asks 1 x {CPU: 0.4} on nodes labelled {node_class: decode}; no alive node has those labels"),
+        (
+            "++pools.prefill.resources.prefill_node=1",
+            "pools.prefill asks 1 x {CPU: 0.4, prefill_node: 1}; the cluster has prefill_node: 0 (no node of that class)",
+        ),
+        (
+            "+pools.decode.label_selector.node_class=decode",
+            "pools.decode asks 1 x {CPU: 0.4} on nodes labelled {node_class: decode}; no alive node has those labels",
+        ),
         ("pools.decode.size=9", "pools.decode asks 9 x {CPU: 0.4}; the nodes that can hold one hold 5 in all"),
         ("pools.prefill.size=3", "the pools ask 2.05 CPU in all"),
     ],
-)  # fmt: skip
+)
 def test_an_unschedulable_pool_fails_within_seconds(ray_cluster, model, prompts, tmp_path, override, message):
     started = time.perf_counter()  # the model is prepared already (the fixture)
     with pytest.raises(JobError, match=re.escape(message)):

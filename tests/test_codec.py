@@ -1,5 +1,6 @@
 """KV codecs: round trips in every cache dtype, error bounds that hold per (layer, K/V, head),
 encoded sizes, and decoding straight from read-only (Arrow) memory."""
+
 import math
 import warnings
 

@@ -52,17 +52,25 @@ def test_bad_override_fails_before_any_work_naming_the_key(override, message):
     [
         (["kv.transport=storage"], "kv.transport=storage needs kv.storage_path"),
         (["engine.tensor_parallel_size=2"], "engine.tensor_parallel_size=2 needs mode=colocated: the KV handoff"),
-        (["mode=colocated", "engine.tensor_parallel_size=2"], "needs engine.device=cuda and pools.colocated.num_gpus=2"),
-        (["mode=colocated", "engine.tensor_parallel_size=4", "engine.device=cuda", "pools.colocated.num_gpus=2"],
-         "pools.colocated.num_gpus=4 (each worker holds its engine's GPUs; it has 2)"),
-        (["model.checkpoint=/models/x"], "model 'smollm2-135m': set exactly one of model.bundled_gguf and model.checkpoint"),
+        (
+            ["mode=colocated", "engine.tensor_parallel_size=2"],
+            "needs engine.device=cuda and pools.colocated.num_gpus=2",
+        ),
+        (
+            ["mode=colocated", "engine.tensor_parallel_size=4", "engine.device=cuda", "pools.colocated.num_gpus=2"],
+            "pools.colocated.num_gpus=4 (each worker holds its engine's GPUs; it has 2)",
+        ),
+        (
+            ["model.checkpoint=/models/x"],
+            "model 'smollm2-135m': set exactly one of model.bundled_gguf and model.checkpoint",
+        ),
         (["cluster=existing", "cluster.address=null"], "cluster=existing needs cluster.address"),
         (["cluster.address=ray://head:10001"], "use cluster=existing cluster.address=..."),
         (["cluster.kind=local_hetero"], "cluster=local-hetero needs cluster.nodes"),
         (["output.path=/data/in/out"], "output.path /data/in/out and input.path /data/in overlap"),
         (["output.path=memory://out"], "output.path memory://out is in this process's memory"),
     ],
-)  # fmt: skip
+)
 def test_a_job_refuses_before_any_work(overrides, message):
     with pytest.raises(JobError, match=re.escape(message)):
         check_job(job_config("input.path=/data/in", "output.path=/data/out", *overrides))
@@ -70,8 +78,16 @@ def test_a_job_refuses_before_any_work(overrides, message):
 
 def test_each_refusal_has_its_way_out():
     check_job(job_config("input.path=/data/in", "output.path=/data/out"))
-    check_job(job_config("input.path=/data/in", "output.path=/data/out", "mode=colocated",
-                         "engine.tensor_parallel_size=2", "engine.device=cuda", "pools.colocated.num_gpus=2"))  # fmt: skip
+    check_job(
+        job_config(
+            "input.path=/data/in",
+            "output.path=/data/out",
+            "mode=colocated",
+            "engine.tensor_parallel_size=2",
+            "engine.device=cuda",
+            "pools.colocated.num_gpus=2",
+        )
+    )
     halves = job_config("input.path=/data/in", "output.path=/data/out", "mode=colocated")
     halves.phase = Phase.prefill  # set by jobs.prefill, not a config key
     with pytest.raises(JobError, match="a prefill job is one half of mode=disaggregated"):

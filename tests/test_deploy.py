@@ -2,6 +2,7 @@
 exactly what the RayJob's Hydra config asks for (node classes, GPUs, CPUs), its GPU groups
 land on the intended GPU types, the RayJob's command line composes, and the Airflow DAG
 submits that RayJob and waits for `_SUCCESS`."""
+
 import ast
 import json
 import shlex

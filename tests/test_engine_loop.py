@@ -1,5 +1,6 @@
 """The engine loop's own logic, against a stand-in for vLLM's LLMEngine: batches feed one engine
 at once, each gets its own outputs, and nothing is left waiting when the engine fails."""
+
 import asyncio
 import threading
 import time

@@ -1,6 +1,7 @@
 """The job report: written beside metrics.json through the output's filesystem, naming the
 pool that held the job back, never read back as rows; the time series it is drawn from; and
 the live progress bar."""
+
 import re
 from types import SimpleNamespace
 
@@ -21,26 +22,49 @@ from tests.test_output import SHARDS, claimed, rows, writer
 def stage(busy: float, rows: int, input_tokens: int, output_tokens: int, workers: int = 1, size: int = 0) -> dict:
     totals = {"busy_seconds": busy, "rows": rows, "input_tokens": input_tokens, "output_tokens": output_tokens}
     per_worker = [{"worker": f"node{i}:10{i}", "node": f"node{i}", "batches": 2, **totals} for i in range(workers)]
-    return {**totals, "kv_handoff_seconds": 0.0, "workers": workers, "size": size or workers,
-            "worker_cores": [[0]] * workers, "per_worker": per_worker}  # fmt: skip
+    return {
+        **totals,
+        "kv_handoff_seconds": 0.0,
+        "workers": workers,
+        "size": size or workers,
+        "worker_cores": [[0]] * workers,
+        "per_worker": per_worker,
+    }
 
 
 METRICS = {
-    "mode": "disaggregated", "phase": "generate", "model": "smollm2-135m",
-    "rows_in": 8, "rows_out": 8, "rows_errored": 3, "errors": {"empty_prompt": 1, "kv_corrupt": 2},
-    "input_tokens": 400, "output_tokens": 160, "shards": {"total": 2, "resumed": 0},
-    "wall_seconds": 100.0, "output_tokens_per_second": 1.6,
+    "mode": "disaggregated",
+    "phase": "generate",
+    "model": "smollm2-135m",
+    "rows_in": 8,
+    "rows_out": 8,
+    "rows_errored": 3,
+    "errors": {"empty_prompt": 1, "kv_corrupt": 2},
+    "input_tokens": 400,
+    "output_tokens": 160,
+    "shards": {"total": 2, "resumed": 0},
+    "wall_seconds": 100.0,
+    "output_tokens_per_second": 1.6,
     "stages": {
         "tokenize": stage(2.0, 8, 400, 0),
         "prefill": stage(60.0, 6, 400, 6, workers=2, size=1),  # one worker replaced: 60% busy
         "decode": stage(140.0, 5, 0, 154, workers=2),  # 70% busy per worker: the bottleneck
         "detokenize": stage(1.0, 8, 0, 160),
     },
-    "kv_bytes_moved": 6 * 2**20, "kv_recomputed_rows": 2, "kv_bytes_per_prompt_token": 46_080.0,
-    "preemptions": 0, "kv_handoff_seconds": 3.0, "kv_handoff_share_of_prefill": 0.05, "startup_seconds": 2.0,
-    "processing_seconds": 93.0, "input_rows_decoded": 8, "late_duplicate_rows": 0, "driver_bytes_received": 900,
-    "object_store_peak_bytes": 3 * 2**20, "nodes": {"node0": {"CPU": 2.0}, "node1": {"CPU": 2.0}},
-}  # fmt: skip
+    "kv_bytes_moved": 6 * 2**20,
+    "kv_recomputed_rows": 2,
+    "kv_bytes_per_prompt_token": 46_080.0,
+    "preemptions": 0,
+    "kv_handoff_seconds": 3.0,
+    "kv_handoff_share_of_prefill": 0.05,
+    "startup_seconds": 2.0,
+    "processing_seconds": 93.0,
+    "input_rows_decoded": 8,
+    "late_duplicate_rows": 0,
+    "driver_bytes_received": 900,
+    "object_store_peak_bytes": 3 * 2**20,
+    "nodes": {"node0": {"CPU": 2.0}, "node1": {"CPU": 2.0}},
+}
 TIMELINE = [
     BatchPoint("tokenize", 1.0, 1.0, 4, 200, 0),
     BatchPoint("tokenize", 2.0, 1.0, 4, 200, 0),
@@ -101,8 +125,11 @@ def test_a_rerun_withdraws_the_old_report(written):
 
 def test_output_rate_spreads_each_batch_over_the_seconds_it_ran():
     # Two decode workers: 100 tokens over [0, 20] s (5/s) and 100 over [10, 20] s (10/s).
-    timeline = [BatchPoint("decode", 20.0, 20.0, 1, 0, 100), BatchPoint("decode", 20.0, 10.0, 1, 0, 100),
-                BatchPoint("detokenize", 20.0, 0.1, 2, 0, 200)]  # fmt: skip
+    timeline = [
+        BatchPoint("decode", 20.0, 20.0, 1, 0, 100),
+        BatchPoint("decode", 20.0, 10.0, 1, 0, 100),
+        BatchPoint("detokenize", 20.0, 0.1, 2, 0, 200),
+    ]
     times, rate, window = output_rate(timeline, points=41)
     assert window == 1.0 and times[-1] == 20.0
     np.testing.assert_allclose(rate[(times > 0) & (times <= 10)], 5.0)
@@ -147,15 +174,19 @@ def test_tally_keeps_each_workers_node_and_share():
     tally.join("decode", "a:1", "a" * 56, [0])
     tally.join("decode", "b:2", "b" * 56, [1])
     tally.join("decode", "b:3", "b" * 56, [1])  # never got a batch
-    for worker, rows in (("a:1", 3), ("b:2", 2), ("a:1", 1)):
-        tally.record("decode", worker, 0.5, 0.5, BatchReport(rows=rows, input_tokens=10 * rows, output_tokens=rows))
+    for worker, n in (("a:1", 3), ("b:2", 2), ("a:1", 1)):
+        tally.record("decode", worker, 0.5, 0.5, BatchReport(rows=n, input_tokens=10 * n, output_tokens=n))
     decode = tally.stages()["decode"]
     assert decode.worker_cores == [[0], [1], [1]]
     assert list(decode.workers.values()) == [
-        WorkerMetrics(worker="a:1", node="a" * 56, busy_seconds=1.0, batches=2, rows=4, input_tokens=40, output_tokens=4),
-        WorkerMetrics(worker="b:2", node="b" * 56, busy_seconds=0.5, batches=1, rows=2, input_tokens=20, output_tokens=2),
+        WorkerMetrics(
+            worker="a:1", node="a" * 56, busy_seconds=1.0, batches=2, rows=4, input_tokens=40, output_tokens=4
+        ),
+        WorkerMetrics(
+            worker="b:2", node="b" * 56, busy_seconds=0.5, batches=1, rows=2, input_tokens=20, output_tokens=2
+        ),
         WorkerMetrics(worker="b:3", node="b" * 56, busy_seconds=0, batches=0, rows=0, input_tokens=0, output_tokens=0),
-    ]  # fmt: skip
+    ]
     assert decode.work.rows == sum(w.rows for w in decode.workers.values()) == 6
 
 

@@ -1,13 +1,14 @@
 """A large input written the way pandas and pyarrow write by default (one row group) through the
 real pipeline: every row group decoded once however many shards it holds, every row out once,
 in input order, whether the job runs whole or resumes."""
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.io.output import part_name
 from pipeline.io.storage import read_output
 from pipeline.job.run import run
-from pipeline.io.output import part_name
 from tests.conftest import job_config
 
 pytestmark = pytest.mark.slow
@@ -26,8 +27,13 @@ def one_row_group(tmp_path_factory):
 
 def test_one_row_group_is_decoded_once_and_every_row_comes_out_once(ray_cluster, one_row_group, tmp_path):
     out = tmp_path / "out"
-    cfg = job_config("mode=colocated", f"input.path={one_row_group}", f"output.path={out}",
-                     f"output.shard_rows={SHARD_ROWS}", "sampling.max_tokens=4")  # fmt: skip
+    cfg = job_config(
+        "mode=colocated",
+        f"input.path={one_row_group}",
+        f"output.path={out}",
+        f"output.shard_rows={SHARD_ROWS}",
+        "sampling.max_tokens=4",
+    )
     metrics = run(cfg)
     assert metrics.rows_out == ROWS and metrics.input_rows_decoded <= 1.1 * ROWS
     assert metrics.errors == {"null_prompt": ROWS - 2} and metrics.late_duplicate_rows == 0

@@ -1,5 +1,6 @@
 """Paged CPU cache <-> canonical KV: the strided fast path reads and writes exactly what the
 gather-by-measured-order path does, for every cut of a request's blocks."""
+
 import pytest
 import torch
 
@@ -11,7 +12,9 @@ BLOCKS = [5, 9, 2, 40]
 
 def _layers(strided: bool, seed: int = 0) -> list[PagedLayer]:
     g = torch.Generator().manual_seed(seed)
-    layers = [PagedLayer(torch.randn(64, HEADS, BLOCK, 2 * HEAD_DIM, generator=g), "CPU_ATTN", "vec") for _ in range(LAYERS)]
+    layers = [
+        PagedLayer(torch.randn(64, HEADS, BLOCK, 2 * HEAD_DIM, generator=g), "CPU_ATTN", "vec") for _ in range(LAYERS)
+    ]
     if not strided:
         for layer in layers:
             layer._strided = None  # force the general path

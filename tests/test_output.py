@@ -2,6 +2,7 @@
 whole, once, in input order, whatever order and how many times its rows arrive; a rerun of the
 same job resumes, a different job is refused, one run at a time holds the path, overwriting
 removes only what kvrelay wrote, and nothing looks complete before _SUCCESS."""
+
 import json
 import os
 import subprocess
@@ -14,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.columns import ERROR, GENERATED_TOKENS, NUM_INPUT_TOKENS, ROW
-from pipeline.io.commit import ShardLedger, commit_shard
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
-from pipeline.io.storage import read_output
+from pipeline.io.commit import ShardLedger, commit_shard
 from pipeline.io.lease import LEASE
 from pipeline.io.output import FRAGMENTS, MANIFEST, SUCCESS, OutputTarget, ShardStats, part_name, read_stats
 from pipeline.io.source import Shard
+from pipeline.io.storage import read_output
 from pipeline.stages.write import WriteFragments
 
 JOB = {"input": {"digest": "abc"}, "model": "m1", "sampling": {"max_tokens": 8}, "shard_rows": 3}
@@ -41,12 +42,15 @@ def claimed(path, **kwargs) -> tuple[OutputTarget, set[int]]:
 
 
 def rows(*numbers: int, errors: tuple = ()) -> pa.Table:
-    return pa.table({
-        ROW: pa.array(numbers, pa.int64()), "text": [f"t{n}" for n in numbers],
-        ERROR: pa.array([f"empty_prompt: {n}" if n in errors else None for n in numbers], pa.string()),
-        NUM_INPUT_TOKENS: pa.array([n + 1 for n in numbers], pa.int32()),
-        GENERATED_TOKENS: pa.array([[n] * n for n in numbers], pa.list_(pa.int32())),
-    })  # fmt: skip
+    return pa.table(
+        {
+            ROW: pa.array(numbers, pa.int64()),
+            "text": [f"t{n}" for n in numbers],
+            ERROR: pa.array([f"empty_prompt: {n}" if n in errors else None for n in numbers], pa.string()),
+            NUM_INPUT_TOKENS: pa.array([n + 1 for n in numbers], pa.int32()),
+            GENERATED_TOKENS: pa.array([[n] * n for n in numbers], pa.list_(pa.int32())),
+        }
+    )
 
 
 def writer(out: OutputTarget, shards=SHARDS) -> WriteFragments:
@@ -68,7 +72,9 @@ def test_shard_commits_once_complete_in_input_order_without_duplicates(tmp_path,
     table = read_output(str(tmp_path / "out"))
     assert table.column("text").to_pylist() == ["t0", "t1", "t2", "t3", "t4"]
     assert ROW not in table.column_names
-    assert ledger.stats == ShardStats(rows=5, rows_errored=1, errors={"empty_prompt": 1}, input_tokens=15, output_tokens=10)
+    assert ledger.stats == ShardStats(
+        rows=5, rows_errored=1, errors={"empty_prompt": 1}, input_tokens=15, output_tokens=10
+    )
     assert read_stats(out.arrow_fs, out.part(1)) == ShardStats(rows=2, input_tokens=9, output_tokens=7)
     assert list((tmp_path / "out" / FRAGMENTS).rglob("*.arrow")) == []  # committed or dropped, none left
 
@@ -135,7 +141,10 @@ def test_overwrite_removes_only_what_kvrelay_wrote(tmp_path, ray_cluster):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda d: (d / "part-000001 (copy).parquet").write_bytes(b""), r"part-000001 \(copy\).parquet, which no kvrelay"),
+        (
+            lambda d: (d / "part-000001 (copy).parquet").write_bytes(b""),
+            r"part-000001 \(copy\).parquet, which no kvrelay",
+        ),
         (lambda d: (d / part_name(1)).write_bytes(b""), "is damaged"),
         (lambda d: pq.write_table(pa.table({"a": [1]}), d / part_name(1)), "not a part kvrelay committed"),
         (lambda d: (d / MANIFEST).write_text('{"input": {"dig'), f"damaged {MANIFEST}"),

@@ -2,6 +2,7 @@
 that do not copy, and refusal of payloads that are damaged or made for another engine. And a
 prefill dataset's rows as the decode stage reads them: every field of the payload and every
 column the stage uses, crafted, ends in a row error of a named kind or in the same KV."""
+
 import dataclasses
 
 import numpy as np
@@ -65,7 +66,11 @@ def test_payload_for_another_engine_is_refused(model):
     good = KVPayload.encode(_kv(model, 9), model, "none")
     good.decode(model, 9)
     cases = [
-        (dataclasses.replace(good, fingerprint="0123456789abcdef"), 9, "kv_mismatch: KV payload is from model 0123456789abcdef"),
+        (
+            dataclasses.replace(good, fingerprint="0123456789abcdef"),
+            9,
+            "kv_mismatch: KV payload is from model 0123456789abcdef",
+        ),
         (good, 10, "kv_mismatch: KV payload shape"),
         (dataclasses.replace(good, dtype="float16"), 9, "kv_mismatch: KV payload dtype float16"),
         (dataclasses.replace(good, format=1), 9, "kv_mismatch: KV payload format 1"),
@@ -112,7 +117,10 @@ def _outcome(table: pa.Table, model) -> str | torch.Tensor:
 
 def _other_bytes(p: KVPayload, data: np.ndarray) -> dict[str, pa.Array]:
     """Other bytes under their own valid checksum."""
-    return {"data": pa.array([data.tobytes()], pa.large_binary()), "checksum": pa.array([payload.checksum(data)], pa.uint64())}
+    return {
+        "data": pa.array([data.tobytes()], pa.large_binary()),
+        "checksum": pa.array([payload.checksum(data)], pa.uint64()),
+    }
 
 
 def _crafted(p: KVPayload) -> list[tuple[str, dict[str, pa.Array], str]]:

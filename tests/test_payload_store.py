@@ -2,6 +2,7 @@
 Parquet column that holds only the file's name; a missing file is a lost payload; a name that
 could reach outside the storage root is refused before any file is touched; errors of the
 storage that may pass are retried, and a file of the wrong size is never read."""
+
 import dataclasses
 import time
 
@@ -57,9 +58,16 @@ def test_damaged_file_fails_the_checksum(model, store, tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["../../etc/passwd", "/etc/passwd", "s3://other-bucket/x.kv", f"{JOB}/../../{'a' * 32}.kv",
-     f"{JOB}/{'a' * 32}.kv/../../x", f"{JOB}/{'A' * 32}.kv", ""],
-)  # fmt: skip
+    [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "s3://other-bucket/x.kv",
+        f"{JOB}/../../{'a' * 32}.kv",
+        f"{JOB}/{'a' * 32}.kv/../../x",
+        f"{JOB}/{'A' * 32}.kv",
+        "",
+    ],
+)
 def test_names_that_could_leave_the_storage_root_are_refused(model, store, name):
     planted = dataclasses.replace(_payload(model), file=name)
     with pytest.raises(PayloadMismatch, match="^kv_unsafe_path"):
@@ -153,6 +161,9 @@ def test_a_file_of_another_size_than_its_shape_makes_is_corrupt_and_not_read(mod
     path = tmp_path / "kv" / stored.file
     data = path.read_bytes()
     path.write_bytes(data[:-1] if change < 0 else data + b"\0")
-    with pytest.raises(PayloadLost, match=f"^kv_corrupt: KV payload file .* has {len(data) + change} bytes; its shape and codec make {len(data)}"):
+    with pytest.raises(
+        PayloadLost,
+        match=f"^kv_corrupt: KV payload file .* has {len(data) + change} bytes; its shape and codec make {len(data)}",
+    ):
         flaky.fetch(stored)
     assert FlakyFileSystem.calls == ["size"]

@@ -1,5 +1,6 @@
 """End to end on the real engine and model: the disaggregated pipeline generates exactly what
 the colocated one does, because the decode pool really uses the prefill pool's KV."""
+
 import dataclasses
 import os
 import threading
@@ -16,25 +17,74 @@ from transformers import AutoTokenizer
 from pipeline.bench.sample import SENTENCES
 from pipeline.columns import KV_PAYLOAD, with_columns
 from pipeline.config import PoolConfig
-from pipeline.io.storage import read_output
 from pipeline.io.commit import ShardLedger
+from pipeline.io.output import OutputTarget
+from pipeline.io.source import PromptSource
+from pipeline.io.storage import read_output
 from pipeline.job.graph import Stage, build_dataset, build_stages, kv_row_bytes
+from pipeline.job.meter import start_sink
 from pipeline.job.metrics import ShardCounts
 from pipeline.job.run import commit, run
-from pipeline.io.output import OutputTarget
 from pipeline.kv import payload
 from pipeline.kv.payload import KVPayload
-from pipeline.job.meter import start_sink
-from pipeline.io.source import PromptSource
 from tests.conftest import job_config
 
 pytestmark = pytest.mark.slow
 
 # Around every multiple of the plausible block sizes (16..128): below, at, one past.
 LENGTHS = sorted(
-    {1, 2, 3, 4, 5, 8, 12, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 90, 100, 127, 128, 129, 150, 191, 192, 193, 230,
-     255, 256, 257, 300, 383, 384, 385, 420, 450, 511, 512, 513, 560, 600, 639, 640, 641, 660, 680, 699, 700, 701}
-)  # fmt: skip
+    {
+        1,
+        2,
+        3,
+        4,
+        5,
+        8,
+        12,
+        15,
+        16,
+        17,
+        31,
+        32,
+        33,
+        47,
+        63,
+        64,
+        65,
+        90,
+        100,
+        127,
+        128,
+        129,
+        150,
+        191,
+        192,
+        193,
+        230,
+        255,
+        256,
+        257,
+        300,
+        383,
+        384,
+        385,
+        420,
+        450,
+        511,
+        512,
+        513,
+        560,
+        600,
+        639,
+        640,
+        641,
+        660,
+        680,
+        699,
+        700,
+        701,
+    }
+)
 MAX_TOKENS = 32
 
 
@@ -157,7 +207,9 @@ def _tampered_run(model, prompts, output, *overrides: str) -> tuple[pa.Table, di
     lease, _ = target.claim()
     with lease:
         graph = [*stages[:at], tamper, *stages[at:]]
-        ds = build_dataset(source, source.shards, graph, target, cfg.cluster, sink_name, kv_row_bytes(cfg, source, model))
+        ds = build_dataset(
+            source, source.shards, graph, target, cfg.cluster, sink_name, kv_row_bytes(cfg, source, model)
+        )
         commit(ds, ShardLedger(target, source.shards, None), source.num_rows)
     stage_metrics = ray.get(sink.stages.remote())
     ray.kill(sink)
@@ -180,7 +232,10 @@ def test_tampered_payloads_are_refused_and_the_rest_complete(ray_cluster, model,
     assert sum(same for same, _ in noise) <= 1 and all(error is None for _, error in noise), noise
     assert all(e.startswith("kv_corrupt: KV payload fails its checksum") for _, e in _fate(table, clean, "damage"))
     assert all(e.startswith("kv_missing: KV payload is missing") for _, e in _fate(table, clean, "drop"))
-    assert all(e.startswith("kv_mismatch: KV payload is from model 0000000000000000") for _, e in _fate(table, clean, "foreign"))
+    assert all(
+        e.startswith("kv_mismatch: KV payload is from model 0000000000000000")
+        for _, e in _fate(table, clean, "foreign")
+    )
     untouched = [k for k, action in TAMPERED.items() if action is None]
     by_id = {r["id"]: r for r in table.to_pylist()}
     assert all(by_id[k]["error"] is None and by_id[k]["generated_tokens"] == clean[k] for k in untouched)
@@ -230,7 +285,9 @@ def _kill_each_after_one_batch(stages: list[str], killed: list[str]) -> None:
 
 
 def _metric_sinks() -> set[str]:
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvrelay-metrics")}
+    return {
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvrelay-metrics")
+    }
 
 
 def test_storage_transport_generates_the_same(ray_cluster, few_prompts, disaggregated, tmp_path):
@@ -309,23 +366,30 @@ def _prefilled_dataset(model, prompts, colocated, path) -> dict[str, str | None]
         ("overlong", by_id["p64"], colocated["p64"][:1], None, "overlong_prompt"),
     ]
     structs = [
-        {**{f: getattr(p, f) for f in payload.TYPE.names}, "shape": None if row_id == "null_shape" else list(p.shape),
-         "data": p.data.tobytes()} if p else None
+        {
+            **{f: getattr(p, f) for f in payload.TYPE.names},
+            "shape": None if row_id == "null_shape" else list(p.shape),
+            "data": p.data.tobytes(),
+        }
+        if p
+        else None
         for row_id, _, _, p, _ in rows
-    ]  # fmt: skip
+    ]
     fields = [pa.field(f.name, pa.binary() if f.name == "data" else f.type) for f in reversed(list(payload.TYPE))]
     pq.write_table(
-        pa.table({
-            "id": [r[0] for r in rows],
-            "prompt_token_ids": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
-            "generated_tokens": pa.array([r[2] for r in rows], pa.list_(pa.int32())),
-            "num_input_tokens": pa.array([0] * len(rows), pa.int32()),
-            "finish_reason": pa.nulls(len(rows), pa.string()),
-            "error": pa.nulls(len(rows), pa.string()),
-            KV_PAYLOAD: pa.array(structs, pa.struct(fields)),
-        }),
+        pa.table(
+            {
+                "id": [r[0] for r in rows],
+                "prompt_token_ids": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
+                "generated_tokens": pa.array([r[2] for r in rows], pa.list_(pa.int32())),
+                "num_input_tokens": pa.array([0] * len(rows), pa.int32()),
+                "finish_reason": pa.nulls(len(rows), pa.string()),
+                "error": pa.nulls(len(rows), pa.string()),
+                KV_PAYLOAD: pa.array(structs, pa.struct(fields)),
+            }
+        ),
         path,
-    )  # fmt: skip
+    )
     return {r[0]: r[4] for r in rows}
 
 
@@ -335,7 +399,9 @@ def test_crafted_prefill_rows_fail_alone_and_the_rest_decode(ray_cluster, model,
     the other rows get colocated's tokens, in one batch."""
     expected = _prefilled_dataset(model, prompts, colocated, tmp_path / "prefilled.parquet")
     out = tmp_path / "out"
-    metrics = run(job_config("phase=decode", *_overrides(tmp_path / "prefilled.parquet", out), "model.max_model_len=64"))
+    metrics = run(
+        job_config("phase=decode", *_overrides(tmp_path / "prefilled.parquet", out), "model.max_model_len=64")
+    )
     rows = {r["id"]: r for r in read_output(str(out)).to_pylist()}
     assert {k: r["error"] and r["error"].split(":", 1)[0] for k, r in rows.items()} == expected
     assert rows["p63"]["generated_tokens"] == colocated["p63"][:1] and rows["p63"]["finish_reason"] == "length"

@@ -1,5 +1,6 @@
 """The capacity planner against hand-computed rooflines, its choices on constructed catalogues,
 calibration on a real jobs.bench result, the Hydra config and the command line."""
+
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,8 +16,8 @@ from omegaconf.errors import ValidationError
 
 from pipeline.config import Mode
 from pipeline.errors import JobError
-from pipeline.plan.roofline import Efficiency, Hardware, ModelSpec, PlanSettings, Planner, Workload, catalogue, cheapest
 from pipeline.plan.config import PlanConfig, register
+from pipeline.plan.roofline import Efficiency, Hardware, ModelSpec, Planner, PlanSettings, Workload, catalogue, cheapest
 from tests.conftest import job_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,8 +152,16 @@ def test_calibration_reproduces_the_bench_stage_rates():
 
 
 def test_workload_from_a_kvrelay_output_leaves_errored_rows_out(tmp_path):
-    pq.write_table(pa.table({"num_input_tokens": [100, 300, 7], "num_generated_tokens": [10, 30, 0],
-                             "error": [None, None, "prompt is empty"]}), tmp_path / "out.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "num_input_tokens": [100, 300, 7],
+                "num_generated_tokens": [10, 30, 0],
+                "error": [None, None, "prompt is empty"],
+            }
+        ),
+        tmp_path / "out.parquet",
+    )
     (tmp_path / "metrics.json").write_text("{}")
     assert Workload.from_parquet(str(tmp_path)) == Workload(200, 20, 2)
 
@@ -170,8 +179,9 @@ def test_workload_from_token_ids_and_text(tmp_path, model):
 
 
 def test_plan_config_composes_with_overrides():
-    cfg = plan_config("hardware=[l4,cpu-core]", "hardware.l4.usd_per_hour=0.5", "plan.max_devices=3",
-                      "efficiency.decode=0.4")  # fmt: skip
+    cfg = plan_config(
+        "hardware=[l4,cpu-core]", "hardware.l4.usd_per_hour=0.5", "plan.max_devices=3", "efficiency.decode=0.4"
+    )
     assert sorted(cfg.hardware) == ["cpu-core", "l4"]
     assert (cfg.hardware["l4"].usd_per_hour, cfg.hardware["cpu-core"].device) == (0.5, "cpu")
     assert (cfg.plan.max_devices, cfg.efficiency.decode, cfg.workload.prompt_tokens) == (3, 0.4, 2048)
@@ -203,8 +213,10 @@ def test_cli_calibrated_on_a_bench_states_what_the_bench_measured():
     done = plan_cli("model_spec=smollm2-135m", "hardware=cpu-core", f"calibrate.bench={BENCH}", "plan.max_batch=64")
     assert done.returncode == 0, done.stderr
     # Output tokens 18,272 over each mode's processing (and wall) seconds in the bench.
-    assert ("bench output tok/s while processing (whole run, start-up included): "
-            "plain 95.6 (88.4); colocated 86.5 (74.8); disaggregated 75.1 (63.5)") in done.stdout  # fmt: skip
+    assert (
+        "bench output tok/s while processing (whole run, start-up included): "
+        "plain 95.6 (88.4); colocated 86.5 (74.8); disaggregated 75.1 (63.5)"
+    ) in done.stdout
 
 
 def test_cli_input_error_is_one_line_with_exit_code_2(tmp_path):

@@ -1,6 +1,7 @@
 """The README's `s3://` promise, on a local S3 (moto's server): whole jobs with their input,
 output and KV payload files in a bucket write what the same job writes on local disk, and a job
 killed mid-run finishes when rerun, without rewriting what it had committed."""
+
 import json
 import os
 import signal
@@ -25,8 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [f"Rewrite in fewer words: {s}" for s in SENTENCES[:16]]
 SHARDS = 4
 # Batches of 4 so that a shard commits early, before the crash test's kill.
-JOB = ["mode=disaggregated", "kv.transport=storage", "sampling.max_tokens=8", "output.shard_rows=4",
-       *(f"pools.{p}.batch_size=4" for p in ("tokenize", "prefill", "decode", "detokenize"))]  # fmt: skip
+JOB = [
+    "mode=disaggregated",
+    "kv.transport=storage",
+    "sampling.max_tokens=8",
+    "output.shard_rows=4",
+    *(f"pools.{p}.batch_size=4" for p in ("tokenize", "prefill", "decode", "detokenize")),
+]
 PARTS = {f"part-{i:06d}.parquet" for i in range(SHARDS)}
 
 
@@ -86,7 +92,9 @@ def test_a_job_killed_on_s3_resumes_without_rewriting_its_committed_parts(s3: Bu
     both runs gone."""
     root = f"{s3.url}/crash"
     out, command, fs = f"{root}/out", [sys.executable, "-m", "jobs.generate", *_job(root)], s3.fs()
-    crashed = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    crashed = subprocess.Popen(
+        command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     while not _parts(fs, out):
         assert crashed.poll() is None, "the job ended before committing a part"
         time.sleep(0.2)

@@ -1,6 +1,7 @@
 """The input side of 'every row exactly once': shards are fixed row ranges numbered the same on
 every run, reading a shard returns exactly its rows, bad ids are flagged per row, and a bad
 input fails the job before any work."""
+
 import os
 
 import pyarrow as pa
@@ -9,8 +10,8 @@ import pytest
 
 from pipeline.columns import ERROR, ROW
 from pipeline.errors import JobError
-from pipeline.job.run import identity
 from pipeline.io.source import UNIT, PromptSource
+from pipeline.job.run import identity
 from tests.conftest import job_config
 
 
@@ -30,7 +31,12 @@ def two_files(tmp_path):
     """A directory of two files (7 and 5 rows) with small row groups, and the files a job writes
     beside its rows (an input may be a job's output, e.g. a prefill dataset)."""
     for name, first, rows in (("a.parquet", 0, 7), ("b.parquet", 7, 5)):
-        table = pa.table({"id": [f"r{i}" for i in range(first, first + rows)], "prompt": [f"p{i}" for i in range(first, first + rows)]})
+        table = pa.table(
+            {
+                "id": [f"r{i}" for i in range(first, first + rows)],
+                "prompt": [f"p{i}" for i in range(first, first + rows)],
+            }
+        )
         pq.write_table(table, tmp_path / name, row_group_size=3)
     for name in ("_SUCCESS", "metrics.json", "report.md", "report.png"):
         (tmp_path / name).write_text("not rows")
@@ -41,8 +47,11 @@ def test_shards_cover_every_row_once_in_input_order(two_files):
     s = source(two_files, shard_rows=4)
     assert s.num_rows == 12
     assert [(sh.path.rsplit("/", 1)[-1], sh.start, sh.stop, sh.first_row) for sh in s.shards] == [
-        ("a.parquet", 0, 4, 0), ("a.parquet", 4, 7, 4), ("b.parquet", 0, 4, 7), ("b.parquet", 4, 5, 11),
-    ]  # fmt: skip
+        ("a.parquet", 0, 4, 0),
+        ("a.parquet", 4, 7, 4),
+        ("b.parquet", 0, 4, 7),
+        ("b.parquet", 4, 5, 11),
+    ]
     tables = read(s)
     assert [t.num_rows for t in tables] == [sh.num_rows for sh in s.shards]
     table = pa.concat_tables(tables)
@@ -84,7 +93,9 @@ def test_shards_in_one_row_group_are_read_by_one_task_decoding_it_once(tmp_path)
     resumed = s.units([sh for sh in s.shards if sh.index not in (0, 9)])
     assert len(resumed) == 1 and [sh.index for sh in resumed[0].shards] == list(range(1, 9))
     tables = read(s, resumed[0].shards)
-    assert [t.column("prompt").to_pylist() for t in tables] == [[f"p{i}" for i in range(10 * k, 10 * k + 10)] for k in range(1, 9)]
+    assert [t.column("prompt").to_pylist() for t in tables] == [
+        [f"p{i}" for i in range(10 * k, 10 * k + 10)] for k in range(1, 9)
+    ]
 
 
 def test_shards_of_small_row_groups_split_into_units_at_group_bounds(tmp_path):
@@ -93,7 +104,11 @@ def test_shards_of_small_row_groups_split_into_units_at_group_bounds(tmp_path):
     s = source(path, shard_rows=3)  # shards [0,3) [3,6) [6,9) [9,12) over groups [0,4) [4,8) [8,12)
     assert [(u.groups, [sh.index for sh in u.shards]) for u in s.units(s.shards)] == [((0, 1, 2), [0, 1, 2, 3])]
     s = source(path, shard_rows=4)
-    assert [(u.groups, [sh.index for sh in u.shards]) for u in s.units(s.shards)] == [((0,), [0]), ((1,), [1]), ((2,), [2])]
+    assert [(u.groups, [sh.index for sh in u.shards]) for u in s.units(s.shards)] == [
+        ((0,), [0]),
+        ((1,), [1]),
+        ((2,), [2]),
+    ]
 
 
 def test_hidden_and_underscore_entries_at_any_depth_are_not_input(tmp_path):
@@ -157,9 +172,17 @@ def test_files_with_different_schemas_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override", ["model.dtype=bfloat16", "model.max_model_len=1024", "kv.on_load_failure=error", "kv.codec=fp8",
-                 "sampling.seed=3", "output.shard_rows=7", "input.apply_chat_template=false"],
-)  # fmt: skip
+    "override",
+    [
+        "model.dtype=bfloat16",
+        "model.max_model_len=1024",
+        "kv.on_load_failure=error",
+        "kv.codec=fp8",
+        "sampling.seed=3",
+        "output.shard_rows=7",
+        "input.apply_chat_template=false",
+    ],
+)
 def test_every_setting_that_changes_the_output_is_in_the_job_identity(tmp_path, model, override):
     pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "in.parquet")
     base = job_config(f"input.path={tmp_path / 'in.parquet'}")

@@ -1,4 +1,5 @@
 """Bad prompts become per-row errors with a stable kind; odd but valid text is generated from."""
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -66,7 +67,10 @@ def test_a_batch_is_tokenized_as_each_prompt_alone(encoder):
 def test_overlong_prompt_is_an_error_or_keeps_its_end(model):
     prompt = list(range(1, model.max_model_len + 10))
     strict = PromptEncoder(model, job_config().input, MAX_TOKENS)
-    assert strict.encode(prompt) == ([], f"overlong_prompt: prompt has {len(prompt)} tokens; model.max_model_len is {model.max_model_len}")
+    assert strict.encode(prompt) == (
+        [],
+        f"overlong_prompt: prompt has {len(prompt)} tokens; model.max_model_len is {model.max_model_len}",
+    )
     lenient = PromptEncoder(model, job_config("input.overlong=truncate_left").input, MAX_TOKENS)
     tokens, error = lenient.encode(prompt)
     assert error is None and tokens == prompt[-(model.max_model_len - MAX_TOKENS) :]

@@ -1,5 +1,6 @@
 """Structured config schemas of the benches: a job's config and the bench's own settings,
 registered with Hydra's ConfigStore."""
+
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import List

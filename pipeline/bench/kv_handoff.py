@@ -11,6 +11,7 @@
     python -m jobs.kv_bench input.path=prompts.parquet output.path=outputs/kv_bench cluster.object_store_budget_gib=0.25
 
 Writes kv_bench.json beside the runs' outputs."""
+
 import copy
 import json
 from pathlib import Path
@@ -34,8 +35,12 @@ SCALE_BATCH = 8
 def repeated(path: str, repeat: int, target: Path) -> str:
     """The prompts `repeat` times over, under new ids."""
     table = pq.read_table(path)
-    copies = [table.set_column(table.schema.get_field_index("id"), "id", pa.array([f"{r}-{i}" for i in table["id"].to_pylist()]))
-              for r in range(repeat)]  # fmt: skip
+    copies = [
+        table.set_column(
+            table.schema.get_field_index("id"), "id", pa.array([f"{r}-{i}" for i in table["id"].to_pylist()])
+        )
+        for r in range(repeat)
+    ]
     pq.write_table(pa.concat_tables(copies), target)
     return str(target)
 
@@ -56,8 +61,11 @@ def output_tokens(url: Path) -> dict[str, list[int]]:
 
 def agreement(run: dict, reference: dict) -> dict:
     """Share of rows whose tokens equal the reference's, and where the others first differ."""
-    firsts = [next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
-              for key, ref in reference.items() if (got := run[key]) != ref]  # fmt: skip
+    firsts = [
+        next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+        for key, ref in reference.items()
+        if (got := run[key]) != ref
+    ]
     return {
         "rows_identical": round(1 - len(firsts) / len(reference), 4),
         "mean_first_divergence": round(sum(firsts) / len(firsts), 2) if firsts else None,
@@ -92,13 +100,17 @@ def kv_bench(cfg: JobConfig) -> dict:
             pool.batch_size = SCALE_BATCH
 
     peaks = {
-        times: job(cfg, f"scale-{times}x", repeated(prompts, times, root / f"scale-{times}.parquet"), root, steady).object_store_peak_bytes
+        times: job(
+            cfg, f"scale-{times}x", repeated(prompts, times, root / f"scale-{times}.parquet"), root, steady
+        ).object_store_peak_bytes
         for times in (1, SCALE)
-    }  # fmt: skip
+    }
 
     bf16_bytes = 2 * model.layers * model.kv_heads * model.head_dim * 2
     results = {"model_kv_bytes_per_token": model.kv_bytes_per_token, "bf16_kv_bytes_per_token": bf16_bytes}
-    print(f"{'run':<20}{'B/prompt tok':>13}{'x bf16':>8}{'handoff/prefill':>16}{'rows identical':>15}{'1st diff at':>12}")
+    print(
+        f"{'run':<20}{'B/prompt tok':>13}{'x bf16':>8}{'handoff/prefill':>16}{'rows identical':>15}{'1st diff at':>12}"
+    )
     for name, r in runs.items():
         row = {
             "kv_bytes_per_prompt_token": r.kv_bytes_per_prompt_token,
@@ -109,13 +121,17 @@ def kv_bench(cfg: JobConfig) -> dict:
             **agreement(tokens[name], reference),
         }
         results[name] = row
-        print(f"{name:<20}{row['kv_bytes_per_prompt_token']:>13.1f}{row['ratio_to_bf16']:>8.3f}"
-              f"{row['handoff_share_of_prefill']:>16.2%}{row['rows_identical']:>15.1%}{row['mean_first_divergence'] or '-':>12}")  # fmt: skip
+        print(
+            f"{name:<20}{row['kv_bytes_per_prompt_token']:>13.1f}{row['ratio_to_bf16']:>8.3f}"
+            f"{row['handoff_share_of_prefill']:>16.2%}{row['rows_identical']:>15.1%}{row['mean_first_divergence'] or '-':>12}"
+        )
     growth = peaks[SCALE] / peaks[1] - 1
     budget = cfg.cluster.object_store_budget_gib
     results["object_store"] = {"budget_gib": budget, "peak_bytes": peaks, "growth": round(growth, 4)}
-    print(f"object-store peak, budget {budget or 'Ray Data default'} GiB: dataset {peaks[1] / 2**20:.0f} MiB, "
-          f"{SCALE}x {peaks[SCALE] / 2**20:.0f} MiB ({growth:+.1%})")  # fmt: skip
+    print(
+        f"object-store peak, budget {budget or 'Ray Data default'} GiB: dataset {peaks[1] / 2**20:.0f} MiB, "
+        f"{SCALE}x {peaks[SCALE] / 2**20:.0f} MiB ({growth:+.1%})"
+    )
     print(f"formula for codec=none: {model.kv_bytes_per_token} B per prompt token")
     (root / "kv_bench.json").write_text(json.dumps(results, indent=2))
     return results

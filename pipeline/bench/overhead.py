@@ -6,6 +6,7 @@ puts on a job of cheap rows can be read side by side.
 
     python -m jobs.overhead output.path=outputs/overhead [overhead.rows=[20000,200000]]
 """
+
 import copy
 import json
 import time
@@ -19,7 +20,12 @@ from pipeline.config import Mode
 from pipeline.job.run import run
 from pipeline.job.usage import ProcessTreeCPU
 
-PROMPTS = ["What is the capital of France?", "Name three primary colours.", "What is 2 + 2?", "Write a haiku about rain."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "What is 2 + 2?",
+    "Write a haiku about rain.",
+]
 
 
 def dataset(path: Path, rows: int, settings: OverheadSettings) -> None:

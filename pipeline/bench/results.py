@@ -20,6 +20,7 @@ workers):
   all through processing; below, the share of it lost to pipeline fill and drain, waiting on
   the other pool, uneven work between its workers, or replacing a worker that died.
 """
+
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -161,13 +162,16 @@ def markdown(rows: list[dict]) -> list[str]:
     """The table, a row per mode (and per run, for a sweep's rows); a mode that could not run
     shows why in place of its pools."""
     columns = ([("run", "run", lambda v: v or "-")] if any("run" in r for r in rows) else []) + COLUMNS
-    lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
-             "|" + "|".join("---" if key in TEXT else "--:" for _, key, _ in columns) + "|"]  # fmt: skip
+    lines = [
+        "| " + " | ".join(header for header, _, _ in columns) + " |",
+        "|" + "|".join("---" if key in TEXT else "--:" for _, key, _ in columns) + "|",
+    ]
     for row in rows:
         if "error" in row:
             why = "not run: " + " ".join(row["error"].split()).replace("|", "\\|")
-            cells = [fmt(row[key]) if key in ("run", "mode") else why if key == "pools" else "-"
-                     for _, key, fmt in columns]  # fmt: skip
+            cells = [
+                fmt(row[key]) if key in ("run", "mode") else why if key == "pools" else "-" for _, key, fmt in columns
+            ]
         else:
             cells = [fmt(row.get(key)) for _, key, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
@@ -201,8 +205,14 @@ def plot(rows: list[dict], f: BinaryIO) -> None:
         tokens_ax.axhline(plain["output_tokens_per_s"], color="black", linewidth=1, label="plain vLLM, whole run")
     tokens_ax.set_ylabel("output tokens/s")
     tokens_ax.legend(fontsize=8)
-    bars(rows_ax, [("prefill_rows_per_s", "prefill pool, busy"), ("decode_rows_per_s", "decode pool, busy"),
-                   ("achieved_rows_per_s", "achieved, processing")])  # fmt: skip
+    bars(
+        rows_ax,
+        [
+            ("prefill_rows_per_s", "prefill pool, busy"),
+            ("decode_rows_per_s", "decode pool, busy"),
+            ("achieved_rows_per_s", "achieved, processing"),
+        ],
+    )
     rows_ax.set_ylabel("rows/s")
     rows_ax.set_title("pool rates while busy (colocated: its one pool in both) against the rate achieved", fontsize=9)
     rows_ax.legend(fontsize=8)

@@ -1,5 +1,6 @@
 """The bundled sample: a few hundred varied prompts, from a few tokens to ~700 (questions,
 poems, explanations, and tasks over documents of 1 to ~60 sentences), reproducible by seed."""
+
 import random
 from pathlib import Path
 
@@ -7,13 +8,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TOPICS = [
-    "the ocean", "a city at night", "machine learning", "the history of printing", "volcanoes",
-    "coffee", "the moon landing", "honeybees", "railways", "the water cycle", "chess", "autumn",
+    "the ocean",
+    "a city at night",
+    "machine learning",
+    "the history of printing",
+    "volcanoes",
+    "coffee",
+    "the moon landing",
+    "honeybees",
+    "railways",
+    "the water cycle",
+    "chess",
+    "autumn",
 ]
 QUESTIONS = [
-    "What is the capital of France?", "Why is the sky blue?", "How do vaccines work?",
-    "What is a prime number?", "Who wrote Hamlet?", "How far is the Moon from the Earth?",
-    "What causes the seasons?", "What is photosynthesis?", "How does a refrigerator keep food cold?",
+    "What is the capital of France?",
+    "Why is the sky blue?",
+    "How do vaccines work?",
+    "What is a prime number?",
+    "Who wrote Hamlet?",
+    "How far is the Moon from the Earth?",
+    "What causes the seasons?",
+    "What is photosynthesis?",
+    "How does a refrigerator keep food cold?",
     "What is the difference between weather and climate?",
 ]
 SENTENCES = [
@@ -46,8 +63,13 @@ def make_prompt(rng: random.Random) -> str:
         return f"Explain {rng.choice(TOPICS)} to a ten-year-old in three sentences."
     # Documents of 1 to ~60 sentences: ~15 to ~700 tokens.
     document = " ".join(rng.choice(SENTENCES) for _ in range(int(rng.triangular(1, 62, 10))))
-    task = rng.choice(["Summarize the following report in one sentence.", "List the main facts in this text.",
-                       "Write a headline for this news item."])
+    task = rng.choice(
+        [
+            "Summarize the following report in one sentence.",
+            "List the main facts in this text.",
+            "Write a headline for this news item.",
+        ]
+    )
     return f"{task}\n\n{document}"
 
 

@@ -1,4 +1,5 @@
 """vLLM engine construction, in the calling process so a KV connector can hand tensors to it."""
+
 import os
 from typing import TYPE_CHECKING
 

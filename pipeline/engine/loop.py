@@ -11,6 +11,7 @@ The thread builds the engine too. Each thread that runs torch ops on CPU gets it
 team; with a second (idle) team in the process, libgomp counts more threads than cores and its
 workers sleep after a few spins instead of waiting for the next op: an engine on two cores kept
 1.5 of them busy."""
+
 import asyncio
 import itertools
 import queue

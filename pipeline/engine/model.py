@@ -1,5 +1,6 @@
 """Model resolution: a GGUF file bundled in a Python package (converted once to an HF checkpoint
 in the cache dir), a local HF checkpoint directory, or a hub id."""
+
 import hashlib
 import importlib.util
 import json

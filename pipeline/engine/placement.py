@@ -2,6 +2,7 @@
 run here), each CPU engine pool gets its own cores, so the prefill and decode pools do not
 compete for them. Which nodes a pool may use is Ray's business (pools.<stage>.resources and
 label_selector; pipeline/cluster.py checks that they can be met)."""
+
 import logging
 import os
 from dataclasses import dataclass

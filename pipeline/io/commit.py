@@ -4,6 +4,7 @@ shard's fragments hold every one of its rows, a Ray task on a worker merges them
 shard's part: each row once, in input order, written aside and moved into place
 (`commit_shard`). Rows that arrive for a shard already committed (a batch redone after a
 worker died) are dropped and counted."""
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,9 +13,9 @@ import pyarrow as pa
 import ray
 
 from pipeline.columns import INTERNAL, KV_FILE, ROW
-from pipeline.io.storage import filesystem
 from pipeline.io.output import OutputTarget, ShardStats, read_stats, write_part
 from pipeline.io.source import Shard
+from pipeline.io.storage import filesystem
 from pipeline.stages.write import OUTPUT_TOKENS, PATH, ROWS, SHARD, read_fragment
 
 if TYPE_CHECKING:  # a commit task imports the payload code (and torch) only when it has files to remove
@@ -78,8 +79,9 @@ class ShardLedger:
             entry.fragments.append(path)
             if entry.seen.all():
                 del self.pending[shard]
-                ref = self._commit.remote(self.output.url, self.output.part(shard), entry.shard, entry.fragments,
-                                          self.store)  # fmt: skip
+                ref = self._commit.remote(
+                    self.output.url, self.output.part(shard), entry.shard, entry.fragments, self.store
+                )
                 self.committing[ref] = entry.shard
 
     def committed(self, wait: bool = False) -> int:

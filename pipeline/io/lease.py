@@ -3,6 +3,7 @@ exclusively (where the filesystem can: local disks, and object stores with condi
 writes) and refreshes while it runs. A second run finds a live lease and stops, naming the
 holder; a lease whose holder stopped refreshing it (a crashed run) expires and is taken over, at once where the
 holder was a process on this host that has ended."""
+
 import json
 import os
 import socket
@@ -22,7 +23,12 @@ EXPIRES_S = 60.0  # six missed heartbeats: the holder is gone
 class OutputLease:
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str):
         self.fs, self.path, self.url = fs, f"{root}/{LEASE}", url
-        self.holder = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.holder = {
+            "run": uuid.uuid4().hex,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+        }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresh, daemon=True, name="kvrelay-lease")
 

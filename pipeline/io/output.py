@@ -17,6 +17,7 @@ Everything is checked before anything is written (`inspect`); `claim` then takes
 and clears what a crashed or overwritten run of a kvrelay job left. Overwriting removes only
 files a kvrelay job writes, never anything else under the path.
 """
+
 import json
 import logging
 import re
@@ -31,8 +32,8 @@ import pyarrow.parquet as pq
 from pipeline.columns import ERROR, GENERATED_TOKENS, NUM_INPUT_TOKENS, error_kinds
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
-from pipeline.io.storage import METRICS, REPORT, REPORT_PLOT, filesystem
 from pipeline.io.lease import LEASE, OutputLease
+from pipeline.io.storage import METRICS, REPORT, REPORT_PLOT, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,13 @@ class ShardStats:
     def __add__(self, other: "ShardStats") -> "ShardStats":
         errors = Counter(self.errors)
         errors.update(other.errors)
-        return ShardStats(self.rows + other.rows, self.rows_errored + other.rows_errored, dict(errors),
-                          self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens)  # fmt: skip
+        return ShardStats(
+            self.rows + other.rows,
+            self.rows_errored + other.rows_errored,
+            dict(errors),
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+        )
 
 
 class OutputTarget:
@@ -109,8 +115,10 @@ class OutputTarget:
             )
         strays = [n for n in self._names if n.startswith("part-") and shard_of(n) is None]
         if strays:
-            raise JobError(f"output.path {self.url} holds {', '.join(sorted(strays))}, which no kvrelay job writes; "
-                           "move it away and rerun")  # fmt: skip
+            raise JobError(
+                f"output.path {self.url} holds {', '.join(sorted(strays))}, which no kvrelay job writes; "
+                "move it away and rerun"
+            )
         if self.overwrite:
             return set()
         try:
@@ -144,8 +152,11 @@ class OutputTarget:
                     self.fs.rm(path, recursive=True)
             left = [n for n in self._names if not _written_by_kvrelay(n)]
             if left:
-                log.warning("output.path %s also holds files kvrelay did not write, left as they are: %s",
-                            self.url, ", ".join(sorted(left)))  # fmt: skip
+                log.warning(
+                    "output.path %s also holds files kvrelay did not write, left as they are: %s",
+                    self.url,
+                    ", ".join(sorted(left)),
+                )
             self.fs.makedirs(self.root, exist_ok=True)
             with self.fs.open(f"{self.root}/{MANIFEST}", "w") as f:
                 json.dump(self.job, f, indent=2)

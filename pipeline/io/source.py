@@ -3,6 +3,7 @@ way on every run, so a rerun knows which shards a crashed run already committed.
 
 Everything that can make the whole job fail is checked here, on the driver, before any
 worker starts: the path, the Parquet files, the prompt column, empty input."""
+
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -20,7 +21,6 @@ from pipeline.columns import ERROR, INTERNAL, ROW, ErrorKind, row_error
 from pipeline.config import DuplicateIds, InputConfig
 from pipeline.errors import JobError
 from pipeline.io.storage import NOT_ROWS, filesystem
-
 
 UNIT = "unit"
 # Rows decoded at a time, and about as many bytes at most: a row group of any size is
@@ -129,9 +129,12 @@ class PromptSource:
     def _bad_ids(self) -> dict[int, str]:
         """Job-wide row number -> error, for null ids and (by policy) repeats of an earlier id."""
         ids = pd.concat(
-            [pq.read_table(f.path, columns=[self.cfg.id_column], filesystem=self.arrow_fs).column(0).to_pandas()
-             for f in self.files], ignore_index=True,
-        )  # fmt: skip
+            [
+                pq.read_table(f.path, columns=[self.cfg.id_column], filesystem=self.arrow_fs).column(0).to_pandas()
+                for f in self.files
+            ],
+            ignore_index=True,
+        )
         bad = {int(row): row_error(ErrorKind.null_id, "the id is null") for row in np.flatnonzero(ids.isna())}
         if self.cfg.duplicate_ids is DuplicateIds.error:
             firsts = ids.dropna().drop_duplicates()

@@ -1,4 +1,5 @@
 """Storage: any fsspec URL, for both fsspec and pyarrow, and reading a job's output back."""
+
 import fsspec
 import pyarrow as pa
 import pyarrow.dataset
@@ -21,8 +22,14 @@ def parquet_dataset(url: str) -> pyarrow.dataset.Dataset:
     """A Parquet file or directory, such as a finished job's rows (the files beside
     metrics.json, the report and _SUCCESS)."""
     _, arrow_fs, root = filesystem(url)
-    return pyarrow.dataset.dataset(root, filesystem=arrow_fs, format="parquet", exclude_invalid_files=False,
-                                   partitioning=None, ignore_prefixes=list(NOT_ROWS))  # fmt: skip
+    return pyarrow.dataset.dataset(
+        root,
+        filesystem=arrow_fs,
+        format="parquet",
+        exclude_invalid_files=False,
+        partitioning=None,
+        ignore_prefixes=list(NOT_ROWS),
+    )
 
 
 def read_output(url: str, columns: list[str] | None = None) -> pa.Table:

@@ -2,6 +2,7 @@
 summary), 2 a configuration, input or output the job refuses (one line), 3 the job failed while
 running (one-line cause; the traceback goes to a log file it names). Hydra itself exits 1 on a
 bad command line."""
+
 import re
 import sys
 import time

@@ -9,6 +9,7 @@ Each stage is a config (its pool) and the callable its actors run; the write ste
 in fragment files where they are, so the dataset that reaches the driver holds only the
 fragments' names and row numbers (pipeline/io/commit.py turns them into committed shards).
 """
+
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -72,18 +73,36 @@ class Stage:
         )
 
 
-def build_stages(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str, store: PayloadStore | None) -> list[Stage]:
+def build_stages(
+    cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str, store: PayloadStore | None
+) -> list[Stage]:
     pools, placements = cfg.pools, place_engines(cfg)
 
     def engine(name: str, fn: type) -> Stage:
-        constructor = dict(model=model, engine=cfg.engine, sampling=cfg.sampling, kv=cfg.kv, store=store,
-                           pool=getattr(pools, name), placement=placements[name], sink_name=sink)  # fmt: skip
+        constructor = dict(
+            model=model,
+            engine=cfg.engine,
+            sampling=cfg.sampling,
+            kv=cfg.kv,
+            store=store,
+            pool=getattr(pools, name),
+            placement=placements[name],
+            sink_name=sink,
+        )
         return Stage(name, fn, getattr(pools, name), constructor, placements[name].env())
 
-    tokenize = Stage("tokenize", Tokenize, pools.tokenize,
-                     dict(model=model, input=cfg.input, max_tokens=cfg.sampling.max_tokens, sink_name=sink))  # fmt: skip
-    detokenize = Stage("detokenize", Detokenize, pools.detokenize,
-                       dict(model=model, id_column=cfg.input.id_column, carried=carried, sink_name=sink))  # fmt: skip
+    tokenize = Stage(
+        "tokenize",
+        Tokenize,
+        pools.tokenize,
+        dict(model=model, input=cfg.input, max_tokens=cfg.sampling.max_tokens, sink_name=sink),
+    )
+    detokenize = Stage(
+        "detokenize",
+        Detokenize,
+        pools.detokenize,
+        dict(model=model, id_column=cfg.input.id_column, carried=carried, sink_name=sink),
+    )
     if cfg.mode is Mode.colocated:
         return [tokenize, engine("colocated", Colocated), detokenize]
     if cfg.phase is Phase.prefill:
@@ -93,8 +112,15 @@ def build_stages(cfg: JobConfig, model: ResolvedModel, carried: list[str], sink:
     return [tokenize, engine("prefill", Prefill), engine("decode", Decode), detokenize]
 
 
-def build_dataset(source: PromptSource, shards: list[Shard], stages: list[Stage], output: OutputTarget,
-          cluster: ClusterConfig, sink_name: str, kv_row_bytes: float) -> ray.data.Dataset:  # fmt: skip
+def build_dataset(
+    source: PromptSource,
+    shards: list[Shard],
+    stages: list[Stage],
+    output: OutputTarget,
+    cluster: ClusterConfig,
+    sink_name: str,
+    kv_row_bytes: float,
+) -> ray.data.Dataset:
     """The rows of `shards` through `stages`, written as fragments by the workers: the dataset's
     own rows are the fragments' names and row numbers."""
     # The process's context: set for every job, so that no job inherits an earlier one's limits.

@@ -3,6 +3,7 @@ driver reads its totals at the end and makes them the job's metrics (pipeline/jo
 
 A stage waits for its report to land (one small round trip per batch), so when the dataset
 is done, so are its metrics."""
+
 import os
 import time
 import uuid

@@ -1,6 +1,7 @@
 """metrics.json: what a job reports about itself, typed. Built once at the end of a job
 (pipeline/job/run.py) and serialised here only; the report, the bench and the capacity planner
 read these types, never the JSON's keys."""
+
 import json
 from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from typing import Any, Optional, get_args, get_origin, get_type_hints
@@ -108,7 +109,13 @@ def _build(kind: Any, value: Any) -> Any:
     of them)."""
     if is_dataclass(kind):
         hints = get_type_hints(kind)
-        return kind(**{f.name: _build(hints[f.name], value[f.name]) for f in fields(kind) if f.name in value or f.default is MISSING})
+        return kind(
+            **{
+                f.name: _build(hints[f.name], value[f.name])
+                for f in fields(kind)
+                if f.name in value or f.default is MISSING
+            }
+        )
     origin, args = get_origin(kind), get_args(kind)
     if value is None:
         return None

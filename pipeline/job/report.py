@@ -3,6 +3,7 @@
 KV handoff) and report.png (rows through each stage and output tokens/s over time). Written
 through the output's filesystem, so it lands wherever the rows do (local, s3://, ...), before
 _SUCCESS."""
+
 from typing import BinaryIO
 
 import numpy as np
@@ -77,8 +78,10 @@ def _pool_table(stages: dict[str, StageMetrics], wall: float) -> list[str]:
 def _worker_table(stages: dict[str, StageMetrics]) -> list[str]:
     """Each worker's share: on a cluster, where each pool's work ran (a worker is named by the
     first characters of its Ray node id and its pid)."""
-    lines = ["| pool | worker | batches | busy s | rows | input tokens | output tokens |",
-             "|---|---|--:|--:|--:|--:|--:|"]  # fmt: skip
+    lines = [
+        "| pool | worker | batches | busy s | rows | input tokens | output tokens |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
     for name, s in stages.items():
         lines += [
             f"| {name} | {w.worker} | {w.batches} | {w.busy_seconds:.1f} | {w.rows} | {w.input_tokens} "

@@ -5,6 +5,7 @@ The workers write the rows; the driver commits each shard once its rows are all 
 (pipeline/io/commit.py). Shards already committed by an earlier run of the same job are not read
 again.
 """
+
 import hashlib
 import json
 import time
@@ -30,7 +31,7 @@ from pipeline.config import ENGINE_POOLS, JobConfig, Phase
 from pipeline.engine.model import ResolvedModel, resolve_model
 from pipeline.errors import JobError
 from pipeline.io.commit import ShardLedger
-from pipeline.io.output import OutputTarget, ShardStats
+from pipeline.io.output import OutputTarget
 from pipeline.io.source import PromptSource
 from pipeline.job.graph import Stage, build_dataset, build_stages, kv_row_bytes
 from pipeline.job.meter import BatchPoint, StageTotals, processing_window, start_sink
@@ -72,8 +73,9 @@ def run(cfg: JobConfig) -> JobMetrics:
                 removes = store if not cfg.kv.keep_files and cfg.phase is not Phase.prefill else None
                 ledger = ShardLedger(output, todo, removes)
                 with peak:
-                    ds = build_dataset(source, todo, graph, output, cfg.cluster, sink_name,
-                                       kv_row_bytes(cfg, source, model))  # fmt: skip
+                    ds = build_dataset(
+                        source, todo, graph, output, cfg.cluster, sink_name, kv_row_bytes(cfg, source, model)
+                    )
                     commit(ds, ledger, sum(s.num_rows for s in todo))
                 totals, timeline, counts, clock_zero = ray.get(
                     [sink.stages.remote(), sink.timeline.remote(), sink.counts.remote(), sink.started.remote()]
@@ -82,7 +84,9 @@ def run(cfg: JobConfig) -> JobMetrics:
                 store.remove_job()
             written = output.resumed + ledger.stats if ledger else output.resumed
             if written.rows != source.num_rows:
-                raise JobError(f"the output holds {written.rows} rows of the input's {source.num_rows}; rerun to finish")
+                raise JobError(
+                    f"the output holds {written.rows} rows of the input's {source.num_rows}; rerun to finish"
+                )
             stages = _stage_metrics(graph, totals)
             handoff = sum(s.kv_handoff_seconds for s in stages.values())
             moved = totals.get("decode", totals.get("prefill", StageTotals())).work

@@ -1,6 +1,7 @@
 """What a job uses of the machine while it runs, sampled in a background thread: the object
 store's peak (in every job's metrics), and for the bench the process tree's peak RSS and CPU
 seconds."""
+
 import threading
 from typing import Callable
 

@@ -7,6 +7,7 @@ files and columns (pipeline/io/source.py), the model's files (pipeline/engine/mo
 output's state and lease (pipeline/io/output.py), and whether the cluster's nodes can ever hold
 every pool (pipeline/cluster.py check_schedulable).
 """
+
 from pathlib import PurePosixPath
 
 import fsspec

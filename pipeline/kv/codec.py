@@ -3,6 +3,7 @@ payload ships, and back. "none" ships the cache dtype's raw bytes; "fp8" and "in
 byte per value plus a float32 scale per (layer, K/V, kv_head), roughly halving a bfloat16
 payload. Scales are per head because heads differ in magnitude by orders of ten: one scale for the
 whole tensor would flush the small heads to zero."""
+
 import math
 import warnings
 from abc import ABC, abstractmethod

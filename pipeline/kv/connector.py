@@ -10,6 +10,7 @@ preempted (vLLM frees a preempted request's blocks and asks the connector anew).
 producer request computes its prompt again (less what the prefix cache still holds) and is
 saved after its last chunk, once: it never runs again after that step (max_tokens=1).
 """
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
+
 
 def _key(request: "Request") -> str | None:
     return (request.kv_transfer_params or {}).get(handoff.KEY)

@@ -6,6 +6,7 @@ saved, the decode stage offers what the connector will load. A request names its
 The stage and the engine run in different threads (pipeline/engine_loop.py), and the stage works
 on several batches at once: keys are unique per request, and the counts below are one per
 process (one engine) that each batch's report takes as they stand when the batch ends."""
+
 import threading
 import time
 from contextlib import contextmanager

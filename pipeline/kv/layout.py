@@ -10,6 +10,7 @@ its kernel chooses per ISA; so the order is measured once, by letting the kernel
 block of known values. Converting whole blocks and cutting tokens in the canonical layout keeps
 partial blocks right.
 """
+
 import torch
 
 
@@ -131,8 +132,9 @@ def gather_tokens(layers: list[PagedLayer], block_ids: list[int], num_tokens: in
     """Copy the first num_tokens of a request out of its blocks, in canonical layout."""
     first = layers[0]
     blocks = block_ids[: -(-num_tokens // first.block_size)]
-    out = torch.empty(len(layers), 2, num_tokens, first.kv_heads, first.head_dim,
-                      dtype=first.cache.dtype, device=first.cache.device)  # fmt: skip
+    out = torch.empty(
+        len(layers), 2, num_tokens, first.kv_heads, first.head_dim, dtype=first.cache.dtype, device=first.cache.device
+    )
     for layer, tokens in zip(layers, out):
         layer.read_into(tokens, blocks)
     return out

@@ -6,6 +6,7 @@ a codec (pipeline.kv.codec), plus what decode needs to refuse a payload it must 
 model fingerprint, cache dtype, codec, shape and an XXH3-64 checksum of the encoded bytes (a
 hash ~7x faster than CRC32 here, and the check runs over every byte on both sides). The bytes are
 inline, or in a file named by `file` (pipeline.kv.store)."""
+
 import itertools
 from dataclasses import dataclass
 
@@ -15,8 +16,8 @@ import torch
 import xxhash
 
 from pipeline.columns import KV_PAYLOAD, ErrorKind, row_error
-from pipeline.kv.codec import CODECS, codec
 from pipeline.engine.model import ResolvedModel
+from pipeline.kv.codec import CODECS, codec
 
 FORMAT = 2
 TYPE = pa.struct(
@@ -77,23 +78,33 @@ class KVPayload:
         """Refuses a payload that is not the KV of a prompt of `num_tokens` on `model` by what
         it says of itself, before any of its bytes are read."""
         if self.format != FORMAT:
-            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload format {self.format}; this kvrelay reads {FORMAT}")
+            raise PayloadMismatch(
+                ErrorKind.kv_mismatch, f"KV payload format {self.format}; this kvrelay reads {FORMAT}"
+            )
         if self.fingerprint != model.fingerprint:
-            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload is from model {self.fingerprint}, engine runs {model.fingerprint}")
+            raise PayloadMismatch(
+                ErrorKind.kv_mismatch, f"KV payload is from model {self.fingerprint}, engine runs {model.fingerprint}"
+            )
         expected = (model.layers, 2, num_tokens, model.kv_heads, model.head_dim)
         if self.shape != expected:
             raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload shape {self.shape}, expected {expected}")
         if self.dtype != model.dtype:
-            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload dtype {self.dtype}, engine cache is {model.dtype}")
+            raise PayloadMismatch(
+                ErrorKind.kv_mismatch, f"KV payload dtype {self.dtype}, engine cache is {model.dtype}"
+            )
         if self.codec not in CODECS:
-            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload codec {self.codec!r}; this kvrelay reads {', '.join(CODECS)}")
+            raise PayloadMismatch(
+                ErrorKind.kv_mismatch, f"KV payload codec {self.codec!r}; this kvrelay reads {', '.join(CODECS)}"
+            )
 
     def decode(self, model: ResolvedModel, num_tokens: int) -> torch.Tensor:
         """The KV for a prompt of `num_tokens` on `model`, or why this payload is not it."""
         self.check(model, num_tokens)
         if self.data.size != self.nbytes:
             # Under a valid checksum too: the codec would read past the bytes or leave some unread.
-            raise PayloadLost(ErrorKind.kv_corrupt, f"KV payload has {self.data.size} bytes; its shape and codec make {self.nbytes}")
+            raise PayloadLost(
+                ErrorKind.kv_corrupt, f"KV payload has {self.data.size} bytes; its shape and codec make {self.nbytes}"
+            )
         if checksum(self.data) != self.checksum:
             raise PayloadLost(ErrorKind.kv_corrupt, "KV payload fails its checksum")
         return codec(self.codec).decode(self.data, self.shape, getattr(torch, self.dtype))
@@ -107,8 +118,9 @@ def to_column(payloads: list[KVPayload | None]) -> pa.ChunkedArray:
     """Null for rows without a payload. One chunk per payload, so that its bytes are wrapped
     where they lie, never copied into one buffer; one chunk per run of rows without."""
     chunks = []
-    for has, run in itertools.groupby(payloads, key=lambda p: p is not None):
-        chunks += [_chunk(p) for p in run] if has else [pa.nulls(len(list(run)), TYPE)]
+    for has, group in itertools.groupby(payloads, key=lambda p: p is not None):
+        run = list(group)
+        chunks += [_chunk(p) for p in run] if has else [pa.nulls(len(run), TYPE)]
     return pa.chunked_array(chunks, TYPE)
 
 

@@ -7,6 +7,7 @@ kvrelay writes are accepted: a file can never be read or removed outside the roo
 
 Shared storage fails now and then (a throttled or dropped request, a timeout): a read is tried
 again a few times, waiting longer each time, before its row is given up as lost."""
+
 import re
 import time
 import uuid
@@ -50,12 +51,19 @@ class PayloadStore:
         try:
             size = _retried(self.fs.size, path)
             if size is not None and size != payload.nbytes:  # None: the filesystem cannot tell
-                raise PayloadLost(ErrorKind.kv_corrupt, f"KV payload file {payload.file} has {size} bytes; its shape and codec make {payload.nbytes}")
+                raise PayloadLost(
+                    ErrorKind.kv_corrupt,
+                    f"KV payload file {payload.file} has {size} bytes; its shape and codec make {payload.nbytes}",
+                )
             data = _retried(self.fs.cat_file, path)
         except FileNotFoundError:
-            raise PayloadLost(ErrorKind.kv_missing, f"KV payload file {payload.file} is missing from {self.url}") from None
+            raise PayloadLost(
+                ErrorKind.kv_missing, f"KV payload file {payload.file} is missing from {self.url}"
+            ) from None
         except OSError as error:
-            raise PayloadLost(ErrorKind.kv_unreadable, f"KV payload file {payload.file} in {self.url}: {error!r}") from None
+            raise PayloadLost(
+                ErrorKind.kv_unreadable, f"KV payload file {payload.file} in {self.url}: {error!r}"
+            ) from None
         return replace(payload, data=np.frombuffer(data, np.uint8))
 
     def remove(self, names: list[str | None]) -> None:

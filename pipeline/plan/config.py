@@ -1,4 +1,5 @@
 """Structured config schema of `jobs.plan`, registered with Hydra's ConfigStore."""
+
 from dataclasses import dataclass, field
 from typing import Optional
 

@@ -1,9 +1,20 @@
 """The capacity planner's answer to a jobs.plan run: every option's predicted throughput and
 cost, the cheapest one, and the jobs.generate overrides that run it."""
+
 from pipeline.bench.results import bench_rows
 from pipeline.errors import JobError
 from pipeline.plan.config import PlanConfig
-from pipeline.plan.roofline import Efficiency, Hardware, ModelSpec, Option, Planner, Workload, catalogue, cheapest, load_bench
+from pipeline.plan.roofline import (
+    Efficiency,
+    Hardware,
+    ModelSpec,
+    Option,
+    Planner,
+    Workload,
+    catalogue,
+    cheapest,
+    load_bench,
+)
 
 
 def load_workload(cfg: PlanConfig) -> Workload:
@@ -29,13 +40,17 @@ def calibrate(cfg: PlanConfig, model: ModelSpec, devices: list[Hardware]) -> tup
     return eff, [
         f"  calibrated on the disaggregated stage rates of {bench}, run on {found[0].name}",
         "  bench output tok/s while processing (whole run, start-up included): "
-        + "; ".join(f"{r['mode']} {r['processing_output_tokens_per_s']:.1f} ({r['output_tokens_per_s']:.1f})" for r in rows),
+        + "; ".join(
+            f"{r['mode']} {r['processing_output_tokens_per_s']:.1f} ({r['output_tokens_per_s']:.1f})" for r in rows
+        ),
     ]
 
 
 def table(options: list[Option]) -> list[str]:
-    lines = [f"{'mode':<14}{'prefill -> decode':<20}{'devices':>8}{'batch':>7}{'out tok/s':>11}{'$/h':>8}"
-             f"{'$/M out':>9}{'KV GB/s':>9}  bound"]  # fmt: skip
+    lines = [
+        f"{'mode':<14}{'prefill -> decode':<20}{'devices':>8}{'batch':>7}{'out tok/s':>11}{'$/h':>8}"
+        f"{'$/M out':>9}{'KV GB/s':>9}  bound"
+    ]
     for o in options:
         lines.append(
             f"{o.mode:<14}{' -> '.join(hw.name for hw, _ in o.pools):<20}{' + '.join(str(n) for _, n in o.pools):>8}"

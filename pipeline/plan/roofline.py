@@ -14,6 +14,7 @@ Per device, with efficiency factors scaling the datasheet peaks (see `Efficiency
 - the KV of a prompt (prompt tokens · KV bytes per token) crosses the network once, at
   eff.network · NIC bandwidth, on each side of the link.
 """
+
 import json
 import math
 from dataclasses import dataclass, replace
@@ -72,8 +73,9 @@ class Efficiency:
     network: float = 0.7
 
     @classmethod
-    def from_bench(cls, path: str, hardware: Hardware, model: ModelSpec, settings: "PlanSettings",
-                   network: float = 0.7) -> "Efficiency":  # fmt: skip
+    def from_bench(
+        cls, path: str, hardware: Hardware, model: ModelSpec, settings: "PlanSettings", network: float = 0.7
+    ) -> "Efficiency":
         """The factors with which this model reproduces the prefill and decode stage rates of a
         `jobs.bench` result measured on `hardware` (its disaggregated run, which times each
         phase on its own pool). A stage's busy seconds are summed over its workers; on CPU each
@@ -104,8 +106,13 @@ class Workload:
         return cls(metrics.input_tokens / rows, metrics.output_tokens / rows, rows)
 
     @classmethod
-    def from_parquet(cls, url: str, prompt_column: str = "prompt", tokenizer: Optional[str] = None,
-                     output_tokens: Optional[float] = None) -> "Workload":  # fmt: skip
+    def from_parquet(
+        cls,
+        url: str,
+        prompt_column: str = "prompt",
+        tokenizer: Optional[str] = None,
+        output_tokens: Optional[float] = None,
+    ) -> "Workload":
         """Prompt lengths and row count of a Parquet dataset. A kvrelay output carries
         num_input_tokens and num_generated_tokens (rows with an error are left out); otherwise
         prompts are counted (token-id lists as they are, text with `tokenizer`, an HF tokenizer
@@ -235,8 +242,9 @@ class Planner:
         decode_s = self.workload.output_tokens / self.decode_rate(hw)
         requests = n / (prefill_s + decode_s)
         bound = "prefill" if prefill_s > decode_s else "decode"
-        return Option("colocated", ((hw, n),), self.decode_batch(hw), requests,
-                      requests * self.workload.output_tokens, 0.0, bound)  # fmt: skip
+        return Option(
+            "colocated", ((hw, n),), self.decode_batch(hw), requests, requests * self.workload.output_tokens, 0.0, bound
+        )
 
     def disaggregated(self, prefill: Hardware, p: int, decode: Hardware, d: int) -> Option:
         """Requests/s = the least of what p prefill devices, d decode devices and the network
@@ -250,8 +258,15 @@ class Planner:
         bound = min(limits, key=limits.get)
         requests = limits[bound]
         kv_gb_per_s = requests * self.kv_bytes_per_request / GB
-        return Option("disaggregated", ((prefill, p), (decode, d)), self.decode_batch(decode), requests,
-                      requests * self.workload.output_tokens, kv_gb_per_s, bound)  # fmt: skip
+        return Option(
+            "disaggregated",
+            ((prefill, p), (decode, d)),
+            self.decode_batch(decode),
+            requests,
+            requests * self.workload.output_tokens,
+            kv_gb_per_s,
+            bound,
+        )
 
     def best_split(self, prefill: Hardware, decode: Hardware) -> Option:
         """The cheapest P:D split within max_devices (or the fixed sizes)."""
@@ -290,4 +305,3 @@ def load_bench(path: str) -> dict:
     if failed:
         raise JobError(f"{path}: not every run ran ({'; '.join(failed)})")
     return bench
-

@@ -1,9 +1,10 @@
 """Colocated stage: one engine runs prefill and decode for each request (the baseline)."""
+
 import pyarrow as pa
 
 from pipeline.columns import FINISH_REASON
-from pipeline.job.meter import BatchReport
 from pipeline.engine.build import sampling_params
+from pipeline.job.meter import BatchReport
 from pipeline.stages.engine_stage import EngineStage
 
 

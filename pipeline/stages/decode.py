@@ -5,6 +5,7 @@ kv.on_load_failure; one made for another engine is always refused.
 A prefill dataset may come from anywhere and may have been edited, so each row is checked
 before its request reaches the engine: the engine refuses a bad request by failing its whole
 batch, and a payload that does not match its prompt would give wrong tokens silently."""
+
 import logging
 import uuid
 from typing import Any
@@ -26,11 +27,11 @@ from pipeline.columns import (
 )
 from pipeline.config import OnLoadFailure
 from pipeline.engine.build import CONSUMER, sampling_params
+from pipeline.engine.model import ResolvedModel
+from pipeline.job.meter import BatchReport
 from pipeline.kv import handoff, payload
 from pipeline.kv.payload import KVPayload, PayloadError, PayloadLost, PayloadMismatch
 from pipeline.kv.store import PayloadStore
-from pipeline.job.meter import BatchReport
-from pipeline.engine.model import ResolvedModel
 from pipeline.stages.engine_stage import EngineStage
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,9 @@ def load(
     p.check(model, num_tokens)
     if p.file is not None:
         if store is None:
-            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload is in file {p.file}; set kv.storage_path to its root")
+            raise PayloadMismatch(
+                ErrorKind.kv_mismatch, f"KV payload is in file {p.file}; set kv.storage_path to its root"
+            )
         p = store.fetch(p)
     return p, p.decode(model, num_tokens)
 
@@ -137,8 +140,12 @@ def check_prefilled(prompt: object, first: object, vocab_size: int, max_model_le
     if not prompt:
         return row_error(ErrorKind.empty_prompt, f"{PROMPT_TOKENS} is empty")
     if len(first) != 1:
-        return row_error(ErrorKind.invalid_first_token, f"{GENERATED_TOKENS} holds {len(first)} tokens; a prefilled row holds its first token alone"
+        return row_error(
+            ErrorKind.invalid_first_token,
+            f"{GENERATED_TOKENS} holds {len(first)} tokens; a prefilled row holds its first token alone",
         )
     if len(prompt) >= max_model_len:
-        return row_error(ErrorKind.overlong_prompt, f"prompt has {len(prompt)} tokens; model.max_model_len is {max_model_len}")
+        return row_error(
+            ErrorKind.overlong_prompt, f"prompt has {len(prompt)} tokens; model.max_model_len is {max_model_len}"
+        )
     return None

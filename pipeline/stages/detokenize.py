@@ -1,4 +1,5 @@
 """Detokenize stage (CPU): generated token ids -> text, and the output contract's columns."""
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -8,13 +9,13 @@ from pipeline.columns import (
     GENERATED_TEXT,
     GENERATED_TOKENS,
     ID,
-    NUM_GENERATED_TOKENS,
     INTERNAL,
+    NUM_GENERATED_TOKENS,
     NUM_INPUT_TOKENS,
     TOKEN_LIST,
 )
-from pipeline.job.meter import StageMeter
 from pipeline.engine.model import ResolvedModel, load_tokenizer
+from pipeline.job.meter import StageMeter
 
 
 class Detokenize:
@@ -29,7 +30,9 @@ class Detokenize:
             tokens = batch.column(GENERATED_TOKENS).to_pylist()
             generated = [i for i, t in enumerate(tokens) if t is not None]
             texts: list[str | None] = [None] * batch.num_rows
-            for i, text in zip(generated, self.tokenizer.batch_decode([tokens[i] for i in generated], skip_special_tokens=True)):
+            for i, text in zip(
+                generated, self.tokenizer.batch_decode([tokens[i] for i in generated], skip_special_tokens=True)
+            ):
                 texts[i] = text
             lengths = pc.fill_null(pc.list_value_length(batch.column(GENERATED_TOKENS)), 0).cast(pa.int32())
             report.rows = batch.num_rows

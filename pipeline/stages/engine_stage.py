@@ -6,6 +6,7 @@ to `concurrent_batches` at once on the actor's asyncio loop; each call hands all
 rows to the one engine (pipeline/engine_loop.py), where the next block's requests join as the
 last one's finish. A block with nothing left to generate (every row refused before the
 engine) passes at once."""
+
 import asyncio
 from typing import TYPE_CHECKING
 
@@ -15,10 +16,10 @@ from pipeline.columns import FINISH_REASON, GENERATED_TOKENS, PROMPT_TOKENS, TOK
 from pipeline.config import EngineConfig, KVConfig, PoolConfig, SamplingConfig
 from pipeline.engine.build import bind_threads, build_engine
 from pipeline.engine.loop import EngineLoop
-from pipeline.kv.store import PayloadStore
-from pipeline.job.meter import BatchReport, StageMeter
 from pipeline.engine.model import ResolvedModel
 from pipeline.engine.placement import Placement
+from pipeline.job.meter import BatchReport, StageMeter
+from pipeline.kv.store import PayloadStore
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams

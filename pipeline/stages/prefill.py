@@ -1,5 +1,6 @@
 """Prefill stage: computes each prompt's KV and first token, and emits the KV as a payload
 column for the decode pool (inline, or as a file name with kv.transport=storage)."""
+
 import uuid
 
 import pyarrow as pa
@@ -7,9 +8,9 @@ import pyarrow as pa
 from pipeline.columns import FINISH_REASON, KV_PAYLOAD, with_columns
 from pipeline.config import Transport
 from pipeline.engine.build import PRODUCER, sampling_params
+from pipeline.job.meter import BatchReport
 from pipeline.kv import handoff, payload
 from pipeline.kv.payload import KVPayload
-from pipeline.job.meter import BatchReport
 from pipeline.stages.engine_stage import EngineStage
 
 

@@ -1,5 +1,6 @@
 """Tokenize stage (CPU): prompt text -> token ids, with a per-row error for prompts that cannot
 be generated from. A prompt column of integer lists is taken as token ids already."""
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -14,8 +15,8 @@ from pipeline.columns import (
     with_columns,
 )
 from pipeline.config import InputConfig, Overlong
-from pipeline.job.meter import StageMeter
 from pipeline.engine.model import ResolvedModel, load_tokenizer
+from pipeline.job.meter import StageMeter
 
 
 class Tokenize:
@@ -82,13 +83,17 @@ class PromptEncoder:
                 try:
                     prompt = prompt.decode("utf-8")
                 except UnicodeDecodeError as error:
-                    errors[i] = row_error(ErrorKind.invalid_utf8, f"prompt is not valid UTF-8 ({error.reason} at byte {error.start})")
+                    errors[i] = row_error(
+                        ErrorKind.invalid_utf8, f"prompt is not valid UTF-8 ({error.reason} at byte {error.start})"
+                    )
                     continue
             if isinstance(prompt, list):
                 if all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
                     tokens[i] = prompt
                 else:
-                    errors[i] = row_error(ErrorKind.invalid_token_ids, "prompt token ids must be integers in the vocabulary")
+                    errors[i] = row_error(
+                        ErrorKind.invalid_token_ids, "prompt token ids must be integers in the vocabulary"
+                    )
             elif isinstance(prompt, str):
                 if prompt.strip():
                     texts[i] = prompt
@@ -110,7 +115,9 @@ class PromptEncoder:
         if len(tokens) >= self.max_model_len:
             if self.overlong is Overlong.truncate_left:
                 return tokens[-self.truncated_len :], None
-            return [], row_error(ErrorKind.overlong_prompt, f"prompt has {len(tokens)} tokens; model.max_model_len is {self.max_model_len}"
+            return [], row_error(
+                ErrorKind.overlong_prompt,
+                f"prompt has {len(tokens)} tokens; model.max_model_len is {self.max_model_len}",
             )
         return tokens, None
 

@@ -2,6 +2,7 @@
 file per shard they belong to, under the output's _fragments/ folder. Only each fragment's
 name and row numbers go on to the driver, which has a shard committed once its fragments hold
 all of its rows (pipeline/commit.py)."""
+
 import uuid
 from dataclasses import dataclass
 
@@ -14,8 +15,9 @@ from pipeline.io.storage import filesystem
 
 # What the write stage hands the driver: one row per fragment written.
 SHARD, PATH, ROWS, OUTPUT_TOKENS = "shard", "path", "rows", "output_tokens"
-FRAGMENT = pa.schema([(SHARD, pa.int64()), (PATH, pa.string()), (ROWS, pa.list_(pa.int64())),
-                      (OUTPUT_TOKENS, pa.int64())])  # fmt: skip
+FRAGMENT = pa.schema(
+    [(SHARD, pa.int64()), (PATH, pa.string()), (ROWS, pa.list_(pa.int64())), (OUTPUT_TOKENS, pa.int64())]
+)
 
 
 @dataclass(frozen=True)

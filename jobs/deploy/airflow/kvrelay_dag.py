@@ -6,6 +6,7 @@ and the day's output path in its entrypoint; `finished` waits for the RayJob; `c
 reads the output's `_SUCCESS` and metrics. Clearing a failed run from `submit` reruns the same
 command, which finishes the job: committed shards are kept. The Airflow worker needs kubectl
 access to the RayCluster's namespace, PyYAML, and fsspec with the output's filesystem (gcsfs)."""
+
 import json
 import shlex
 import subprocess
