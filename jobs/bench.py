@@ -1,9 +1,5 @@
-"""Side by side on one dataset, in one run, on the same cores: plain vLLM `LLM.generate`, the
-colocated pipeline and the disaggregated pipeline. Per mode: wall time split into start-up and
-processing, output tokens/s and the ratio to plain vLLM, each engine pool's rates while busy,
-the pipeline's efficiency against its slower pool, the KV handoff, peak RSS and object-store
-peak (defined in pipeline/bench_report.py). Prints the table and writes bench.json, bench.md and
-bench.png into output.path.
+"""Throughput side by side: plain vLLM, the colocated and the disaggregated pipeline on one
+dataset (pipeline/bench/throughput.py). Writes bench.json, bench.md and bench.png into output.path.
 
     python -m jobs.bench input.path=data/sample_prompts.parquet output.path=outputs/bench \
         [bench.modes=[...]] [bench.rounds=2]

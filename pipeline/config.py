@@ -84,7 +84,7 @@ class PoolConfig:
     size: int = 1
     # Rows per Ray Data batch: what a worker is handed at a time and passes on at once (None:
     # each block as it comes). Engine pools take whole blocks, of at least this many rows
-    # (more where rows are cheap: pipeline/job.py block_rows).
+    # (more where rows are cheap: pipeline/job/graph.py block_rows).
     batch_size: Optional[int] = 32
     # Engine pools: blocks a worker feeds its one engine at once, whose next block's requests
     # join as the last one's finish (continuous batching across blocks). To keep the engine's

@@ -36,7 +36,7 @@ JOB = [
 PARTS = {f"part-{i:06d}.parquet" for i in range(SHARDS)}
 
 
-# pipeline/job.py hands WriteFragments output.fragments(), the protocol-stripped path
+# pipeline/job/graph.py hands WriteFragments output.fragments(), the protocol-stripped path
 # ("bucket/out/_fragments"), as if it were a URL: on s3:// the workers write their fragments to
 # local disk (bucket/out/_fragments/... under their working directory) and commit_shard, opening
 # those local paths on S3, fails with FileNotFoundError (NoSuchBucket, the bucket being "tmp" etc.).

@@ -6,11 +6,7 @@
 - per transport (object store, storage): the same, tokens identical to the object store's;
 - peak object-store bytes for the dataset and for 10 times it (batches of 8), under the
   object-store budget cluster.object_store_budget_gib: prefill must not run ahead of decode
-  without limit.
-
-    python -m jobs.kv_bench input.path=prompts.parquet output.path=outputs/kv_bench cluster.object_store_budget_gib=0.25
-
-Writes kv_bench.json beside the runs' outputs."""
+  without limit."""
 
 import copy
 import json

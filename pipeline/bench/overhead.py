@@ -2,10 +2,7 @@
 do (every prompt null but a few, each row carrying a 2 KB column), at each dataset size and
 mode. Prints rows/s over the whole run and over processing, and the driver's CPU seconds per
 1,000 rows beside the whole job's (driver, Ray and every worker), so the ceiling the machinery
-puts on a job of cheap rows can be read side by side.
-
-    python -m jobs.overhead output.path=outputs/overhead [overhead.rows=[20000,200000]]
-"""
+puts on a job of cheap rows can be read side by side."""
 
 import copy
 import json

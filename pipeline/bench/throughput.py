@@ -2,18 +2,7 @@
 colocated pipeline and the disaggregated pipeline. Per mode: wall time split into start-up and
 processing, output tokens/s and the ratio to plain vLLM, each engine pool's rates while busy,
 the pipeline's efficiency against its slower pool, the KV handoff, peak RSS and object-store
-peak (defined in pipeline/bench/results.py). Prints the table and writes bench.json, bench.md and
-bench.png into output.path.
-
-    python -m jobs.bench input.path=data/sample_prompts.parquet output.path=outputs/bench \
-        [bench.modes=[...]] [bench.rounds=2]
-
-A sweep of prefill:decode splits runs the bench once per split, each into a folder of
-output.path named by its overrides, and writes the table across them into output.path; plain
-vLLM and colocated run in its first job only (bench.baselines_once):
-
-    python -m jobs.bench -m input.path=... output.path=outputs/bench-pd pools.prefill.size=1 pools.decode.size=1,2
-"""
+peak (defined in pipeline/bench/results.py)."""
 
 import copy
 import multiprocessing

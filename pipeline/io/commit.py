@@ -61,7 +61,7 @@ class ShardLedger:
         self.late_duplicate_rows = 0
         self.output_tokens = 0  # written so far, for progress
         self.bytes_received = 0  # the fragment rows' size: what reaches the driver, per row a few dozen bytes
-        # No CPU reserved, as the writers (pipeline/job.py build): short I/O that must not wait
+        # No CPU reserved, as the writers (pipeline/job/graph.py build_dataset): short I/O that must not wait
         # for the pipeline's ops to release theirs.
         self._commit = ray.remote(commit_shard).options(num_cpus=0, max_retries=3, retry_exceptions=True)
 

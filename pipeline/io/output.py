@@ -5,7 +5,7 @@ that owns the directory; a lease names the run that holds it now; metrics.json, 
 the _SUCCESS marker are written last.
 
     out/_kvrelay_job.json   the job's identity (input files, model, sampling, shard size)
-    out/_kvrelay_lease.json the run writing here now (pipeline/lease.py)
+    out/_kvrelay_lease.json the run writing here now (pipeline/io/lease.py)
     out/_fragments/         rows written by the workers, until their shard is committed
     out/part-000000.parquet ...
     out/report.md           for a person: pools, bottleneck, errors, KV; and the plot beside it,

@@ -142,9 +142,9 @@ def build_dataset(
     starts = np.array([s.first_row for s in shards], np.int64)
     folder = output.fs.unstrip_protocol(output.fragments())  # a URL: the workers open it on the output's store
     # Writers are actors, as many as the last stage's workers, reserving no CPU (as the commit
-    # tasks): a task op at the end of the graph got no share of Ray Data's resource budget until
-    # every other op was done, and with the cut above holding a whole CPU, a writer that reserved
-    # any stalled the pipeline on a small machine.
+    # tasks): a task op at the end of the graph gets no share of Ray Data's resource budget until
+    # every other op is done, and with the cut above holding a whole CPU, a writer that reserved
+    # any would stall the pipeline on a small machine.
     return ds.map_batches(
         WriteFragments,
         fn_constructor_kwargs=dict(folder=folder, starts=starts, shards=np.array([s.index for s in shards], np.int64)),

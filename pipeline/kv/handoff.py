@@ -3,7 +3,7 @@ own process, so a dict keyed by request is enough: the prefill stage takes what 
 saved, the decode stage offers what the connector will load. A request names its entry by
 `KEY` in `SamplingParams.extra_args["kv_transfer_params"]`.
 
-The stage and the engine run in different threads (pipeline/engine_loop.py), and the stage works
+The stage and the engine run in different threads (pipeline/engine/loop.py), and the stage works
 on several batches at once: keys are unique per request, and the counts below are one per
 process (one engine) that each batch's report takes as they stand when the batch ends."""
 

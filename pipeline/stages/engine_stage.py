@@ -1,9 +1,9 @@
 """What the three vLLM stages (prefill, decode, colocated) share: an engine in the actor's own
 process on its own cores, fed from several blocks at once, the generation budget, and metering.
 
-The stages are async: a worker takes whole blocks (pipeline/job.py block_rows sizes them), up
+The stages are async: a worker takes whole blocks (pipeline/job/graph.py block_rows sizes them), up
 to `concurrent_batches` at once on the actor's asyncio loop; each call hands all its pending
-rows to the one engine (pipeline/engine_loop.py), where the next block's requests join as the
+rows to the one engine (pipeline/engine/loop.py), where the next block's requests join as the
 last one's finish. A block with nothing left to generate (every row refused before the
 engine) passes at once."""
 
