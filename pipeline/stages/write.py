@@ -1,4 +1,4 @@
-"""Write stage (CPU tasks): a batch's finished rows are written where they are, as one fragment
+"""Write stage (actors that reserve no CPU): a batch's finished rows are written where they are, as one fragment
 file per shard they belong to, under the output's _fragments/ folder. Only each fragment's
 name and row numbers go on to the driver, which has a shard committed once its fragments hold
 all of its rows (pipeline/io/commit.py)."""
