@@ -1,7 +1,7 @@
-"""Write stage (actors that reserve no CPU): a batch's finished rows are written where they are, as one fragment
-file per shard they belong to, under the output's _fragments/ folder. Only each fragment's
-name and row numbers go on to the driver, which has a shard committed once its fragments hold
-all of its rows (pipeline/io/commit.py)."""
+"""Write stage (actors that reserve no CPU): a batch's finished rows are written where they
+are, as one fragment file per shard they belong to, under the output's _fragments/ folder. Only
+each fragment's name and row numbers go on to the driver, which has a shard committed once its
+fragments hold all of its rows (pipeline/io/commit.py)."""
 
 import uuid
 from dataclasses import dataclass
