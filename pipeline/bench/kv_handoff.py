@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from pipeline.cluster import start_ray
 from pipeline.columns import GENERATED_TOKENS, ID
 from pipeline.config import Codec, JobConfig, Transport
-from pipeline.engine.model import resolve_model
+from pipeline.engine.model import kv_bytes_per_token, resolve_model
 from pipeline.io.storage import read_output
 from pipeline.job.metrics import JobMetrics
 from pipeline.job.run import run
@@ -102,7 +102,7 @@ def kv_bench(cfg: JobConfig) -> dict:
         for times in (1, SCALE)
     }
 
-    bf16_bytes = 2 * model.layers * model.kv_heads * model.head_dim * 2
+    bf16_bytes = kv_bytes_per_token(model.layers, model.kv_heads, model.head_dim, 2)
     results = {"model_kv_bytes_per_token": model.kv_bytes_per_token, "bf16_kv_bytes_per_token": bf16_bytes}
     print(
         f"{'run':<20}{'B/prompt tok':>13}{'x bf16':>8}{'handoff/prefill':>16}{'rows identical':>15}{'1st diff at':>12}"

@@ -41,8 +41,12 @@ class ResolvedModel:
     def kv_bytes_per_token(self) -> int:
         import torch
 
-        itemsize = getattr(torch, self.dtype).itemsize
-        return 2 * self.layers * self.kv_heads * self.head_dim * itemsize
+        return kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim, getattr(torch, self.dtype).itemsize)
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """A token's KV cache: a key and a value per layer and KV head."""
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
 def resolve_model(cfg: ModelConfig) -> ResolvedModel:

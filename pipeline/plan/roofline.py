@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 
 from omegaconf import MISSING
 
-from pipeline.engine.model import load_tokenizer
+from pipeline.engine.model import kv_bytes_per_token, load_tokenizer
 from pipeline.errors import JobError
 from pipeline.job.metrics import JobMetrics, StageMetrics
 
@@ -45,7 +45,7 @@ class ModelSpec:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+        return kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim, self.dtype_bytes)
 
 
 @dataclass
