@@ -174,25 +174,34 @@ class StageMeter:
     @contextmanager
     def batch(self) -> Iterator[BatchReport]:
         """Times and reports one batch of a stage that works on one at a time."""
-        report, start = BatchReport(), time.perf_counter()
-        self._busy.start()
-        try:
-            yield report
-        finally:
-            busy = self._busy.stop()
-        ray.get(self._record(start, busy, report))
+        with self._timed() as timed:
+            yield timed.report
+        ray.get(self._record(timed))
 
     @asynccontextmanager
     async def overlapping_batch(self) -> AsyncIterator[BatchReport]:
         """The same for a stage that works on several batches at once (a failed batch is not
         reported: its retry will be)."""
-        report, start = BatchReport(), time.perf_counter()
+        with self._timed() as timed:
+            yield timed.report
+        await self._record(timed)
+
+    @contextmanager
+    def _timed(self) -> Iterator["_TimedBatch"]:
+        timed = _TimedBatch(BatchReport(), time.perf_counter())
         self._busy.start()
         try:
-            yield report
+            yield timed
         finally:
-            busy = self._busy.stop()
-        await self._record(start, busy, report)
+            timed.busy = self._busy.stop()
 
-    def _record(self, start: float, busy: float, report: BatchReport) -> ray.ObjectRef:
-        return self._sink.record.remote(self.stage, self._worker, time.perf_counter() - start, busy, report)
+    def _record(self, timed: "_TimedBatch") -> ray.ObjectRef:
+        seconds = time.perf_counter() - timed.start
+        return self._sink.record.remote(self.stage, self._worker, seconds, timed.busy, timed.report)
+
+
+@dataclass
+class _TimedBatch:
+    report: BatchReport
+    start: float
+    busy: float = 0.0
