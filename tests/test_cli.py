@@ -147,40 +147,6 @@ def test_bad_override_fails_before_any_work(tmp_path):
     assert "Started a local Ray instance" not in done.stderr
 
 
-@pytest.mark.parametrize(
-    "setup, overrides, message",
-    [
-        (
-            lambda d: pq.write_table(pa.table({"prompt": ["a"], "error": ["x"]}), d / "in.parquet"),
-            ["input.path={d}/in.parquet", "output.path={d}/out"],
-            "input column(s) error would clash",
-        ),
-        (
-            lambda d: (d / "in").mkdir() or pq.write_table(pa.table({"prompt": ["a"]}), d / "in" / "a.parquet"),
-            ["input.path={d}/in", "output.path={d}/in/out"],
-            "overlap",
-        ),
-        (
-            lambda d: (d / "in").mkdir() or pq.write_table(pa.table({"prompt": ["a"]}), d / "in" / "a.parquet"),
-            ["input.path={d}/in", "output.path={d}", "output.overwrite=true"],
-            "overlap",
-        ),
-        (
-            lambda d: pq.write_table(pa.table({"prompt": ["a"]}), d / "in.parquet"),
-            ["input.path={d}/in.parquet", "output.path=memory://kvrelay/out"],
-            "out of the workers' reach",
-        ),
-    ],
-    ids=["reserved-column", "output-inside-input", "overwrite-around-input", "output-in-memory"],
-)
-def test_a_job_that_must_not_run_touches_nothing_and_exits_2(tmp_path, setup, overrides, message):
-    setup(tmp_path)
-    before = sorted(p for p in tmp_path.rglob("*"))
-    done = generate(*(o.format(d=tmp_path) for o in overrides), timeout=120)
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
-    assert sorted(p for p in tmp_path.rglob("*")) == before
-
-
 @pytest.mark.slow
 def test_a_job_that_fails_while_running_exits_3_with_its_cause_and_log(tmp_path):
     """An engine that cannot start (a context longer than the model's), its worker out of restarts."""

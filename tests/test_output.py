@@ -5,6 +5,7 @@ removes only what kvrelay wrote, and nothing looks complete before _SUCCESS."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,7 +23,9 @@ from pipeline.io.lease import LEASE
 from pipeline.io.output import FRAGMENTS, MANIFEST, SUCCESS, OutputTarget, ShardStats, part_name, read_stats
 from pipeline.io.source import Shard
 from pipeline.io.storage import read_output
+from pipeline.job.run import run
 from pipeline.stages.write import WriteFragments
+from tests.conftest import job_config
 
 JOB = {"input": {"digest": "abc"}, "model": "m1", "sampling": {"max_tokens": 8}, "shard_rows": 3}
 SHARDS = [Shard(0, "in.parquet", 0, 3, 0), Shard(1, "in.parquet", 3, 5, 3)]
@@ -189,3 +192,38 @@ def test_a_crashed_runs_lease_is_taken_over(tmp_path):
     claimed(tmp_path / "out")
     (tmp_path / "out" / LEASE).write_text(json.dumps({**holder, "host": "elsewhere", "heartbeat": time.time() - 600}))
     claimed(tmp_path / "out")  # on another host, silent for longer than the lease lasts
+
+
+@pytest.mark.parametrize(
+    "setup, overrides, message",
+    [
+        (
+            lambda d: pq.write_table(pa.table({"prompt": ["a"], "error": ["x"]}), d / "in.parquet"),
+            ["input.path={d}/in.parquet", "output.path={d}/out"],
+            "input column(s) error would clash",
+        ),
+        (
+            lambda d: (d / "in").mkdir() or pq.write_table(pa.table({"prompt": ["a"]}), d / "in" / "a.parquet"),
+            ["input.path={d}/in", "output.path={d}/in/out"],
+            "overlap",
+        ),
+        (
+            lambda d: (d / "in").mkdir() or pq.write_table(pa.table({"prompt": ["a"]}), d / "in" / "a.parquet"),
+            ["input.path={d}/in", "output.path={d}", "output.overwrite=true"],
+            "overlap",
+        ),
+        (
+            lambda d: pq.write_table(pa.table({"prompt": ["a"]}), d / "in.parquet"),
+            ["input.path={d}/in.parquet", "output.path=memory://kvrelay/out"],
+            "out of the workers' reach",
+        ),
+    ],
+    ids=["reserved-column", "output-inside-input", "overwrite-around-input", "output-in-memory"],
+)
+def test_a_job_that_must_not_run_touches_nothing(tmp_path, setup, overrides, message):
+    """Refused before any work (the command line makes a refusal exit 2: tests/test_cli.py)."""
+    setup(tmp_path)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(JobError, match=re.escape(message)):
+        run(job_config(*(o.format(d=tmp_path) for o in overrides)))
+    assert sorted(p for p in tmp_path.rglob("*")) == before
