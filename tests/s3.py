@@ -23,6 +23,12 @@ class Bucket:
         caches listings)."""
         return fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
 
+    def parts(self, out: str) -> dict[str, tuple[str, object]]:
+        """A job's committed parts under `out` by name, with their ETag and LastModified: a part
+        written again, even with the same bytes, is a newer object."""
+        found = {p.rsplit("/", 1)[-1]: i for p, i in self.fs().find(out, detail=True).items()}
+        return {name: (i["ETag"], i["LastModified"]) for name, i in found.items() if name.startswith("part-")}
+
 
 @contextmanager
 def local_s3() -> Iterator[Bucket]:

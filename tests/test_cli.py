@@ -1,5 +1,6 @@
-"""The command line as a scheduler runs it: a subprocess, a Parquet file in, the whole output
-contract out, and a one-line message with exit code 2 when the job cannot start."""
+"""The command line as a scheduler runs it: a subprocess, Parquet in a bucket, the whole output
+contract out through a crash, and a one-line message with its exit code when the job cannot
+start (2) or fails while running (3)."""
 
 import json
 import os
@@ -9,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io.storage import read_output
+from tests.s3 import Bucket
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = [
@@ -47,35 +50,37 @@ def generate(*overrides: str, timeout: float = 600) -> subprocess.CompletedProce
     )
 
 
-def _prompts(path: Path) -> None:
+def _prompts() -> pa.Table:
     prompts = [p.encode() for p in GOOD] + [p.encode() if isinstance(p, str) else p for p, _, _ in BAD]
     ids = [f"g{i}" for i in range(len(GOOD))] + [i for _, i, _ in BAD]
-    pq.write_table(
-        pa.table(
-            {
-                "id": ids,
-                "prompt": pa.array(prompts, pa.binary()).view(pa.string()),  # Parquet keeps invalid UTF-8 as it is
-                "topic": [f"t{i}" for i in range(len(ids))],
-                "priority": list(range(len(ids))),
-            }
-        ),
-        path,
+    return pa.table(
+        {
+            "id": ids,
+            "prompt": pa.array(prompts, pa.binary()).view(pa.string()),  # Parquet keeps invalid UTF-8 as it is
+            "topic": [f"t{i}" for i in range(len(ids))],
+            "priority": list(range(len(ids))),
+        }
     )
 
 
 @pytest.mark.slow
-def test_cli_after_a_crash_resumes_and_writes_every_row_exactly_once(tmp_path):
-    """The job is killed (driver, Ray and workers) after its first shard is committed; the same
-    command then finishes it. The output holds every input row once: completions for the good
-    prompts, a per-row error for each bad one."""
-    source, out = tmp_path / "prompts.parquet", tmp_path / "out"
-    _prompts(source)
+def test_cli_on_s3_after_a_crash_resumes_and_writes_every_row_exactly_once(s3: Bucket, tmp_path):
+    """The job, input, output and KV payload files in a bucket, is killed (driver, Ray and
+    workers) once a part is committed; the same command then finishes it without rewriting that
+    part. The output holds every input row once: completions for the good prompts, a per-row
+    error for each bad one; the payload files of both runs are gone."""
+    root, fs = f"{s3.url}/crash", s3.fs()
+    source, out = f"{root}/prompts/prompts.parquet", f"{root}/out"
+    with fsspec.open(source, "wb") as f:
+        pq.write_table(_prompts(), f)
     command = [
         sys.executable,
         "-m",
         "jobs.generate",
-        f"input.path={source}",
-        f"output.path=file://{out}",
+        f"input.path={root}/prompts",
+        f"output.path={out}",
+        "kv.transport=storage",
+        f"kv.storage_path={root}/kv",
         "sampling.max_tokens=8",
         "output.shard_rows=4",
         *(f"pools.{p}.batch_size=4" for p in ("tokenize", "prefill", "decode", "detokenize")),
@@ -83,20 +88,26 @@ def test_cli_after_a_crash_resumes_and_writes_every_row_exactly_once(tmp_path):
     crashed = subprocess.Popen(
         command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    while not (out / "part-000000.parquet").exists():
+    while not s3.parts(out):
         assert crashed.poll() is None, "the job ended before committing a shard"
-        time.sleep(0.05)
+        time.sleep(0.2)
     os.killpg(crashed.pid, signal.SIGKILL)
     crashed.wait()
-    assert not (out / "_SUCCESS").exists()
+    committed = s3.parts(out)
+    assert not fs.exists(f"{out}/_SUCCESS")
 
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert str(out) in done.stdout
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["shards"]["total"] == SHARDS and 1 <= metrics["shards"]["resumed"] <= SHARDS
+    assert out in done.stdout
+    parts = s3.parts(out)
+    assert (
+        set(parts) == {f"part-{i:06d}.parquet" for i in range(SHARDS)} and {p: parts[p] for p in committed} == committed
+    )
+    assert fs.exists(f"{out}/_SUCCESS") and fs.find(f"{root}/kv") == []
+    metrics = json.loads(fs.cat(f"{out}/metrics.json"))
+    assert metrics["shards"]["total"] == SHARDS and len(committed) <= metrics["shards"]["resumed"] <= SHARDS
 
-    table = read_output(str(out))
+    table = read_output(out)
     assert table.schema.field("generated_tokens").type == pa.list_(pa.int32())
     for column in (
         "id",
@@ -120,6 +131,7 @@ def test_cli_after_a_crash_resumes_and_writes_every_row_exactly_once(tmp_path):
         assert row["id"] == row_id
         assert row["error"].startswith(f"{kind}: ") and row["generated_tokens"] is None, row
 
+    # The counts cover the parts committed before the kill as well as those written after it.
     assert (metrics["rows_in"], metrics["rows_out"], metrics["rows_errored"]) == (18, 18, len(BAD))
     assert metrics["errors"] == {kind: 1 for _, _, kind in BAD}
     assert metrics["output_tokens"] == sum(r["num_generated_tokens"] for r in rows)
@@ -127,9 +139,8 @@ def test_cli_after_a_crash_resumes_and_writes_every_row_exactly_once(tmp_path):
     # The good prompts are shards 0-2: the rerun moved KV only if the crash came before all three committed.
     expected_kv = 46_080 if metrics["shards"]["resumed"] < 3 else None
     assert metrics["kv_bytes_per_prompt_token"] == expected_kv and metrics["output_tokens_per_second"] > 0
-    assert (out / "_SUCCESS").exists()
 
-    other = generate(f"input.path={source}", f"output.path=file://{out}", "sampling.max_tokens=9", timeout=120)
+    other = generate(f"input.path={root}/prompts", f"output.path={out}", "sampling.max_tokens=9", timeout=120)
     assert other.returncode == 2 and "different job (differs in: sampling" in other.stderr
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.io.output import part_name
 from pipeline.io.storage import read_output
+from pipeline.job.metrics import ShardCounts
 from pipeline.job.run import run
 from tests.conftest import job_config
 
@@ -42,6 +43,6 @@ def test_one_row_group_is_decoded_once_and_every_row_comes_out_once(ray_cluster,
     for shard in (3, 7, 14):  # as if a crash had come before these shards committed
         (out / part_name(shard)).unlink()
     resumed = run(cfg)
-    assert resumed["shards"] == {"total": ROWS // SHARD_ROWS, "resumed": ROWS // SHARD_ROWS - 3}
-    assert resumed["rows_out"] == ROWS and resumed["input_rows_decoded"] <= ROWS  # one read task, the group once
+    assert resumed.shards == ShardCounts(total=ROWS // SHARD_ROWS, resumed=ROWS // SHARD_ROWS - 3)
+    assert resumed.rows_out == ROWS and resumed.input_rows_decoded <= ROWS  # one read task, the group once
     assert read_output(str(out), ["n"]).column("n").to_pylist() == list(range(ROWS))

@@ -31,61 +31,11 @@ from tests.conftest import job_config
 
 pytestmark = pytest.mark.slow
 
-# Around every multiple of the plausible block sizes (16..128): below, at, one past.
-LENGTHS = sorted(
-    {
-        1,
-        2,
-        3,
-        4,
-        5,
-        8,
-        12,
-        15,
-        16,
-        17,
-        31,
-        32,
-        33,
-        47,
-        63,
-        64,
-        65,
-        90,
-        100,
-        127,
-        128,
-        129,
-        150,
-        191,
-        192,
-        193,
-        230,
-        255,
-        256,
-        257,
-        300,
-        383,
-        384,
-        385,
-        420,
-        450,
-        511,
-        512,
-        513,
-        560,
-        600,
-        639,
-        640,
-        641,
-        660,
-        680,
-        699,
-        700,
-        701,
-    }
-)
-MAX_TOKENS = 32
+# Around every multiple of the plausible block sizes (16..128), up to 4 blocks of 128: below, at,
+# one past; and lengths between.
+AROUND = {m + d for m in (16, 32, 64, 128, 192, 256, 384, 512) for d in (-1, 0, 1)}
+LENGTHS = sorted(AROUND | {1, 2, 3, 4, 5, 8, 12, 47, 90, 100, 150, 230, 300, 420, 450})
+MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +44,7 @@ def prompts(model, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     text = " ".join(SENTENCES[i % len(SENTENCES)] for i in range(7 * len(SENTENCES)))
     tokens = tokenizer(text).input_ids
-    assert len(tokens) > max(LENGTHS) and len(LENGTHS) >= 48
+    assert len(tokens) > max(LENGTHS) and len(LENGTHS) > 32  # more rows than an engine pool's batch
     path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
     pq.write_table(
         pa.table({"id": [f"p{n}" for n in LENGTHS], "prompt": [tokens[i : i + n] for i, n in enumerate(LENGTHS)]}),

@@ -1,14 +1,8 @@
 """The README's `s3://` promise, on a local S3 (moto's server): whole jobs with their input,
-output and KV payload files in a bucket write what the same job writes on local disk, and a job
-killed mid-run finishes when rerun, without rewriting what it had committed."""
+output and KV payload files in a bucket write what the same job writes on local disk (a job
+killed on S3 and rerun: tests/test_cli.py)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -22,10 +16,9 @@ from pipeline.job.run import run
 from tests.conftest import job_config
 from tests.s3 import Bucket
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [f"Rewrite in fewer words: {s}" for s in SENTENCES[:16]]
 SHARDS = 4
-# Batches of 4 so that a shard commits early, before the crash test's kill.
+# Blocks and shards of 4: several of each on a few prompts.
 JOB = [
     "mode=disaggregated",
     "kv.transport=storage",
@@ -33,7 +26,6 @@ JOB = [
     "output.shard_rows=4",
     *(f"pools.{p}.batch_size=4" for p in ("tokenize", "prefill", "decode", "detokenize")),
 ]
-PARTS = {f"part-{i:06d}.parquet" for i in range(SHARDS)}
 
 
 # pipeline/job/graph.py hands WriteFragments output.fragments(), the protocol-stripped path
@@ -45,13 +37,6 @@ def _job(root: str) -> list[str]:
     with fsspec.open(f"{root}/prompts/prompts.parquet", "wb") as f:
         pq.write_table(pa.table({"id": [f"s{i}" for i in range(len(PROMPTS))], "prompt": PROMPTS}), f)
     return [f"input.path={root}/prompts", f"output.path={root}/out", f"kv.storage_path={root}/kv", *JOB]
-
-
-def _parts(fs: fsspec.AbstractFileSystem, out: str) -> dict[str, tuple[str, object]]:
-    """The committed parts by name, with their ETag and LastModified: a part written again, even
-    with the same bytes, is a newer object."""
-    found = {p.rsplit("/", 1)[-1]: i for p, i in fs.find(out, detail=True).items()}
-    return {name: (i["ETag"], i["LastModified"]) for name, i in found.items() if name.startswith("part-")}
 
 
 @pytest.fixture(scope="module")
@@ -80,38 +65,8 @@ def test_a_job_on_s3_writes_what_it_writes_on_local_disk(s3: Bucket, ray_cluster
     # Every payload went through the bucket and was found there: none was recomputed.
     assert metrics.kv_bytes_moved > 0 and metrics.kv_recomputed_rows == 0
     fs = s3.fs()
-    assert set(_parts(fs, f"{root}/out")) == PARTS and fs.exists(f"{root}/out/_SUCCESS")
+    assert set(s3.parts(f"{root}/out")) == {f"part-{i:06d}.parquet" for i in range(SHARDS)} and fs.exists(
+        f"{root}/out/_SUCCESS"
+    )
     assert json.loads(fs.cat(f"{root}/out/metrics.json"))["rows_out"] == len(PROMPTS)
     assert fs.find(f"{root}/kv") == []  # the payload files go once their rows are committed
-
-
-@pytest.mark.slow
-def test_a_job_killed_on_s3_resumes_without_rewriting_its_committed_parts(s3: Bucket, local_rows):
-    """The command is killed (driver, Ray and workers) once a part is in the bucket, then run
-    again: every row once, the parts committed before the kill untouched, the payload files of
-    both runs gone."""
-    root = f"{s3.url}/crash"
-    out, command, fs = f"{root}/out", [sys.executable, "-m", "jobs.generate", *_job(root)], s3.fs()
-    crashed = subprocess.Popen(
-        command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    while not _parts(fs, out):
-        assert crashed.poll() is None, "the job ended before committing a part"
-        time.sleep(0.2)
-    os.killpg(crashed.pid, signal.SIGKILL)
-    crashed.wait()
-    committed = _parts(fs, out)
-    assert not fs.exists(f"{out}/_SUCCESS")
-
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert read_output(out).to_pylist() == local_rows
-    parts = _parts(fs, out)
-    assert set(parts) == PARTS and {p: parts[p] for p in committed} == committed
-    assert fs.exists(f"{out}/_SUCCESS")
-    metrics = json.loads(fs.cat(f"{out}/metrics.json"))
-    # The counts cover the parts committed before the kill as well as those written after it.
-    assert metrics["rows_out"] == len(PROMPTS)
-    assert metrics["output_tokens"] == sum(r["num_generated_tokens"] for r in local_rows)
-    assert metrics["shards"]["total"] == SHARDS and len(committed) <= metrics["shards"]["resumed"] <= SHARDS
-    assert fs.find(f"{root}/kv") == []
