@@ -5,7 +5,7 @@ python -m jobs.prepare_model [model=...]"""
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ModelConfig, register
+from pipeline.config import EngineConfig, register
 from pipeline.engine.model import resolve_model
 
 register()
@@ -13,7 +13,8 @@ register()
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    model = resolve_model(ModelConfig(**OmegaConf.to_container(cfg.model)))
+    engine: EngineConfig = OmegaConf.to_object(cfg.engine)
+    model = resolve_model(OmegaConf.to_object(cfg.model), engine.device)
     print(f"model {cfg.model.name} ready at {model.path} (fingerprint {model.fingerprint})")
 
 

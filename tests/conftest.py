@@ -26,7 +26,8 @@ def job_config(*overrides: str) -> JobConfig:
 
 @pytest.fixture(scope="session")
 def model() -> ResolvedModel:
-    return resolve_model(job_config().model)
+    cfg = job_config()
+    return resolve_model(cfg.model, cfg.engine.device)
 
 
 @pytest.fixture(scope="session")

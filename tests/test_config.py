@@ -5,6 +5,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from pipeline.config import Mode, Phase
+from pipeline.engine.build import gpu_memory_utilization
 from pipeline.errors import JobError
 from pipeline.io.source import Shard
 from pipeline.job.graph import block_rows, build_stages
@@ -47,6 +48,9 @@ def test_bad_override_fails_before_any_work_naming_the_key(override, message):
     assert message in str(error.value) or message in str(error.value.__cause__)
 
 
+GPU_EACH = ["pools.prefill.num_gpus=1", "pools.decode.num_gpus=1"]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -69,6 +73,16 @@ def test_bad_override_fails_before_any_work_naming_the_key(override, message):
         (["cluster.kind=local_hetero"], "cluster=local-hetero needs cluster.nodes"),
         (["output.path=/data/in/out"], "output.path /data/in/out and input.path /data/in overlap"),
         (["output.path=memory://out"], "output.path memory://out is in this process's memory"),
+        (["engine.device=cuda"], "engine.device=cuda needs a GPU for each engine: pools.prefill.num_gpus is 0"),
+        (["pools.decode.num_gpus=1"], "pools.decode.num_gpus=1 reserves GPUs that engine.device=cpu never uses"),
+        (
+            ["engine.device=cuda", "pools.prefill.num_gpus=2", "pools.decode.num_gpus=1"],
+            "pools.prefill.num_gpus=2 holds GPUs its engine never uses (engine.tensor_parallel_size=1: one GPU each)",
+        ),
+        (
+            ["engine.device=cuda", *GPU_EACH, "pools.decode.num_gpus=0.5", "+pools.decode.gpu_memory_utilization=0.9"],
+            "pools.decode.gpu_memory_utilization=0.9 on num_gpus=0.5: engines sharing a GPU would claim more",
+        ),
     ],
 )
 def test_a_job_refuses_before_any_work(overrides, message):
@@ -78,6 +92,13 @@ def test_a_job_refuses_before_any_work(overrides, message):
 
 def test_each_refusal_has_its_way_out():
     check_job(job_config("input.path=/data/in", "output.path=/data/out"))
+    check_job(job_config("input.path=/data/in", "output.path=/data/out", "engine.device=cuda", *GPU_EACH))
+    # Two engines on one GPU: each claims its share of the engine-wide 0.9 unless told otherwise.
+    shared = ["engine.device=cuda", "pools.prefill.num_gpus=0.5", "pools.decode.num_gpus=0.5"]
+    cfg = job_config("input.path=/data/in", "output.path=/data/out", *shared)
+    check_job(cfg)
+    assert gpu_memory_utilization(cfg.engine, cfg.pools.decode) == pytest.approx(0.45)
+    assert gpu_memory_utilization(cfg.engine, cfg.pools.colocated) == 0.9  # a whole GPU, or none
     check_job(
         job_config(
             "input.path=/data/in",

@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.columns import ERROR, ROW
+from pipeline.config import JobConfig
+from pipeline.engine.model import resolve_model
 from pipeline.errors import JobError
 from pipeline.io.source import UNIT, PromptSource
 from pipeline.job.run import identity
@@ -183,9 +185,13 @@ def test_files_with_different_schemas_are_refused(tmp_path):
         "input.apply_chat_template=false",
     ],
 )
-def test_every_setting_that_changes_the_output_is_in_the_job_identity(tmp_path, model, override):
+def test_every_setting_that_changes_the_output_is_in_the_job_identity(tmp_path, override):
     pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "in.parquet")
     base = job_config(f"input.path={tmp_path / 'in.parquet'}")
     changed = job_config(f"input.path={tmp_path / 'in.parquet'}", override)
-    make = lambda cfg: identity(cfg, PromptSource(cfg.input, cfg.output.shard_rows, ("prompt",)), model)  # noqa: E731
+
+    def make(cfg: JobConfig) -> dict:
+        source = PromptSource(cfg.input, cfg.output.shard_rows, ("prompt",))
+        return identity(cfg, source, resolve_model(cfg.model, cfg.engine.device))
+
     assert make(base) != make(changed)

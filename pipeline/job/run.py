@@ -38,7 +38,7 @@ from pipeline.job.meter import BatchPoint, StageTotals, processing_window, start
 from pipeline.job.metrics import JobMetrics, ShardCounts, StageMetrics
 from pipeline.job.report import write_report
 from pipeline.job.usage import ObjectStorePeak
-from pipeline.job.validate import check_job
+from pipeline.job.validate import check_handoff, check_job
 from pipeline.kv.store import PayloadStore
 
 
@@ -49,7 +49,8 @@ def run(cfg: JobConfig) -> JobMetrics:
     started, started_at = time.perf_counter(), time.time()
     check_job(cfg)
     source = PromptSource(cfg.input, cfg.output.shard_rows, _needs(cfg), _reserved(cfg))
-    model = resolve_model(cfg.model)
+    model = resolve_model(cfg.model, cfg.engine.device)
+    check_handoff(cfg, model)
     job = identity(cfg, source, model)
     output = OutputTarget(cfg.output, job)
     done = output.inspect()
@@ -157,7 +158,7 @@ def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict
         "input": source.fingerprint(),
         "prompts": {k: v for k, v in asdict(cfg.input).items() if k != "path"},
         "model": model.fingerprint,
-        "model_dtype": cfg.model.dtype,
+        "model_dtype": model.dtype,
         "max_model_len": cfg.model.max_model_len,
         "sampling": asdict(cfg.sampling),
         "kv_codec": cfg.kv.codec.value,

@@ -1,18 +1,22 @@
 """What a job refuses, checked before any work: each refusal is a JobError whose message alone
 says what to fix (the command line prints it as one line and exits with code 2).
 
-`check_job` holds every check the configuration alone decides. Those that need the world come
-next in `pipeline.job.run.run`, still before any row runs or the output is touched: the input's
-files and columns (pipeline/io/source.py), the model's files (pipeline/engine/model.py), the
-output's state and lease (pipeline/io/output.py), and whether the cluster's nodes can ever hold
-every pool (pipeline/cluster.py check_schedulable).
+`check_job` holds every check the configuration alone decides, `check_handoff` the one the
+model's config decides. Those that need the world come next in `pipeline.job.run.run`, still
+before any row runs or the output is touched: the input's files and columns
+(pipeline/io/source.py), the model's files (pipeline/engine/model.py), the output's state and
+lease (pipeline/io/output.py), and whether the cluster's nodes can ever hold every pool
+(pipeline/cluster.py check_schedulable).
 """
 
 from pathlib import PurePosixPath
 
 import fsspec
 
-from pipeline.config import ClusterConfig, ClusterKind, JobConfig, Mode, ModelConfig, Phase, Transport
+from pipeline.config import ClusterConfig, ClusterKind, Device, JobConfig, Mode, ModelConfig, Phase, Transport
+from pipeline.engine.build import gpu_memory_utilization
+from pipeline.engine.model import ResolvedModel
+from pipeline.engine.placement import engine_pools
 from pipeline.errors import JobError
 
 
@@ -20,6 +24,7 @@ def check_job(cfg: JobConfig) -> None:
     check_mode(cfg)
     check_kv(cfg)
     check_tensor_parallel(cfg)
+    check_devices(cfg)
     check_model(cfg.model)
     check_cluster(cfg.cluster)
     check_apart(cfg.input.path, cfg.output.path)
@@ -46,11 +51,43 @@ def check_tensor_parallel(cfg: JobConfig) -> None:
             f"engine.tensor_parallel_size={tp} needs mode=colocated: the KV handoff reads and writes the cache "
             "in the engine's own process, which tensor parallelism splits; use GPUs that hold the model alone"
         )
-    if cfg.engine.device == "cpu" or cfg.pools.colocated.num_gpus < tp:
+    if cfg.engine.device is Device.cpu or cfg.pools.colocated.num_gpus < tp:
         raise JobError(
             f"engine.tensor_parallel_size={tp} needs engine.device=cuda and pools.colocated.num_gpus={tp} "
             f"(each worker holds its engine's GPUs; it has {cfg.pools.colocated.num_gpus:g})"
         )
+
+
+def check_devices(cfg: JobConfig) -> None:
+    """Each engine worker holds the GPUs its engine uses, no more and no fewer, and engines that
+    share a GPU claim no more of its memory than they hold of it."""
+    tp = cfg.engine.tensor_parallel_size
+    for name, pool in engine_pools(cfg).items():
+        key = f"pools.{name}"
+        if cfg.engine.device is Device.cpu and pool.num_gpus:
+            raise JobError(f"{key}.num_gpus={pool.num_gpus:g} reserves GPUs that engine.device=cpu never uses")
+        if cfg.engine.device is Device.cpu:
+            continue
+        if not pool.num_gpus:
+            raise JobError(f"engine.device=cuda needs a GPU for each engine: {key}.num_gpus is 0")
+        if pool.num_gpus > tp:
+            raise JobError(
+                f"{key}.num_gpus={pool.num_gpus:g} holds GPUs its engine never uses "
+                f"(engine.tensor_parallel_size={tp}: one GPU each)"
+            )
+        share = gpu_memory_utilization(cfg.engine, pool)
+        if pool.num_gpus < 1 and share > pool.num_gpus:
+            raise JobError(
+                f"{key}.gpu_memory_utilization={share:g} on num_gpus={pool.num_gpus:g}: engines sharing a GPU "
+                f"would claim more of its memory than it holds; at most {pool.num_gpus:g}"
+            )
+
+
+def check_handoff(cfg: JobConfig, model: ResolvedModel) -> None:
+    """Once the model is resolved: a job that moves KV needs a model whose cache is plain
+    per-head keys and values."""
+    if cfg.mode is Mode.disaggregated and model.unmovable_kv:
+        raise JobError(model.unmovable_kv)
 
 
 def check_model(model: ModelConfig) -> None:

