@@ -7,7 +7,16 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import DeepseekV3Config, Gemma3Config, JambaConfig, LlamaConfig, MambaConfig, Qwen3NextConfig
+from transformers import (
+    DeepseekV3Config,
+    Gemma2Config,
+    Gemma3Config,
+    JambaConfig,
+    LlamaConfig,
+    MambaConfig,
+    MistralConfig,
+    Qwen3NextConfig,
+)
 
 from pipeline.config import Device, EngineConfig
 from pipeline.engine.build import check_platform, eager
@@ -36,13 +45,38 @@ def _checkpoint(config, tmp_path) -> str:
 def test_a_model_whose_cache_is_not_plain_kv_is_refused_before_any_work(config, reason, tmp_path):
     checkpoint = _checkpoint(config, tmp_path / "model")
     pq.write_table(pa.table({"prompt": ["What is 2 + 2?"]}), tmp_path / "in.parquet")
-    cfg = job_config("model=hf", f"model.checkpoint={checkpoint}", f"input.path={tmp_path}/in.parquet",
-                     f"output.path={tmp_path}/out")  # fmt: skip
+    cfg = job_config(
+        "model=hf", f"model.checkpoint={checkpoint}", f"input.path={tmp_path}/in.parquet", f"output.path={tmp_path}/out"
+    )
     model = resolve_model(cfg.model, cfg.engine.device)
     assert reason in model.unmovable_kv and model.unmovable_kv.endswith("use mode=colocated")
     with pytest.raises(JobError, match=re.escape(reason)):
         run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_slides_a_window_in_every_layer_moves_kv_only_within_it(tmp_path):
+    checkpoint = _checkpoint(MistralConfig(sliding_window=4096), tmp_path)
+    long = resolve_model(
+        job_config("model=hf", f"model.checkpoint={checkpoint}", "model.max_model_len=8192").model, Device.cpu
+    )
+    assert "sliding window of 4096 tokens in every layer" in long.unmovable_kv
+    assert "set model.max_model_len<=4096" in long.unmovable_kv
+    within = resolve_model(
+        job_config("model=hf", f"model.checkpoint={checkpoint}", "model.max_model_len=4096").model, Device.cpu
+    )
+    assert within.unmovable_kv is None
+    assert (
+        resolve_model(
+            job_config(
+                "model=hf",
+                f"model.checkpoint={_checkpoint(Gemma2Config(), tmp_path / 'g')}",
+                "model.max_model_len=8192",
+            ).model,
+            Device.cpu,
+        ).unmovable_kv
+        is None
+    )
 
 
 def test_a_multimodal_model_gives_its_language_models_geometry(tmp_path):

@@ -66,7 +66,7 @@ def resolve_model(cfg: ModelConfig, device: Device) -> ResolvedModel:
         layers=text.num_hidden_layers,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else 0),
-        unmovable_kv=unmovable_kv(cfg.name, text),
+        unmovable_kv=unmovable_kv(cfg.name, text, cfg.max_model_len),
     )
 
 
@@ -75,11 +75,12 @@ def resolve_model(cfg: ModelConfig, device: Device) -> ResolvedModel:
 PLAIN_ATTENTION = {"full_attention", "sliding_attention", "attention"}
 
 
-def unmovable_kv(name: str, text: "PretrainedConfig") -> str | None:
-    """Why a model's cache is not plain per-head K and V, if it is not: an MLA latent cache
-    (DeepSeek-V2/V3, Kimi K2), or state-space or linear-attention layers (Jamba, Qwen3-Next,
-    Mamba). Sliding-window layers are plain: with a KV connector vLLM keeps every token's KV in
-    them, and all of it travels."""
+def unmovable_kv(name: str, text: "PretrainedConfig", max_model_len: int) -> str | None:
+    """Why the KV handoff cannot move a model's cache, if it cannot: an MLA latent cache
+    (DeepSeek-V2/V3, Kimi K2), state-space or linear-attention layers (Jamba, Qwen3-Next,
+    Mamba), or sliding-window layers only (Mistral 7B v0.1), whose KV before the window vLLM
+    drops. Sliding-window layers beside full-attention ones (Gemma 2 and 3) are plain: with a KV
+    connector vLLM keeps every token's KV in them, and all of it travels."""
     if getattr(text, "kv_lora_rank", None):
         return (
             f"model '{name}' ({text.model_type}) keeps a compressed MLA latent cache (kv_lora_rank="
@@ -91,6 +92,13 @@ def unmovable_kv(name: str, text: "PretrainedConfig") -> str | None:
         return (
             f"model '{name}' ({text.model_type}) has {', '.join(other) or 'state-space (Mamba)'} layers, whose "
             "state is not per-head keys and values: the KV handoff cannot move it; use mode=colocated"
+        )
+    window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+    if window and kinds <= {"sliding_attention"} and max_model_len > window:
+        return (
+            f"model '{name}' ({text.model_type}) attends over a sliding window of {window} tokens in every layer: "
+            f"vLLM drops the KV before the window, which the KV handoff needs; set model.max_model_len<={window} "
+            "or use mode=colocated"
         )
     return None
 
