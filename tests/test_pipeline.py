@@ -226,7 +226,7 @@ def _kill_each_after_one_batch(stages: list[str], killed: list[str]) -> None:
         time.sleep(0.2)
     sink = ray.get_actor(started.pop())
     for stage in stages:
-        while ray.get(sink.stages.remote()).get(stage, {}).get("batches", 0) < 1:
+        while (totals := ray.get(sink.stages.remote()).get(stage)) is None or totals.batches < 1:
             time.sleep(0.2)
         for process in psutil.process_iter(["cmdline"]):
             if f"MapBatches({stage.capitalize()})" in " ".join(process.info["cmdline"] or ()):
