@@ -141,6 +141,7 @@ def test_cli_on_s3_after_a_crash_resumes_and_writes_every_row_exactly_once(s3: B
     assert other.returncode == 2 and "different job (differs in: sampling" in other.stderr
 
 
+@pytest.mark.slow  # a subprocess that imports the pipeline: seconds each
 def test_missing_input_fails_with_one_line_and_exit_code_2(tmp_path):
     done = generate(f"input.path={tmp_path}/nothing.parquet", f"output.path={tmp_path}/out", timeout=120)
     assert done.returncode == 2
@@ -149,6 +150,7 @@ def test_missing_input_fails_with_one_line_and_exit_code_2(tmp_path):
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
 
+@pytest.mark.slow  # a subprocess that imports the pipeline: seconds each
 def test_bad_override_fails_before_any_work(tmp_path):
     done = generate("input.path=x", "output.path=y", "sampling.max_tokens=lots", timeout=120)
     assert done.returncode != 0 and "max_tokens" in done.stderr
