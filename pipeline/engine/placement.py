@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from pipeline.config import ClusterKind, JobConfig, Mode, Phase, PoolConfig
+from pipeline.config import ClusterKind, Device, JobConfig, Mode, Phase, PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def place_engines(cfg: JobConfig) -> dict[str, Placement]:
     pools = engine_pools(cfg)
     unbound = {name: Placement(None, pool.cpu_threads) for name, pool in pools.items()}
     # On a real cluster this machine's cores say nothing about the workers' nodes.
-    if cfg.engine.device != "cpu" or not cfg.engine.bind_cores or cfg.cluster.kind is ClusterKind.existing:
+    if cfg.engine.device is not Device.cpu or not cfg.engine.bind_cores or cfg.cluster.kind is ClusterKind.existing:
         return unbound
     cores = sorted(os.sched_getaffinity(0))
     weights = [pool.size * (pool.cpu_threads or 1) for pool in pools.values()]

@@ -64,9 +64,9 @@ def check_devices(cfg: JobConfig) -> None:
     tp = cfg.engine.tensor_parallel_size
     for name, pool in engine_pools(cfg).items():
         key = f"pools.{name}"
-        if cfg.engine.device is Device.cpu and pool.num_gpus:
-            raise JobError(f"{key}.num_gpus={pool.num_gpus:g} reserves GPUs that engine.device=cpu never uses")
         if cfg.engine.device is Device.cpu:
+            if pool.num_gpus:
+                raise JobError(f"{key}.num_gpus={pool.num_gpus:g} reserves GPUs that engine.device=cpu never uses")
             continue
         if not pool.num_gpus:
             raise JobError(f"engine.device=cuda needs a GPU for each engine: {key}.num_gpus is 0")

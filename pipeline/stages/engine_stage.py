@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from pipeline.columns import FINISH_REASON, GENERATED_TOKENS, PROMPT_TOKENS, TOKEN_LIST, pending, with_columns
-from pipeline.config import EngineConfig, KVConfig, PoolConfig, SamplingConfig
+from pipeline.config import Device, EngineConfig, KVConfig, PoolConfig, SamplingConfig
 from pipeline.engine.build import bind_threads, build_engine
 from pipeline.engine.loop import EngineLoop
 from pipeline.engine.model import ResolvedModel
@@ -40,7 +40,7 @@ class EngineStage:
         placement: Placement,
         sink_name: str,
     ):
-        if engine.device == "cpu":
+        if engine.device is Device.cpu:
             bind_threads(placement.cores, placement.threads)
         self.engine = EngineLoop(lambda: build_engine(model, engine, pool, self.kv_role).llm_engine)
         self.model = model
