@@ -99,6 +99,15 @@ def test_report_states_pools_bottleneck_errors_and_kv(written):
     assert "![rows through each stage and output tokens/s over time](report.png)" in report
 
 
+def test_metrics_json_reads_back_as_the_metrics_written(tmp_path):
+    """Written as a finished job writes it, read back typed: every field, nested ones included."""
+    out, _ = claimed(tmp_path / "out")
+    metrics = JobMetrics.from_dict(METRICS)
+    out.finish(metrics.to_json())
+    assert JobMetrics.read(str(tmp_path / "out")) == metrics
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
 def test_plot_is_a_png(written):
     png = (written / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
