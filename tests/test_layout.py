@@ -1,39 +1,148 @@
-"""Paged CPU cache <-> canonical KV: the strided fast path reads and writes exactly what the
-gather-by-measured-order path does, for every cut of a request's blocks."""
+"""Paged cache <-> canonical KV, on caches built by vLLM's own allocation code.
+
+The CUDA backends' caches are allocated here on CPU with vLLM's `allocate_kv_cache` for every KV
+cache layout, dtype and head size, with kernel blocks equal to or smaller than the scheduler's;
+known values are written where the kernels write them (through the key/value split of the view
+every CUDA backend's forward takes), then gathered, encoded, decoded and scattered into a second
+cache under other block ids, and read back exactly. The CPU backend's layout is measured from
+its kernel; its strided fast path must agree with the general one."""
 
 import pytest
 import torch
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheTensor,
+    compute_layout_strides,
+)
+from vllm.v1.kv_cache_layout import KVCacheLayout
+from vllm.v1.worker.utils import allocate_kv_cache
 
-from pipeline.kv.layout import PagedLayer, gather_tokens, scatter_tokens
+from pipeline.kv.codec import codec
+from pipeline.kv.layout import SPLIT_KEY_VALUE, PagedCache
 
-LAYERS, HEADS, HEAD_DIM, BLOCK = 4, 3, 64, 128
-BLOCKS = [5, 9, 2, 40]
+LAYERS, HEADS, BLOCK, NUM_BLOCKS = 3, 2, 32, 12
 
 
-def _layers(strided: bool, seed: int = 0) -> list[PagedLayer]:
+def vllm_caches(
+    layout: KVCacheLayout, dtype: torch.dtype, head_dim: int, kernel_block: int, layers: int = LAYERS
+) -> list[torch.Tensor]:
+    """Per-layer views as a vLLM worker registers them with its connector."""
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=head_dim, dtype=dtype)
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
+    layer_stride, block_stride, *_ = compute_layout_strides(spec, NUM_BLOCKS, layers, layout)
+    tensor = KVCacheTensor(
+        size=spec.page_size_bytes * NUM_BLOCKS * layers,
+        layers=names,
+        layer_stride=layer_stride,
+        block_stride=block_stride,
+    )
+    config = KVCacheConfig(
+        num_blocks=NUM_BLOCKS, kv_cache_tensors=[tensor], kv_cache_groups=[KVCacheGroupSpec(names, spec)]
+    )
+    caches = allocate_kv_cache(config, torch.device("cpu"), layout, [kernel_block])
+    return [caches[name] for name in names]
+
+
+def write_like_kernel(caches: list[torch.Tensor], block_ids: list[int], kv: torch.Tensor) -> None:
+    """Token t of a request lands in slot t % kernel_block of kernel block
+    block_ids[t // BLOCK] * ratio + t % BLOCK // kernel_block, key and value as the backends
+    split the view: `cache.transpose(1, 2).split(head_size, dim=-1)`."""
+    kernel_block = caches[0].shape[2]
+    ratio = BLOCK // kernel_block
+    for cache, layer in zip(caches, kv):
+        keys, values = cache.transpose(1, 2).split(kv.shape[-1], dim=-1)
+        for t in range(kv.shape[2]):
+            block = block_ids[t // BLOCK] * ratio + t % BLOCK // kernel_block
+            keys[block, t % kernel_block] = layer[0, t]
+            values[block, t % kernel_block] = layer[1, t]
+
+
+def read_like_kernel(caches: list[torch.Tensor], block_ids: list[int], tokens: range) -> torch.Tensor:
+    kernel_block = caches[0].shape[2]
+    ratio = BLOCK // kernel_block
+    out = []
+    for cache in caches:
+        keys, values = cache.transpose(1, 2).split(cache.shape[-1] // 2, dim=-1)
+        slots = [(block_ids[t // BLOCK] * ratio + t % BLOCK // kernel_block, t % kernel_block) for t in tokens]
+        out.append(torch.stack([torch.stack([half[b, s] for b, s in slots]) for half in (keys, values)]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kernel_block", [BLOCK, BLOCK // 2])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", list(KVCacheLayout), ids=lambda layout: layout.name)
+def test_every_cuda_layout_round_trips_exactly(layout, dtype, head_dim, kernel_block):
+    if kernel_block != BLOCK and layout.stride_order[:2] != (0, 1):
+        # Only layer-then-block layouts keep a block one dense page: vLLM refuses the split.
+        with pytest.raises(ValueError, match="kernel blocks"):
+            vllm_caches(layout, dtype, head_dim, kernel_block)
+        return
+    tokens = 2 * BLOCK + 7  # a partial last block
+    kv = torch.randn(LAYERS, 2, tokens, HEADS, head_dim, generator=torch.Generator().manual_seed(head_dim)).to(dtype)
+    sent, received = [4, 0, 9], [2, 11, 5]
+    raw = codec("none")
+    for backend in SPLIT_KEY_VALUE:
+        prefill = vllm_caches(layout, dtype, head_dim, kernel_block)
+        write_like_kernel(prefill, sent, kv)
+        gathered = PagedCache(prefill, backend, BLOCK, head_dim, dtype).gather(sent, tokens)
+        assert torch.equal(gathered, kv), backend
+        shipped = raw.decode(raw.encode(gathered), tuple(kv.shape), dtype)
+
+        decode = vllm_caches(layout, dtype, head_dim, kernel_block)
+        cache = PagedCache(decode, backend, BLOCK, head_dim, dtype)
+        # Decode loads all but the last prompt token, from a block boundary: 0, or after a
+        # prefix-cache hit.
+        for start in (0, BLOCK):
+            cache.scatter(received, shipped, start, tokens - 1)
+            assert torch.equal(read_like_kernel(decode, received, range(start, tokens - 1)), kv[:, :, start:-1])
+        untouched = [
+            b for b in range(NUM_BLOCKS * BLOCK // kernel_block) if b // (BLOCK // kernel_block) not in received
+        ]
+        assert not any(c[untouched].any() for c in decode), f"{backend} wrote outside the request's blocks"
+
+
+def test_caches_that_are_not_plain_keys_and_values_are_refused():
+    caches = vllm_caches(KVCacheLayout.LBNHC, torch.bfloat16, 64, BLOCK)
+    with pytest.raises(NotImplementedError, match="not plain keys and values of head size 128"):
+        PagedCache(caches, "FLASH_ATTN", BLOCK, 128, torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="quantised"):
+        PagedCache([c.view(torch.uint8)[..., :128] for c in caches], "FLASH_ATTN", BLOCK, 64, torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="do not divide the scheduler's 48-token blocks"):
+        PagedCache(caches, "FLASH_ATTN", 48, 64, torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="attention backend ROCM_ATTN"):
+        PagedCache(caches, "ROCM_ATTN", BLOCK, 64, torch.bfloat16)
+
+
+CPU_HEAD_DIM, CPU_BLOCK = 64, 128
+CPU_BLOCKS = [5, 9, 2, 40]
+
+
+def _cpu_cache(strided: bool, seed: int = 0) -> PagedCache:
     g = torch.Generator().manual_seed(seed)
-    layers = [
-        PagedLayer(torch.randn(64, HEADS, BLOCK, 2 * HEAD_DIM, generator=g), "CPU_ATTN", "vec") for _ in range(LAYERS)
-    ]
+    caches = [torch.randn(64, HEADS, CPU_BLOCK, 2 * CPU_HEAD_DIM, generator=g) for _ in range(4)]
+    cache = PagedCache(caches, "CPU_ATTN", CPU_BLOCK, CPU_HEAD_DIM, torch.float32, isa="vec")
     if not strided:
-        for layer in layers:
+        for layer in cache.layers:
             layer._strided = None  # force the general path
-    return layers
+    return cache
 
 
-def test_the_kernel_layout_is_recognised_as_strided():
-    assert _layers(True)[0]._strided is not None
+def test_the_cpu_kernel_layout_is_recognised_as_strided():
+    assert _cpu_cache(True).layers[0]._strided is not None
 
 
 @pytest.mark.parametrize("tokens", [1, 127, 128, 129, 300, 512])
-def test_strided_and_general_paths_agree(tokens):
-    fast, general = _layers(True), _layers(False)
-    assert torch.equal(gather_tokens(fast, BLOCKS, tokens), gather_tokens(general, BLOCKS, tokens))
-    kv = torch.randn(LAYERS, 2, tokens, HEADS, HEAD_DIM)
-    for start in (0, BLOCK):
+def test_cpu_strided_and_general_paths_agree(tokens):
+    fast, general = _cpu_cache(True), _cpu_cache(False)
+    assert torch.equal(fast.gather(CPU_BLOCKS, tokens), general.gather(CPU_BLOCKS, tokens))
+    kv = torch.randn(4, 2, tokens, HEADS, CPU_HEAD_DIM)
+    for start in (0, CPU_BLOCK):
         stop = max(tokens - 1, 1)  # decode loads all but the last prompt token
         if start >= stop:
             continue
-        for layers in (fast, general):
-            scatter_tokens(layers, BLOCKS, kv, start, stop)
-            assert torch.equal(gather_tokens(layers, BLOCKS, stop)[:, :, start:], kv[:, :, start:stop])
+        for cache in (fast, general):
+            cache.scatter(CPU_BLOCKS, kv, start, stop)
+            assert torch.equal(cache.gather(CPU_BLOCKS, stop)[:, :, start:], kv[:, :, start:stop])

@@ -1,21 +1,108 @@
 """Paged KV cache <-> canonical layout.
 
 Canonical: one tensor per request, [layers, 2, tokens, kv_heads, head_dim] (2 = key, value),
-independent of the engine's attention backend, block size and kernel ISA.
+independent of the engine's attention backend, cache layout, block sizes and kernel ISA.
 
-Every backend's per-layer cache is [blocks, kv_heads, block_size, 2 * head_dim], but what lies
-inside a block differs. The flash-attention family stores each token's key and value side by
-side. The CPU backend stores, per (block, head), the key rows then the value rows, in an order
-its kernel chooses per ISA; so the order is measured once, by letting the kernel itself write a
-block of known values. Converting whole blocks and cutting tokens in the canonical layout keeps
-partial blocks right.
+vLLM gives a connector each layer's cache as a logical view [blocks, kv_heads, block_size,
+2 * head_dim] over one shared allocation. The physical order of those axes (the KV cache layout:
+LBNHC "NHD", LBHNC "HND", block-outermost BL**, ...) lives in the view's strides, so indexing the
+view is right for every layout. What lies on the last axis differs by backend. The CUDA backends
+(FLASH_ATTN, FLASHINFER, TRITON_ATTN, FLEX_ATTENTION) split it into the key then the value of
+each token. The CPU backend keeps, per (block, head), the key rows then the value rows, in an
+order its kernel chooses per ISA; so that order is measured once, by letting the kernel itself
+write a block of known values. Converting whole blocks and cutting tokens in the canonical
+layout keeps partial blocks right.
+
+The views are in the kernel's blocks, which may be smaller than the scheduler's blocks whose ids
+the connector receives: scheduler block b is kernel blocks b*r ... b*r + r-1, r = scheduler
+block size / kernel block size (vLLM's `group_kernel_blocks`). `PagedCache` maps them.
 """
 
 import torch
 
+SPLIT_KEY_VALUE = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION")
+SUPPORTED = (*SPLIT_KEY_VALUE, "CPU_ATTN")
+
+
+class PagedCache:
+    """Every layer's paged cache of one engine, addressed in the scheduler's blocks."""
+
+    def __init__(
+        self,
+        caches: list[torch.Tensor],
+        backend: str,
+        block_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        isa: str | None = None,
+    ):
+        if backend not in SUPPORTED:
+            raise NotImplementedError(
+                f"KV transfer does not support attention backend {backend}; supported: {', '.join(SUPPORTED)}"
+            )
+        first = caches[0]
+        kernel_block_size = first.shape[2]
+        if block_size % kernel_block_size or first.shape[0] % (block_size // kernel_block_size):
+            raise NotImplementedError(
+                f"KV cache views of {first.shape[0]} blocks of {kernel_block_size} tokens do not divide "
+                f"the scheduler's {block_size}-token blocks"
+            )
+        for cache in caches:
+            if cache.dtype != dtype or cache.shape[3] != 2 * head_dim or cache.shape[1:] != first.shape[1:]:
+                raise NotImplementedError(
+                    f"KV cache view {tuple(cache.shape)} {cache.dtype} is not plain keys and values of head "
+                    f"size {head_dim} in {dtype} (a quantised, padded or mixed cache): KV transfer "
+                    "supports plain ones only"
+                )
+        self.block_size = block_size
+        self.ratio = block_size // kernel_block_size
+        self.layers = [PagedLayer(cache, backend, isa) for cache in caches]
+
+    def kernel_blocks(self, block_ids: list[int]) -> list[int]:
+        return [b * self.ratio + j for b in block_ids for j in range(self.ratio)]
+
+    def gather(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
+        """The first num_tokens of a request, copied out of its blocks in canonical layout,
+        on the cache's device."""
+        first = self.layers[0]
+        blocks = self.kernel_blocks(block_ids)[: -(-num_tokens // first.block_size)]
+        index = _index(blocks, first.cache.device)
+        out = torch.empty(
+            len(self.layers),
+            2,
+            num_tokens,
+            first.kv_heads,
+            first.head_dim,
+            dtype=first.cache.dtype,
+            device=first.cache.device,
+        )
+        for layer, tokens in zip(self.layers, out):
+            layer.read_into(tokens, blocks, index)
+        return out
+
+    def scatter(self, block_ids: list[int], kv: torch.Tensor, start: int, stop: int) -> None:
+        """Write canonical tokens [start, stop) into a request's blocks; start is on a scheduler
+        block boundary. Slots past `stop` in the last block are the engine's to write when it
+        computes those tokens."""
+        assert start % self.block_size == 0, "loads start on a block boundary"
+        bs = self.layers[0].block_size
+        blocks = self.kernel_blocks(block_ids)[start // bs : -(-stop // bs)]
+        index = _index(blocks, self.layers[0].cache.device)
+        for layer, tokens in zip(self.layers, kv):
+            layer.write_from(tokens[:, start:stop], blocks, index)
+
+
+def _index(blocks: list[int], device: torch.device) -> torch.Tensor:
+    """One block-id tensor per transfer, shared by every layer; staged through pinned memory
+    so that building it does not wait for the device."""
+    ids = torch.tensor(blocks, dtype=torch.long)
+    if device.type == "cpu":
+        return ids
+    return ids.pin_memory().to(device, non_blocking=True)
+
 
 class PagedLayer:
-    """One layer's paged cache, read and written as [blocks, 2, block_size, kv_heads, head_dim]."""
+    """One layer's paged cache in kernel blocks, read and written as canonical tokens."""
 
     def __init__(self, cache: torch.Tensor, backend: str, isa: str | None = None):
         self.cache = cache
@@ -27,52 +114,58 @@ class PagedLayer:
             # of [2, block_size, head_dim].
             self._order = _measure_cpu_block_order(self.block_size, self.head_dim, cache.dtype, isa)
             self._strided = _as_strided_halves(self._order, self.block_size, self.head_dim)
-        elif backend not in ("FLASH_ATTN", "TRITON_ATTN"):
-            raise NotImplementedError(
-                f"KV transfer does not support attention backend {backend}; "
-                "supported: CPU_ATTN, FLASH_ATTN, TRITON_ATTN"
-            )
 
-    def read_into(self, out: torch.Tensor, block_ids: list[int]) -> None:
-        """Copy the first tokens of blocks into `out`, canonical [2, tokens, H, D]."""
+    def read_into(self, out: torch.Tensor, blocks: list[int], index: torch.Tensor) -> None:
+        """Copy the first tokens of `blocks` into `out`, canonical [2, tokens, H, D]."""
         tokens = out.shape[1]
         if self._strided:  # one strided copy per block and half, straight from the cache
-            for i, block in enumerate(block_ids):
+            for i, block in enumerate(blocks):
                 start, stop = i * self.block_size, min((i + 1) * self.block_size, tokens)
                 for half, view in zip(out, self._halves(self.cache[block : block + 1])):
                     half[start:stop].copy_(view[0, : stop - start])
             return
-        ids = torch.tensor(block_ids, device=self.cache.device)
-        out.copy_(self.read(ids).transpose(0, 1).flatten(1, 2)[:, :tokens])
+        out.copy_(self.read(index).transpose(0, 1).flatten(1, 2)[:, :tokens])
 
-    def write_from(self, tokens: torch.Tensor, block_ids: list[int]) -> None:
-        """Write canonical tokens [2, n, H, D] into blocks from the first slot of block_ids[0]."""
+    def write_from(self, tokens: torch.Tensor, blocks: list[int], index: torch.Tensor) -> None:
+        """Write canonical tokens [2, n, H, D] into `blocks` from the first slot of the first."""
         tokens = tokens.to(device=self.cache.device, dtype=self.cache.dtype)
         if self._strided:
-            for i, block in enumerate(block_ids):
+            for i, block in enumerate(blocks):
                 part = tokens[:, i * self.block_size : (i + 1) * self.block_size]
                 for half, view in zip(part, self._halves(self.cache[block : block + 1])):
                     view[0, : part.shape[1]].copy_(half)
             return
-        pad = len(block_ids) * self.block_size - tokens.shape[1]
-        blocks = torch.nn.functional.pad(tokens, (0, 0, 0, 0, 0, pad)).unflatten(1, (len(block_ids), self.block_size))
-        self.write(torch.tensor(block_ids, device=self.cache.device), blocks.transpose(0, 1))
+        full, rest = divmod(tokens.shape[1], self.block_size)
+        if self._order is None:  # keys and values side by side: whole blocks, then the tail's slots
+            if full:
+                self.write(
+                    index[:full],
+                    tokens[:, : full * self.block_size].unflatten(1, (full, self.block_size)).transpose(0, 1),
+                )
+            if rest:
+                self.cache[blocks[full], :, :rest] = tokens[:, full * self.block_size :].permute(2, 1, 0, 3).flatten(-2)
+            return
+        pad = (self.block_size - rest) % self.block_size
+        padded = torch.nn.functional.pad(tokens, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, self.block_size))
+        self.write(index[: padded.shape[1]], padded.transpose(0, 1))
 
-    def read(self, block_ids: torch.Tensor) -> torch.Tensor:
-        picked = self.cache.index_select(0, block_ids)  # [n, H, bs, 2D]
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        """Whole blocks as [n, 2, block_size, H, D]."""
+        picked = self.cache.index_select(0, index)  # [n, H, bs, 2D]
         if self._order is None:
             return picked.unflatten(-1, (2, self.head_dim)).permute(0, 3, 2, 1, 4)
         canonical = picked.flatten(2).index_select(2, self._order)
         return canonical.view(-1, self.kv_heads, 2, self.block_size, self.head_dim).permute(0, 2, 3, 1, 4)
 
-    def write(self, block_ids: torch.Tensor, blocks: torch.Tensor) -> None:
+    def write(self, index: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Whole blocks from [n, 2, block_size, H, D]."""
         if self._order is None:
-            self.cache[block_ids] = blocks.permute(0, 3, 2, 1, 4).flatten(-2)
+            self.cache[index] = blocks.permute(0, 3, 2, 1, 4).flatten(-2)
             return
         canonical = blocks.permute(0, 3, 1, 2, 4).flatten(2)  # [n, H, 2*bs*D]
         paged = torch.empty_like(canonical)
         paged[:, :, self._order] = canonical
-        self.cache[block_ids] = paged.view(-1, self.kv_heads, self.block_size, 2 * self.head_dim)
+        self.cache[index] = paged.view(-1, self.kv_heads, self.block_size, 2 * self.head_dim)
 
     def _halves(self, paged: torch.Tensor) -> list[torch.Tensor]:
         """Views of the key and value parts of CPU blocks [n, H, bs, 2D], each as
@@ -126,26 +219,3 @@ def _as_strided_halves(order: torch.Tensor, block_size: int, head_dim: int) -> t
         else:
             return None
     return layouts[0], layouts[1]
-
-
-def gather_tokens(layers: list[PagedLayer], block_ids: list[int], num_tokens: int) -> torch.Tensor:
-    """Copy the first num_tokens of a request out of its blocks, in canonical layout."""
-    first = layers[0]
-    blocks = block_ids[: -(-num_tokens // first.block_size)]
-    out = torch.empty(
-        len(layers), 2, num_tokens, first.kv_heads, first.head_dim, dtype=first.cache.dtype, device=first.cache.device
-    )
-    for layer, tokens in zip(layers, out):
-        layer.read_into(tokens, blocks)
-    return out
-
-
-def scatter_tokens(layers: list[PagedLayer], block_ids: list[int], kv: torch.Tensor, start: int, stop: int) -> None:
-    """Write canonical tokens [start, stop) into a request's blocks; start is block-aligned.
-    Slots past `stop` in the last block are left as they are: the engine writes them when it
-    computes those tokens."""
-    block_size = layers[0].block_size
-    assert start % block_size == 0, "loads start on a block boundary"
-    blocks = block_ids[start // block_size : -(-stop // block_size)]
-    for layer, tokens in zip(layers, kv):
-        layer.write_from(tokens[:, start:stop], blocks)
