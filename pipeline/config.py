@@ -177,6 +177,10 @@ class KVConfig:
     storage_path: Optional[str] = None
     keep_files: bool = False
     on_load_failure: OnLoadFailure = OnLoadFailure.recompute
+    # CUDA engines (pipeline/kv/transfer.py): pinned host memory pooled for KV copies, and
+    # device memory for saves still copying, taken out of the engine's GPU memory share.
+    pinned_buffer_gib: float = 4.0
+    device_buffer_gib: float = 1.0
 
 
 class ClusterKind(str, Enum):

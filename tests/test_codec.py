@@ -1,5 +1,6 @@
 """KV codecs: round trips in every cache dtype, error bounds that hold per (layer, K/V, head),
-encoded sizes, and decoding straight from read-only (Arrow) memory."""
+encoded sizes, and decoding straight from read-only (Arrow) memory. The codecs run where the
+tensor is; the device check (tests/test_device_check.py) runs them through the device copies."""
 
 import math
 import warnings
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.kv.codec import CODECS, codec
+from pipeline.kv.codec import CODECS, as_tensor, codec
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # A real-sized head; and odd sizes, so the scales start at an offset that is not a multiple of 4.
@@ -80,7 +81,7 @@ def test_scales_are_per_head(name):
 @pytest.mark.parametrize("shape", SHAPES + [NO_TOKENS], ids=str)
 @pytest.mark.parametrize("name", list(CODECS))
 def test_nbytes_is_the_encoded_length(name, shape, dtype):
-    assert codec(name).nbytes(shape, dtype) == len(codec(name).encode(_kv(shape, dtype)))
+    assert codec(name).nbytes(shape, dtype) == codec(name).encode(_kv(shape, dtype)).numel()
 
 
 @pytest.mark.parametrize("name", ["fp8", "int8"])
@@ -101,14 +102,14 @@ def test_quantised_size_is_one_byte_a_value_plus_a_scale_a_head(name, tokens):
 @pytest.mark.parametrize("name", list(CODECS))
 def test_decodes_read_only_memory_without_warnings(name, dtype):
     kv = _kv(SHAPES[1], dtype)
-    read_only = np.frombuffer(codec(name).encode(kv).tobytes(), np.uint8)
+    read_only = np.frombuffer(codec(name).encode(kv).numpy().tobytes(), np.uint8)
     assert not read_only.flags.writeable
     warn_always = torch.is_warn_always_enabled()
     torch.set_warn_always(True)  # torch warns of non-writable arrays once per process otherwise
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            got = codec(name).decode(read_only, tuple(kv.shape), dtype)
+            got = codec(name).decode(as_tensor(read_only), tuple(kv.shape), dtype)
     finally:
         torch.set_warn_always(warn_always)
     assert torch.equal(got, _round_trip(name, kv))
@@ -116,7 +117,7 @@ def test_decodes_read_only_memory_without_warnings(name, dtype):
 
 def test_raw_encoding_shares_the_tensor_memory():
     kv = _kv(SHAPES[0], torch.bfloat16)
-    assert np.shares_memory(codec("none").encode(kv), kv.view(torch.uint8).numpy())
+    assert np.shares_memory(codec("none").encode(kv).numpy(), kv.view(torch.uint8).numpy())
 
 
 def test_wrong_size_is_refused():

@@ -55,6 +55,7 @@ GPU_EACH = ["pools.prefill.num_gpus=1", "pools.decode.num_gpus=1"]
     "overrides, message",
     [
         (["kv.transport=storage"], "kv.transport=storage needs kv.storage_path"),
+        (["kv.device_buffer_gib=-1"], "kv.device_buffer_gib must be 0 or more, not -1"),
         (["engine.tensor_parallel_size=2"], "engine.tensor_parallel_size=2 needs mode=colocated: the KV handoff"),
         (
             ["mode=colocated", "engine.tensor_parallel_size=2"],

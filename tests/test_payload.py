@@ -110,7 +110,7 @@ def _outcome(table: pa.Table, model) -> str | torch.Tensor:
     """The KV the decode stage would load for the row, or the kind of its row error."""
     (p,) = payload.from_column(table)
     try:
-        return load(p, model, TOKENS, None)[1]
+        return load(p, model, TOKENS, None).upload(None).to_device()
     except PayloadError as error:
         return str(error).split(":", 1)[0]
 

@@ -4,7 +4,7 @@ import os
 from typing import TYPE_CHECKING
 
 from pipeline.cache import cache_dir
-from pipeline.config import Device, EngineConfig, PoolConfig, SamplingConfig
+from pipeline.config import Device, EngineConfig, KVConfig, PoolConfig, SamplingConfig
 from pipeline.engine.model import ResolvedModel
 
 if TYPE_CHECKING:
@@ -33,7 +33,9 @@ def bind_threads(cores: list[int] | None, threads: int | None) -> int:
     return count
 
 
-def build_engine(model: ResolvedModel, engine: EngineConfig, pool: PoolConfig, kv_role: str | None = None) -> "LLM":
+def build_engine(
+    model: ResolvedModel, engine: EngineConfig, pool: PoolConfig, kv_role: str | None = None, kv: KVConfig | None = None
+) -> "LLM":
     check_platform(engine.device)
     cache = cache_dir()
     os.environ.update(
@@ -48,10 +50,16 @@ def build_engine(model: ResolvedModel, engine: EngineConfig, pool: PoolConfig, k
 
     kv_transfer = None
     if kv_role:
+        kv = kv or KVConfig()
         kv_transfer = KVTransferConfig(
             kv_connector="KVRelayConnector",
             kv_connector_module_path="pipeline.kv.connector",
             kv_role=kv_role,
+            kv_connector_extra_config={
+                "codec": kv.codec.value,
+                "pinned_buffer_bytes": int(kv.pinned_buffer_gib * (1 << 30)),
+                "device_buffer_bytes": int(kv.device_buffer_gib * (1 << 30)),
+            },
         )
     return LLM(
         model=model.path,
@@ -64,7 +72,7 @@ def build_engine(model: ResolvedModel, engine: EngineConfig, pool: PoolConfig, k
         # parallelism (colocated only) needs a process per GPU.
         distributed_executor_backend="uni" if engine.tensor_parallel_size == 1 else "mp",
         tensor_parallel_size=engine.tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization(engine, pool),
+        gpu_memory_utilization=gpu_memory_utilization(engine, pool, kv if kv_role else None),
         kv_cache_memory_bytes=kv_cache_bytes(model, engine, pool.max_num_seqs),
         kv_transfer_config=kv_transfer,
         disable_hybrid_kv_cache_manager=kv_transfer is not None,
@@ -88,12 +96,20 @@ def eager(engine: EngineConfig) -> bool:
     return engine.enforce_eager if engine.enforce_eager is not None else engine.device is Device.cpu
 
 
-def gpu_memory_utilization(engine: EngineConfig, pool: PoolConfig) -> float:
+def gpu_memory_utilization(engine: EngineConfig, pool: PoolConfig, kv: KVConfig | None = None) -> float:
     """An engine's share of its GPU's memory: the pool's own, or the engine-wide share of a
-    whole GPU, scaled down for a worker that holds a fraction of one."""
+    whole GPU, scaled down for a worker that holds a fraction of one; less, with a KV
+    connector, the device memory its copies may hold (pipeline/kv/transfer.py)."""
     if pool.gpu_memory_utilization is not None:
-        return pool.gpu_memory_utilization
-    return engine.gpu_memory_utilization * min(pool.num_gpus or 1.0, 1.0)
+        share = pool.gpu_memory_utilization
+    else:
+        share = engine.gpu_memory_utilization * min(pool.num_gpus or 1.0, 1.0)
+    if kv is None or engine.device is not Device.cuda:
+        return share
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return share - kv.device_buffer_gib * (1 << 30) / total
 
 
 def kv_cache_bytes(model: ResolvedModel, engine: EngineConfig, max_num_seqs: int) -> int | None:

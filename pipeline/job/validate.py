@@ -38,6 +38,9 @@ def check_mode(cfg: JobConfig) -> None:
 def check_kv(cfg: JobConfig) -> None:
     if cfg.kv.transport is Transport.storage and not cfg.kv.storage_path:
         raise JobError("kv.transport=storage needs kv.storage_path (an fsspec URL every worker can reach)")
+    for key in ("pinned_buffer_gib", "device_buffer_gib"):
+        if getattr(cfg.kv, key) < 0:
+            raise JobError(f"kv.{key} must be 0 or more, not {getattr(cfg.kv, key):g}")
 
 
 def check_tensor_parallel(cfg: JobConfig) -> None:

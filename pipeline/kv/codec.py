@@ -1,5 +1,5 @@
 """KV codecs: a canonical KV tensor [layers, 2, tokens, kv_heads, head_dim] to the flat bytes a
-payload ships, and back. "none" ships the cache dtype's raw bytes; "fp8" and "int8" ship one
+payload ships, and back, on the tensor's device (the engine's GPU, so fewer bytes cross PCIe). "none" ships the cache dtype's raw bytes; "fp8" and "int8" ship one
 byte per value plus a float32 scale per (layer, K/V, kv_head), roughly halving a bfloat16
 payload. Scales are per head because heads differ in magnitude by orders of ten: one scale for the
 whole tensor would flush the small heads to zero."""
@@ -16,12 +16,12 @@ class Codec(ABC):
     name: str
 
     @abstractmethod
-    def encode(self, kv: torch.Tensor) -> np.ndarray:
-        """The bytes to ship, as a 1-D uint8 array."""
+    def encode(self, kv: torch.Tensor) -> torch.Tensor:
+        """The bytes to ship, as a 1-D uint8 tensor on kv's device."""
 
     @abstractmethod
-    def decode(self, data: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The KV tensor of `shape` and `dtype` that `data` encodes."""
+    def decode(self, data: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The KV tensor of `shape` and `dtype` that the uint8 `data` encodes, on its device."""
 
     @abstractmethod
     def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -29,17 +29,17 @@ class Codec(ABC):
 
 
 class Raw(Codec):
-    """The tensor's own bytes: no copy to encode a contiguous tensor, none to decode."""
+    """The tensor's own bytes: no copy to encode a contiguous tensor, none to decode. Viewing
+    as uint8 also carries bfloat16, which numpy lacks."""
 
     name = "none"
 
-    def encode(self, kv: torch.Tensor) -> np.ndarray:
-        # Viewing as uint8 also carries bfloat16, which numpy lacks, as its raw bytes.
-        return kv.contiguous().view(torch.uint8).reshape(-1).numpy()
+    def encode(self, kv: torch.Tensor) -> torch.Tensor:
+        return kv.contiguous().view(torch.uint8).reshape(-1)
 
-    def decode(self, data: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, data: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         _check_size(self, data, shape, dtype)
-        return _bytes(data).view(dtype).view(shape)
+        return data.view(dtype).view(shape)
 
     def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return math.prod(shape) * dtype.itemsize
@@ -53,30 +53,30 @@ class Scaled(Codec):
     def __init__(self, name: str, storage: torch.dtype, qmax: float):
         self.name, self.storage, self.qmax = name, storage, qmax
 
-    def encode(self, kv: torch.Tensor) -> np.ndarray:
+    def encode(self, kv: torch.Tensor) -> torch.Tensor:
         layers, _, tokens, heads, _ = kv.shape
         if tokens:
             amax = torch.maximum(kv.amax(dim=(2, 4)), -kv.amin(dim=(2, 4))).float()
         else:  # amax over an empty dim is an error; the scales are never used
-            amax = torch.zeros(layers, 2, heads)
+            amax = torch.zeros(layers, 2, heads, device=kv.device)
         scales = torch.where(amax > 0, amax / self.qmax, 1.0)  # an all-zero head stays zero
         # Dividing promotes to float32, so the in-place steps below never touch kv.
         scaled = kv / scales[:, :, None, :, None]
         if not self.storage.is_floating_point:
             scaled.round_()
         scaled.clamp_(-self.qmax, self.qmax)
-        out = torch.empty(self.nbytes(kv.shape, kv.dtype), dtype=torch.uint8)
+        out = torch.empty(self.nbytes(kv.shape, kv.dtype), dtype=torch.uint8, device=kv.device)
         values = kv.numel()
         out[:values].view(self.storage).view(kv.shape).copy_(scaled)
         out[values:] = scales.view(torch.uint8).reshape(-1)
-        return out.numpy()
+        return out
 
-    def decode(self, data: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, data: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         _check_size(self, data, shape, dtype)
         values = math.prod(shape)
         # The scales may start at an offset that is not a multiple of 4: copy their few bytes.
-        scales = torch.from_numpy(data[values:].copy()).view(torch.float32).view(shape[0], 2, shape[3])
-        q = _bytes(data[:values]).view(self.storage).view(shape)
+        scales = data[values:].clone().view(torch.float32).view(shape[0], 2, shape[3])
+        q = data[:values].view(self.storage).view(shape)
         return q.float().mul_(scales[:, :, None, :, None]).to(dtype)
 
     def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -100,13 +100,13 @@ def codec(name: str) -> Codec:
     return CODECS[name]
 
 
-def _check_size(c: Codec, data: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+def _check_size(c: Codec, data: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     expected = c.nbytes(shape, dtype)
-    if data.size != expected:
-        raise ValueError(f"{c.name} KV data has {data.size} bytes, {expected} expected for {shape} {dtype}")
+    if data.numel() != expected:
+        raise ValueError(f"{c.name} KV data has {data.numel()} bytes, {expected} expected for {shape} {dtype}")
 
 
-def _bytes(data: np.ndarray) -> torch.Tensor:
+def as_tensor(data: np.ndarray) -> torch.Tensor:
     """A uint8 tensor sharing data's memory."""
     if not data.size:  # an empty array may have stride 0, which dtype views refuse
         return torch.empty(0, dtype=torch.uint8)

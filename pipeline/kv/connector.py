@@ -9,6 +9,10 @@ request's blocks before the forward pass: again each time the engine resumes a r
 preempted (vLLM frees a preempted request's blocks and asks the connector anew). A preempted
 producer request computes its prompt again (less what the prefix cache still holds) and is
 saved after its last chunk, once: it never runs again after that step (max_tokens=1).
+
+Worker side, saves are gathered and encoded on the engine's stream and copied to host memory
+beside it, loads copied to the device beside it (pipeline/kv/transfer.py); the paged cache is read
+through `PagedCache`, which maps the scheduler's block ids to the kernel's blocks.
 """
 
 from dataclasses import dataclass, field
@@ -22,8 +26,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.model_executor.models.utils import extract_layer_index
 
-from pipeline.kv import handoff
-from pipeline.kv.layout import PagedLayer, gather_tokens, scatter_tokens
+from pipeline.kv import handoff, transfer
+from pipeline.kv.codec import codec
+from pipeline.kv.layout import PagedCache
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -59,8 +64,12 @@ class KVRelayConnector(KVConnectorBase_V1):
         # Scheduler side.
         self._prompt_lens: dict[str, tuple[str, int]] = {}  # producer: req id -> (key, prompt tokens)
         self._pending_loads: list[_Transfer] = []
-        # Worker side: the paged cache of each layer, in model layer order.
-        self._layers: list[PagedLayer] = []
+        # Worker side.
+        extra = self._kv_transfer_config.get_from_extra_config
+        self._codec = codec(extra("codec", "none"))
+        self._buffer_limits = int(extra("pinned_buffer_bytes", 0)), int(extra("device_buffer_bytes", 0))
+        self._cache: PagedCache | None = None
+        self._copies: transfer.DeviceCopies | None = None
 
     # ---- scheduler side ----
 
@@ -108,17 +117,32 @@ class KVRelayConnector(KVConnectorBase_V1):
     # ---- worker side ----
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        groups = self._kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise NotImplementedError(
+                f"KV transfer needs one KV cache group, this model has {len(groups)} "
+                "(attention of several kinds): its blocks are not one set of ids"
+            )
         attention = self._vllm_config.compilation_config.static_forward_context
-        self._layers = [
-            PagedLayer(kv_caches[name], attention[name].attn_backend.get_name(), getattr(attention[name], "isa", None))
-            for name in sorted(kv_caches, key=extract_layer_index)
-        ]
+        names = sorted(kv_caches, key=extract_layer_index)
+        layer = attention[names[0]]
+        spec = groups[0].kv_cache_spec
+        self._cache = PagedCache(
+            [kv_caches[name] for name in names],
+            layer.attn_backend.get_name(),
+            block_size=spec.block_size,
+            head_dim=self._vllm_config.model_config.get_head_size(),
+            dtype=self._vllm_config.model_config.dtype,
+            isa=getattr(layer, "isa", None),
+        )
+        self._copies = transfer.copies_for(kv_caches[names[0]].device, *self._buffer_limits)
+        handoff.copies = self._copies
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         for load in meta.loads:
             with handoff.timed():
-                scatter_tokens(self._layers, load.block_ids, handoff.offered(load.key), load.start, load.stop)
+                self._cache.scatter(load.block_ids, handoff.offered(load.key).to_device(), load.start, load.stop)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -131,4 +155,5 @@ class KVRelayConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         for save in meta.saves:
             with handoff.timed():
-                handoff.save(save.key, gather_tokens(self._layers, save.block_ids, save.stop).cpu())
+                kv = self._cache.gather(save.block_ids, save.stop)
+                handoff.save(save.key, transfer.download(kv, self._codec, self._copies))

@@ -1,7 +1,8 @@
 """Where a stage and the KV connector inside its engine meet. The engine runs in the stage's
 own process, so a dict keyed by request is enough: the prefill stage takes what the connector
-saved, the decode stage offers what the connector will load. A request names its entry by
-`KEY` in `SamplingParams.extra_args["kv_transfer_params"]`.
+saved, the decode stage offers what the connector will load: encoded KV on its way between the
+engine's device and host memory (pipeline/kv/transfer.py). A request names its entry by `KEY`
+in `SamplingParams.extra_args["kv_transfer_params"]`.
 
 The stage and the engine run in different threads (pipeline/engine/loop.py), and the stage works
 on several batches at once: keys are unique per request, and the counts below are one per
@@ -12,12 +13,13 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
+from pipeline.kv.transfer import DeviceCopies, Download, Upload
 
 KEY = "kvrelay_key"
 
-_saved: dict[str, torch.Tensor] = {}
-_offered: dict[str, torch.Tensor] = {}
+_saved: dict[str, Download] = {}
+_offered: dict[str, Upload] = {}
+copies: DeviceCopies | None = None  # the engine's, set by its connector on a CUDA engine
 
 
 class Tally:
@@ -53,21 +55,20 @@ def timed() -> Iterator[None]:
         seconds.add(time.perf_counter() - started)
 
 
-def save(key: str, kv: torch.Tensor) -> None:
+def save(key: str, kv: Download) -> None:
     _saved[key] = kv
 
 
-def take_saved(key: str) -> torch.Tensor:
+def take_saved(key: str) -> Download:
     return _saved.pop(key)
 
 
-def offer(key: str, kv: torch.Tensor) -> None:
-    """Make canonical KV [layers, 2, tokens, kv_heads, head_dim] available to the request that
-    names `key`, until it is withdrawn."""
+def offer(key: str, kv: Upload) -> None:
+    """Make a request's KV available to the request that names `key`, until it is withdrawn."""
     _offered[key] = kv
 
 
-def offered(key: str) -> torch.Tensor:
+def offered(key: str) -> Upload:
     """Kept, not taken: a request the engine preempts (its cache ran short) loses its blocks and
     loads its KV again when it resumes."""
     return _offered[key]
@@ -75,4 +76,6 @@ def offered(key: str) -> torch.Tensor:
 
 def withdraw(key: str) -> None:
     """Once the request has left the engine."""
-    _offered.pop(key, None)
+    kv = _offered.pop(key, None)
+    if kv is not None:
+        kv.release()

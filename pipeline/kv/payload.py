@@ -17,7 +17,8 @@ import xxhash
 
 from pipeline.columns import KV_PAYLOAD, ErrorKind, row_error
 from pipeline.engine.model import ResolvedModel
-from pipeline.kv.codec import CODECS, codec
+from pipeline.kv.codec import CODECS, as_tensor, codec
+from pipeline.kv.transfer import DeviceCopies, Upload
 
 FORMAT = 2
 TYPE = pa.struct(
@@ -60,9 +61,13 @@ class KVPayload:
     file: str | None = None  # where the bytes are when they are not inline
 
     @classmethod
+    def of(cls, data: np.ndarray, shape: tuple[int, ...], model: ResolvedModel, codec_name: str) -> "KVPayload":
+        """The payload of KV of `shape` that `codec_name` encoded as `data`."""
+        return cls(model.fingerprint, model.dtype, codec_name, shape, checksum(data), data)
+
+    @classmethod
     def encode(cls, kv: torch.Tensor, model: ResolvedModel, codec_name: str) -> "KVPayload":
-        data = codec(codec_name).encode(kv)
-        return cls(model.fingerprint, model.dtype, codec_name, tuple(kv.shape), checksum(data), data)
+        return cls.of(codec(codec_name).encode(kv).cpu().numpy(), tuple(kv.shape), model, codec_name)
 
     @property
     def num_tokens(self) -> int:
@@ -72,7 +77,7 @@ class KVPayload:
     def nbytes(self) -> int:
         """The size of the encoded bytes that its codec, shape and dtype make (of a payload
         that passed `check`)."""
-        return codec(self.codec).nbytes(self.shape, getattr(torch, self.dtype))
+        return codec(self.codec).nbytes(self.shape, self.torch_dtype)
 
     def check(self, model: ResolvedModel, num_tokens: int) -> None:
         """Refuses a payload that is not the KV of a prompt of `num_tokens` on `model` by what
@@ -97,8 +102,9 @@ class KVPayload:
                 ErrorKind.kv_mismatch, f"KV payload codec {self.codec!r}; this kvrelay reads {', '.join(CODECS)}"
             )
 
-    def decode(self, model: ResolvedModel, num_tokens: int) -> torch.Tensor:
-        """The KV for a prompt of `num_tokens` on `model`, or why this payload is not it."""
+    def verify(self, model: ResolvedModel, num_tokens: int) -> None:
+        """Refuses a payload that is not whole and sound KV of a prompt of `num_tokens` on
+        `model`, reading its bytes."""
         self.check(model, num_tokens)
         if self.data.size != self.nbytes:
             # Under a valid checksum too: the codec would read past the bytes or leave some unread.
@@ -107,7 +113,20 @@ class KVPayload:
             )
         if checksum(self.data) != self.checksum:
             raise PayloadLost(ErrorKind.kv_corrupt, "KV payload fails its checksum")
-        return codec(self.codec).decode(self.data, self.shape, getattr(torch, self.dtype))
+
+    def decode(self, model: ResolvedModel, num_tokens: int) -> torch.Tensor:
+        """The KV for a prompt of `num_tokens` on `model`, in host memory, or why this payload
+        is not it."""
+        self.verify(model, num_tokens)
+        return codec(self.codec).decode(as_tensor(self.data), self.shape, self.torch_dtype)
+
+    def upload(self, copies: DeviceCopies | None) -> Upload:
+        """Its KV on the way to an engine's cache (a verified payload)."""
+        return Upload(self.data, self.shape, self.torch_dtype, codec(self.codec), copies)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 def checksum(data: np.ndarray) -> int:

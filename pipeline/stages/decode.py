@@ -11,7 +11,6 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
-import torch
 
 from pipeline.columns import (
     ERROR,
@@ -70,7 +69,8 @@ class Decode(EngineStage):
                 continue
             try:
                 with handoff.timed():
-                    loaded, kv = load(payloads[i], self.model, len(prompts[i]), self.store)
+                    loaded = load(payloads[i], self.model, len(prompts[i]), self.store)
+                    kv = loaded.upload(handoff.copies)
             except PayloadError as error:
                 if isinstance(error, PayloadLost) and self.kv.on_load_failure is OnLoadFailure.recompute:
                     log.warning("row %d: %s; recomputing its prefill", i, error)
@@ -115,9 +115,9 @@ class Decode(EngineStage):
 
 def load(
     p: KVPayload | PayloadError | None, model: ResolvedModel, num_tokens: int, store: PayloadStore | None
-) -> tuple[KVPayload, torch.Tensor]:
-    """A row's payload with its bytes at hand, and the KV they hold; a payload is checked
-    against the engine before its file is read."""
+) -> KVPayload:
+    """A row's payload with its bytes at hand, verified; a payload is checked against the
+    engine before its file is read."""
     if isinstance(p, PayloadError):
         raise p
     if p is None:
@@ -129,7 +129,8 @@ def load(
                 ErrorKind.kv_mismatch, f"KV payload is in file {p.file}; set kv.storage_path to its root"
             )
         p = store.fetch(p)
-    return p, p.decode(model, num_tokens)
+    p.verify(model, num_tokens)
+    return p
 
 
 def check_prefilled(prompt: object, first: object, vocab_size: int, max_model_len: int) -> str | None:

@@ -42,7 +42,7 @@ class EngineStage:
     ):
         if engine.device is Device.cpu:
             bind_threads(placement.cores, placement.threads)
-        self.engine = EngineLoop(lambda: build_engine(model, engine, pool, self.kv_role).llm_engine)
+        self.engine = EngineLoop(lambda: build_engine(model, engine, pool, self.kv_role, kv).llm_engine)
         self.model = model
         self.sampling = sampling
         self.kv = kv

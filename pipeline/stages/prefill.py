@@ -29,14 +29,16 @@ class Prefill(EngineStage):
         finish = batch.column(FINISH_REASON).to_pylist()
         payloads: list[KVPayload | None] = [None] * batch.num_rows
         for i, key, out in zip(rows, keys, outputs):
-            kv = handoff.take_saved(key)
+            saved = handoff.take_saved(key)
             completion = out.outputs[0]
             tokens[i] = list(completion.token_ids)
+            with handoff.timed():
+                data = saved.result()  # encoded by the connector, in host memory once copied
             if completion.finish_reason == "stop" or self.budget(len(prompts[i])) == 1:
                 finish[i] = completion.finish_reason
                 continue
             with handoff.timed():
-                encoded = KVPayload.encode(kv, self.model, self.kv.codec.value)
+                encoded = KVPayload.of(data, saved.shape, self.model, self.kv.codec.value)
                 payloads[i] = self.store.put(encoded) if self.kv.transport is Transport.storage else encoded
             report.kv_bytes += encoded.data.nbytes
             report.kv_tokens += encoded.num_tokens
