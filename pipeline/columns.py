@@ -6,6 +6,7 @@ from collections import Counter
 from enum import Enum
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # Output contract (names follow Ray Data LLM's).
 ID = "id"
@@ -15,7 +16,17 @@ NUM_INPUT_TOKENS = "num_input_tokens"
 NUM_GENERATED_TOKENS = "num_generated_tokens"
 FINISH_REASON = "finish_reason"
 ERROR = "error"
-OUTPUT = (ID, GENERATED_TEXT, GENERATED_TOKENS, NUM_INPUT_TOKENS, NUM_GENERATED_TOKENS, FINISH_REASON, ERROR)
+ERROR_KIND = "error_kind"  # the ErrorKind of `error`, to filter by
+OUTPUT = (
+    ID,
+    GENERATED_TEXT,
+    GENERATED_TOKENS,
+    NUM_INPUT_TOKENS,
+    NUM_GENERATED_TOKENS,
+    FINISH_REASON,
+    ERROR,
+    ERROR_KIND,
+)
 
 # Between stages, and in a prefill dataset.
 PROMPT_TOKENS = "prompt_token_ids"
@@ -75,5 +86,10 @@ def row_error(kind: ErrorKind, detail: str) -> str:
     return f"{kind.value}: {detail}"
 
 
+def error_kind(errors: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Each row's ErrorKind, from its error (null where it has none)."""
+    return pc.list_element(pc.split_pattern(errors, pattern=": ", max_splits=1), 0)
+
+
 def error_kinds(errors: pa.ChunkedArray) -> dict[str, int]:
-    return dict(Counter(e.split(":", 1)[0] for e in errors.drop_null().to_pylist()))
+    return dict(Counter(error_kind(errors).drop_null().to_pylist()))

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -155,6 +155,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # On one machine, give each engine pool its own cores so the pools do not compete.
     bind_cores: bool = True
+    # More of vLLM's engine arguments, as given (max_num_batched_tokens, quantization,
+    # trust_remote_code, ...); those kvrelay sets itself are refused, naming the key to use.
+    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 class Codec(str, Enum):

@@ -41,7 +41,7 @@ GIB = 2**30
 
 
 def pool(busy: float, rows: int, input_tokens: int, output_tokens: int, size: int = 1, workers: int | None = None):
-    """A stage of metrics.json: `workers` that joined it, `size` of them at once."""
+    """A stage of _metrics.json: `workers` that joined it, `size` of them at once."""
     return {**stage(busy, rows, input_tokens, output_tokens, workers or size), "size": size}
 
 

@@ -103,7 +103,7 @@ def test_cli_on_s3_after_a_crash_resumes_and_writes_every_row_exactly_once(s3: B
         set(parts) == {f"part-{i:06d}.parquet" for i in range(SHARDS)} and {p: parts[p] for p in committed} == committed
     )
     assert fs.exists(f"{out}/_SUCCESS")
-    metrics = json.loads(fs.cat(f"{out}/metrics.json"))
+    metrics = json.loads(fs.cat(f"{out}/_metrics.json"))
     assert metrics["shards"]["total"] == SHARDS and len(committed) <= metrics["shards"]["resumed"] <= SHARDS
 
     table = read_output(out)
@@ -115,6 +115,7 @@ def test_cli_on_s3_after_a_crash_resumes_and_writes_every_row_exactly_once(s3: B
         "num_generated_tokens",
         "finish_reason",
         "error",
+        "error_kind",
         "topic",
         "priority",
     ):
@@ -122,13 +123,13 @@ def test_cli_on_s3_after_a_crash_resumes_and_writes_every_row_exactly_once(s3: B
     rows = table.drop_columns(["prompt"]).to_pylist()  # carried as it came, invalid UTF-8 included
     assert [r["priority"] for r in rows] == list(range(len(rows))) == list(range(18))  # each row once, in input order
     for row in rows[: len(GOOD)]:
-        assert row["error"] is None and row["topic"] == f"t{row['priority']}"
+        assert row["error"] is None and row["error_kind"] is None and row["topic"] == f"t{row['priority']}"
         assert row["num_generated_tokens"] == len(row["generated_tokens"]) > 0 and row["generated_text"]
         assert row["finish_reason"] in ("stop", "length") and row["num_input_tokens"] > 0
     assert "Paris" in rows[0]["generated_text"]
     for row, (_, row_id, kind) in zip(rows[len(GOOD) :], BAD):
         assert row["id"] == row_id
-        assert row["error"].startswith(f"{kind}: ") and row["generated_tokens"] is None, row
+        assert row["error"].startswith(f"{kind}: ") and row["error_kind"] == kind and row["generated_tokens"] is None
 
     # The counts cover the parts committed before the kill as well as those written after it.
     assert (metrics["rows_in"], metrics["rows_out"], metrics["rows_errored"]) == (18, 18, len(BAD))

@@ -267,7 +267,7 @@ def test_local_hetero_runs_each_phase_on_its_node_class(prompts, tmp_path):
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((output / "metrics.json").read_text())
+    metrics = json.loads((output / "_metrics.json").read_text())
     assert Counter(_node_class(r) for r in metrics["nodes"].values()) == {"cpu": 1, "prefill": 1, "decode": 1}
     for stage, node_class in (("tokenize", "cpu"), ("prefill", "prefill"), ("decode", "decode"), ("detokenize", "cpu")):
         rows = Counter()

@@ -56,6 +56,8 @@ GPU_EACH = ["pools.prefill.num_gpus=1", "pools.decode.num_gpus=1"]
     [
         (["kv.transport=storage"], "kv.transport=storage needs kv.storage_path"),
         (["kv.device_buffer_gib=-1"], "kv.device_buffer_gib must be 0 or more, not -1"),
+        (["+engine.extra.dtype=half"], "engine.extra.dtype is kvrelay's to set: use model.dtype"),
+        (["+engine.extra.kv_cache_dtype=fp8"], "engine.extra.kv_cache_dtype=fp8 needs mode=colocated"),
         (["engine.tensor_parallel_size=2"], "engine.tensor_parallel_size=2 needs mode=colocated: the KV handoff"),
         (
             ["mode=colocated", "engine.tensor_parallel_size=2"],
@@ -133,3 +135,13 @@ def test_blocks_hold_a_shard_of_cheap_rows_and_spread_over_the_engines():
 def test_blocks_that_carry_kv_stay_within_ray_datas_block_size():
     assert _blocks(200_000, kv_row_bytes=1 << 20) == 128  # 128 MiB of KV
     assert _blocks(200_000, kv_row_bytes=46_080 * 1000) == 32  # long prompts: an engine batch
+
+
+@pytest.mark.slow
+def test_engine_extra_reaches_vllms_engine_arguments(model):
+    """vLLM itself judges what engine.extra passes: here a batch budget below the batch."""
+    from pipeline.engine.build import build_engine
+
+    cfg = job_config("+engine.extra.max_num_batched_tokens=3")
+    with pytest.raises(Exception, match=re.escape("max_num_batched_tokens (3) must be greater than or equal")):
+        build_engine(model, cfg.engine, cfg.pools.colocated)

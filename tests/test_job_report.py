@@ -1,4 +1,4 @@
-"""The job report: written beside metrics.json through the output's filesystem, naming the
+"""The job report: written beside _metrics.json through the output's filesystem, naming the
 pool that held the job back, never read back as rows; the time series it is drawn from; and
 the live progress bar."""
 
@@ -85,7 +85,7 @@ def written(tmp_path):
 
 
 def test_report_states_pools_bottleneck_errors_and_kv(written):
-    report = (written / "report.md").read_text()
+    report = (written / "_report.md").read_text()
     assert report.startswith("# kvrelay disaggregated generate run of smollm2-135m\n")
     assert "- rows: 8 in, 8 out, 3 with errors" in report
     assert "| prefill | 2 | 60.0 | 60% | 6 | 400 | 6 | 3 | 203 |" in report
@@ -96,7 +96,7 @@ def test_report_states_pools_bottleneck_errors_and_kv(written):
     assert "- KV moved: 6.0 MiB, 46080 B per prompt token" in report
     assert "- handoff: 3.0 s, 5.0% of the prefill pool's busy time" in report
     assert "- prefill recomputed by the decode pool: 2 rows" in report
-    assert "![rows through each stage and output tokens/s over time](report.png)" in report
+    assert "![rows through each stage and output tokens/s over time](_report.png)" in report
 
 
 def test_metrics_json_reads_back_as_the_metrics_written(tmp_path):
@@ -109,7 +109,7 @@ def test_metrics_json_reads_back_as_the_metrics_written(tmp_path):
 
 
 def test_plot_is_a_png(written):
-    png = (written / "report.png").read_bytes()
+    png = (written / "_report.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
@@ -121,15 +121,15 @@ def test_a_run_that_resumed_everything_has_no_pools_and_no_plot(tmp_path):
     out, _ = claimed(tmp_path / "out")
     resumed = {**METRICS, "stages": {}, "errors": {}, "kv_bytes_moved": 0, "kv_bytes_per_prompt_token": None}
     write_report(out, JobMetrics.from_dict(resumed), [])
-    report = (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "_report.md").read_text()
     assert "No pool ran: every shard was committed by an earlier run." in report
-    assert "No row errors." in report and "KV moved" not in report and "report.png" not in report
-    assert not (tmp_path / "out" / "report.png").exists()
+    assert "No row errors." in report and "KV moved" not in report and "_report.png" not in report
+    assert not (tmp_path / "out" / "_report.png").exists()
 
 
 def test_a_rerun_withdraws_the_old_report(written):
     claimed(written)
-    assert not (written / "report.md").exists() and not (written / "report.png").exists()
+    assert not (written / "_report.md").exists() and not (written / "_report.png").exists()
 
 
 def test_output_rate_spreads_each_batch_over_the_seconds_it_ran():

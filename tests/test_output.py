@@ -165,7 +165,7 @@ def test_success_marker_only_after_finish(tmp_path):
     out, _ = claimed(tmp_path / "out")
     assert not (tmp_path / "out" / SUCCESS).exists()
     out.finish('{"rows_out": 1}')
-    assert (tmp_path / "out" / SUCCESS).exists() and (tmp_path / "out" / "metrics.json").exists()
+    assert (tmp_path / "out" / SUCCESS).exists() and (tmp_path / "out" / "_metrics.json").exists()
     _, done = claimed(tmp_path / "out")  # a rerun starts by withdrawing the marker
     assert done == set() and not (tmp_path / "out" / SUCCESS).exists()
 

@@ -278,6 +278,25 @@ def test_split_jobs_write_what_one_job_writes(ray_cluster, few_prompts, disaggre
     assert all(row == expected[row["id"]] for row in split.to_pylist())
 
 
+def test_every_parquet_reader_opens_a_finished_output(ray_cluster, disaggregated_run):
+    """Only row parts lack a leading underscore: readers given the directory, with no options,
+    read the rows and nothing else."""
+    import duckdb
+    import pandas
+    import pyarrow.dataset as ds
+
+    output = str(disaggregated_run[0])
+    expected = sorted(read_output(output).column("id").to_pylist())
+    ids = {
+        "pandas": pandas.read_parquet(output)["id"].tolist(),
+        "pyarrow.parquet": pq.read_table(output).column("id").to_pylist(),
+        "pyarrow.dataset": ds.dataset(output).to_table().column("id").to_pylist(),
+        "ray.data": [row["id"] for row in ray.data.read_parquet(output).select_columns(["id"]).take_all()],
+        "duckdb": [row[0] for row in duckdb.sql(f"select id from read_parquet('{output}/*.parquet')").fetchall()],
+    }
+    assert {reader: sorted(got) for reader, got in ids.items()} == dict.fromkeys(ids, expected)
+
+
 def test_a_prefill_dataset_with_inline_kv_is_written_by_the_workers(ray_cluster, few_prompts, tmp_path):
     """jobs.prefill with the KV inline in the dataset: every payload is written where it was
     computed; the driver receives fragment names and row numbers, a few dozen bytes a row."""
@@ -360,6 +379,7 @@ def test_crafted_prefill_rows_fail_alone_and_the_rest_decode(ray_cluster, model,
     )
     rows = {r["id"]: r for r in read_output(str(out)).to_pylist()}
     assert {k: r["error"] and r["error"].split(":", 1)[0] for k, r in rows.items()} == expected
+    assert {k: r["error_kind"] for k, r in rows.items()} == expected
     assert rows["p63"]["generated_tokens"] == colocated["p63"][:1] and rows["p63"]["finish_reason"] == "length"
     decoded = ["p16", "p17", "p31", "p32"]
     assert all(rows[k]["generated_tokens"] == colocated[k] for k in decoded)

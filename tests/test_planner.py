@@ -162,7 +162,7 @@ def test_workload_from_a_kvrelay_output_leaves_errored_rows_out(tmp_path):
         ),
         tmp_path / "out.parquet",
     )
-    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "_metrics.json").write_text("{}")
     assert Workload.from_parquet(str(tmp_path)) == Workload(200, 20, 2)
 
 

@@ -40,7 +40,7 @@ def two_files(tmp_path):
             }
         )
         pq.write_table(table, tmp_path / name, row_group_size=3)
-    for name in ("_SUCCESS", "metrics.json", "report.md", "report.png"):
+    for name in ("_SUCCESS", "_metrics.json", "_report.md", "_report.png"):
         (tmp_path / name).write_text("not rows")
     return tmp_path
 

@@ -11,6 +11,22 @@ if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
 
 PRODUCER, CONSUMER = "kv_producer", "kv_consumer"
+# The vLLM engine arguments kvrelay sets itself, each with what sets it.
+OWN_ENGINE_ARGS = {
+    "model": "model.checkpoint or model.bundled_gguf",
+    "dtype": "model.dtype",
+    "max_model_len": "model.max_model_len",
+    "max_num_seqs": "pools.<pool>.max_num_seqs",
+    "enforce_eager": "engine.enforce_eager",
+    "enable_prefix_caching": "engine.enable_prefix_caching",
+    "tensor_parallel_size": "engine.tensor_parallel_size",
+    "gpu_memory_utilization": "engine.gpu_memory_utilization or pools.<pool>.gpu_memory_utilization",
+    "kv_cache_memory_bytes": "engine.kv_cache_gib",
+    "kv_transfer_config": "kv.*",
+    "distributed_executor_backend": "kvrelay (the engine runs in its worker's process)",
+    "disable_hybrid_kv_cache_manager": "kvrelay (off with the KV connector)",
+    "disable_log_stats": "kvrelay",
+}
 _MAX_DEFAULT_KV_CACHE = 4 << 30
 
 
@@ -77,6 +93,7 @@ def build_engine(
         kv_transfer_config=kv_transfer,
         disable_hybrid_kv_cache_manager=kv_transfer is not None,
         disable_log_stats=True,
+        **engine.extra,
     )
 
 

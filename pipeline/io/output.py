@@ -1,16 +1,16 @@
 """The output directory: one Parquet file per input shard, each committed whole (written aside,
 then moved into place) by a worker once its rows are all written, so a crash leaves only
 complete shards behind and a rerun of the same job finishes the rest. A manifest names the job
-that owns the directory; a lease names the run that holds it now; metrics.json, the report and
+that owns the directory; a lease names the run that holds it now; _metrics.json, the report and
 the _SUCCESS marker are written last.
 
     out/_kvrelay_job.json   the job's identity (input files, model, sampling, shard size)
     out/_kvrelay_lease.json the run writing here now (pipeline/io/lease.py)
     out/_fragments/         rows written by the workers, until their shard is committed
     out/part-000000.parquet ...
-    out/report.md           for a person: pools, bottleneck, errors, KV; and the plot beside it,
-    out/report.png          rows through each stage and output tokens/s over time
-    out/metrics.json
+    out/_report.md           for a person: pools, bottleneck, errors, KV; and the plot beside it,
+    out/_report.png          rows through each stage and output tokens/s over time
+    out/_metrics.json
     out/_SUCCESS
 
 Everything is checked before anything is written (`inspect`); `claim` then takes the lease

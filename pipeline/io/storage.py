@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.dataset
 import pyarrow.fs
 
-METRICS = "metrics.json"
-REPORT = "report.md"
-REPORT_PLOT = "report.png"
+METRICS = "_metrics.json"
+REPORT = "_report.md"
+REPORT_PLOT = "_report.png"
 # Name prefixes never read as rows: hidden and underscore files, and what a job writes beside its rows
 # (so a job's output, e.g. a prefill dataset, reads back as an input).
 NOT_ROWS = (".", "_", METRICS, REPORT, REPORT_PLOT)
@@ -20,7 +20,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, pyarrow.fs.FileSyst
 
 def parquet_dataset(url: str) -> pyarrow.dataset.Dataset:
     """A Parquet file or directory, such as a finished job's rows (the files beside
-    metrics.json, the report and _SUCCESS)."""
+    _metrics.json, the report and _SUCCESS)."""
     _, arrow_fs, root = filesystem(url)
     return pyarrow.dataset.dataset(
         root,

@@ -1,4 +1,4 @@
-"""metrics.json: what a job reports about itself, typed. Built once at the end of a job
+"""_metrics.json: what a job reports about itself, typed. Built once at the end of a job
 (pipeline/job/run.py) and serialised here only; the report, the bench and the capacity planner
 read these types, never the JSON's keys."""
 
@@ -82,7 +82,7 @@ class JobMetrics:
     processing_seconds: Optional[float]
     object_store_peak_bytes: int
     nodes: dict[str, dict[str, float]]  # each node's Ray resources, by node id
-    # Counts with a default read as 0 from the metrics.json of an earlier kvrelay, which had none.
+    # Counts with a default read as 0 from the _metrics.json of an earlier kvrelay, which had none.
     # Times an engine preempted a request (its cache ran short), counted by the KV connector.
     preemptions: int = 0
     input_rows_decoded: int = 0  # Parquet rows the readers decoded, against rows_in
@@ -94,12 +94,12 @@ class JobMetrics:
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobMetrics":
-        """From metrics.json's content, or one mode of a bench.json (whose other keys are left)."""
+        """From _metrics.json's content, or one mode of a bench.json (whose other keys are left)."""
         return _build(cls, data)
 
     @classmethod
     def read(cls, url: str) -> "JobMetrics":
-        """A finished job's metrics.json, given the job's output URL."""
+        """A finished job's _metrics.json, given the job's output URL."""
         with fsspec.open(f"{url.rstrip('/')}/{METRICS}") as f:
             return cls.from_dict(json.load(f))
 

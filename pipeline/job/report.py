@@ -1,6 +1,6 @@
-"""The report a job writes beside metrics.json, for a person rather than a program: report.md
+"""The report a job writes beside _metrics.json, for a person rather than a program: _report.md
 (what ran, how busy each pool and each worker was and which pool held the job back, errors, the
-KV handoff) and report.png (rows through each stage and output tokens/s over time). Written
+KV handoff) and _report.png (rows through each stage and output tokens/s over time). Written
 through the output's filesystem, so it lands wherever the rows do (local, s3://, ...), before
 _SUCCESS."""
 

@@ -1,5 +1,5 @@
 """Runs one job: checks it, builds its graph (pipeline/job/graph.py), has the driver commit the
-shards the workers write, and writes metrics.json and the report.
+shards the workers write, and writes _metrics.json and the report.
 
 The workers write the rows; the driver commits each shard once its rows are all written
 (pipeline/io/commit.py). Shards already committed by an earlier run of the same job are not read
@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from pipeline.cluster import alive_nodes, check_schedulable, demands, start_ray
 from pipeline.columns import (
+    ERROR_KIND,
     FINISH_REASON,
     GENERATED_TEXT,
     GENERATED_TOKENS,
@@ -44,7 +45,7 @@ from pipeline.kv.store import PayloadStore
 
 def run(cfg: JobConfig) -> JobMetrics:
     """Runs one job to completion (or finishes a crashed run of it); returns the metrics also
-    written to metrics.json, beside report.md and report.png. Every check comes before the
+    written to _metrics.json, beside _report.md and _report.png. Every check comes before the
     output is touched."""
     started, started_at = time.perf_counter(), time.time()
     check_job(cfg)
@@ -160,6 +161,7 @@ def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict
         "model": model.fingerprint,
         "model_dtype": model.dtype,
         "max_model_len": cfg.model.max_model_len,
+        **({"engine_extra": cfg.engine.extra} if cfg.engine.extra else {}),  # absent when unset, as before it existed
         "sampling": asdict(cfg.sampling),
         "kv_codec": cfg.kv.codec.value,
         "kv_on_load_failure": cfg.kv.on_load_failure.value,
@@ -190,7 +192,7 @@ def _reserved(cfg: JobConfig) -> tuple[str, ...]:
     """Column names the job writes, which input columns must not take: the output contract's
     (but the id column, carried as `id`), and for a prompt dataset the columns stages add (a
     prefill dataset has those already)."""
-    written = OUTPUT if cfg.phase is not Phase.decode else (GENERATED_TEXT, NUM_GENERATED_TOKENS)
+    written = OUTPUT if cfg.phase is not Phase.decode else (GENERATED_TEXT, NUM_GENERATED_TOKENS, ERROR_KIND)
     names = written + (STAGE_COLUMNS if cfg.phase is not Phase.decode else ())
     return tuple(n for n in names if n != cfg.input.id_column)
 

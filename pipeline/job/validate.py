@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 import fsspec
 
 from pipeline.config import ClusterConfig, ClusterKind, Device, JobConfig, Mode, ModelConfig, Phase, Transport
-from pipeline.engine.build import gpu_memory_utilization
+from pipeline.engine.build import OWN_ENGINE_ARGS, gpu_memory_utilization
 from pipeline.engine.model import ResolvedModel
 from pipeline.engine.placement import engine_pools
 from pipeline.errors import JobError
@@ -23,6 +23,7 @@ from pipeline.errors import JobError
 def check_job(cfg: JobConfig) -> None:
     check_mode(cfg)
     check_kv(cfg)
+    check_engine_extra(cfg)
     check_tensor_parallel(cfg)
     check_devices(cfg)
     check_model(cfg.model)
@@ -58,6 +59,18 @@ def check_tensor_parallel(cfg: JobConfig) -> None:
         raise JobError(
             f"engine.tensor_parallel_size={tp} needs engine.device=cuda and pools.colocated.num_gpus={tp} "
             f"(each worker holds its engine's GPUs; it has {cfg.pools.colocated.num_gpus:g})"
+        )
+
+
+def check_engine_extra(cfg: JobConfig) -> None:
+    for key in cfg.engine.extra:
+        if key in OWN_ENGINE_ARGS:
+            raise JobError(f"engine.extra.{key} is kvrelay's to set: use {OWN_ENGINE_ARGS[key]}")
+    cache_dtype = cfg.engine.extra.get("kv_cache_dtype", "auto")
+    if cache_dtype != "auto" and (cfg.mode is Mode.disaggregated or cfg.phase is not Phase.generate):
+        raise JobError(
+            f"engine.extra.kv_cache_dtype={cache_dtype} needs mode=colocated: the KV handoff moves a cache in the "
+            "model's dtype (to send fewer bytes, set kv.codec=fp8)"
         )
 
 

@@ -5,6 +5,7 @@ import pyarrow.compute as pc
 
 from pipeline.columns import (
     ERROR,
+    ERROR_KIND,
     FINISH_REASON,
     GENERATED_TEXT,
     GENERATED_TOKENS,
@@ -13,6 +14,7 @@ from pipeline.columns import (
     NUM_GENERATED_TOKENS,
     NUM_INPUT_TOKENS,
     TOKEN_LIST,
+    error_kind,
 )
 from pipeline.engine.model import ResolvedModel, load_tokenizer
 from pipeline.job.meter import StageMeter
@@ -45,6 +47,7 @@ class Detokenize:
                 NUM_GENERATED_TOKENS: lengths,
                 FINISH_REASON: batch.column(FINISH_REASON),
                 ERROR: batch.column(ERROR),
+                ERROR_KIND: error_kind(batch.column(ERROR)),
                 **{name: batch.column(name) for name in batch.column_names if name.startswith(INTERNAL)},
             }
             columns.update({name: batch.column(name) for name in self.carried if name not in columns})

@@ -63,7 +63,7 @@ def kvrelay_generate():
         root = root.rstrip("/")
         if not fs.exists(f"{root}/_SUCCESS"):
             raise RuntimeError(f"{job['output']} has no _SUCCESS: the job did not finish")
-        with fs.open(f"{root}/metrics.json") as f:
+        with fs.open(f"{root}/_metrics.json") as f:
             metrics = json.load(f)
         return {key: metrics[key] for key in ("rows_in", "rows_out", "rows_errored", "output_tokens_per_second")}
 
