@@ -15,6 +15,7 @@ GENERATED_TOKENS = "generated_tokens"
 NUM_INPUT_TOKENS = "num_input_tokens"
 NUM_GENERATED_TOKENS = "num_generated_tokens"
 FINISH_REASON = "finish_reason"
+LOGPROBS = "logprobs"  # when asked for (sampling.logprobs, or per row)
 ERROR = "error"
 ERROR_KIND = "error_kind"  # the ErrorKind of `error`, to filter by
 OUTPUT = (
@@ -37,8 +38,14 @@ STAGE_COLUMNS = (PROMPT_TOKENS, KV_PAYLOAD, GENERATED_TOKENS, NUM_INPUT_TOKENS, 
 INTERNAL = "__kvrelay_"  # prefix of the columns below, which are never written out
 ROW = "__kvrelay_row"  # job-wide input row number: orders and deduplicates the committed output
 KV_FILE = "__kvrelay_kv_file"  # a payload file to remove once its row is committed
+ENGINE_TEXT = "__kvrelay_text"  # the engine's own text of a completion cut at a stop string
 
 TOKEN_LIST = pa.list_(pa.int32())
+TOKEN_LOGPROB = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])
+# Per generated token: the token's logprob and the top alternatives', most likely first.
+LOGPROB_LIST = pa.list_(
+    pa.struct([("token_id", pa.int32()), ("logprob", pa.float32()), ("top", pa.list_(TOKEN_LOGPROB))])
+)
 
 
 def with_columns(table: pa.Table, **columns: pa.Array | list) -> pa.Table:
@@ -73,6 +80,10 @@ class ErrorKind(str, Enum):
     overlong_prompt = "overlong_prompt"  # input.overlong=error: no room left for max_tokens
     invalid_token_ids = "invalid_token_ids"
     invalid_first_token = "invalid_first_token"  # a prefill dataset's row holds one first token
+    invalid_messages = "invalid_messages"  # a conversation that is not a list of {role, content} turns
+    # Its sampling values (input.sampling_column over sampling.*), and what else the engine refuses.
+    invalid_sampling = "invalid_sampling"
+    engine_refused = "engine_refused"
     # Its KV payload, at decode time.
     kv_mismatch = "kv_mismatch"  # made for another engine (model, format, shape, dtype, codec)
     kv_corrupt = "kv_corrupt"  # damaged on the way (kv.on_load_failure=error; else recomputed)

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -67,8 +67,21 @@ class InputConfig:
     prompt_column: str = "prompt"
     id_column: str = "id"
     apply_chat_template: bool = True
+    # Conversations instead of prompts: a list<struct<role, content>> column (system, user,
+    # assistant turns), rendered with the model's chat template.
+    messages_column: Optional[str] = None
+    # A system turn for every row that has none (with the chat template).
+    system_prompt: Optional[str] = None
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # A struct column whose fields override sampling.* row by row (null fields keep the job's).
+    sampling_column: str = "sampling_params"
     overlong: Overlong = Overlong.error
     duplicate_ids: DuplicateIds = DuplicateIds.error
+
+    @property
+    def source_column(self) -> str:
+        """The column prompts come from."""
+        return self.messages_column or self.prompt_column
 
 
 @dataclass
@@ -82,11 +95,31 @@ class OutputConfig:
 
 @dataclass
 class SamplingConfig:
+    """The job's sampling; a row's `input.sampling_column` struct overrides any of these keys
+    for that row (pipeline/engine/sampling.py)."""
+
     max_tokens: int = 64
+    min_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    # Each row samples with its own seed, derived from this one and its row number: duplicate
+    # prompts get different samples, the same on every run.
     seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    stop_token_ids: List[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Structured output, at most one: a JSON schema (a mapping, or JSON text), a regular
+    # expression, or a list of choices. The completion is guaranteed to match it.
+    json_schema: Optional[Any] = None
+    regex: Optional[str] = None
+    choice: Optional[List[str]] = None
+    # Per generated token its logprob and the top-k alternatives' (the `logprobs` column).
+    logprobs: Optional[int] = None
 
 
 @dataclass

@@ -57,6 +57,13 @@ GPU_EACH = ["pools.prefill.num_gpus=1", "pools.decode.num_gpus=1"]
         (["kv.transport=storage"], "kv.transport=storage needs kv.storage_path"),
         (["kv.device_buffer_gib=-1"], "kv.device_buffer_gib must be 0 or more, not -1"),
         (["+engine.extra.dtype=half"], "engine.extra.dtype is kvrelay's to set: use model.dtype"),
+        (["sampling.temperature=-1"], "sampling.temperature must be in [0, inf], not -1"),
+        (["sampling.json_schema='{'"], "sampling.json_schema is not JSON text or a mapping"),
+        (["sampling.json_schema={type: 5}"], "sampling.json_schema is not a valid JSON schema"),
+        (["sampling.regex='(a'"], "sampling.regex is not a regular expression"),
+        (["sampling.regex=a", "sampling.choice=[b]"], "sampling.at most one of json_schema, regex, choice"),
+        (["sampling.min_tokens=9", "sampling.max_tokens=8"], "sampling.min_tokens (9) must not exceed max_tokens (8)"),
+        (["input.apply_chat_template=false", "input.system_prompt=x"], "input.system_prompt needs the chat template"),
         (["+engine.extra.kv_cache_dtype=fp8"], "engine.extra.kv_cache_dtype=fp8 needs mode=colocated"),
         (["engine.tensor_parallel_size=2"], "engine.tensor_parallel_size=2 needs mode=colocated: the KV handoff"),
         (

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.engine.loop import EngineFailed, EngineLoop
+from pipeline.engine.loop import EngineFailed, EngineLoop, RequestRefused
 
 TIMEOUT = 10.0
 
@@ -99,12 +99,13 @@ def test_an_engine_error_fails_every_waiting_batch_and_every_later_one():
         asyncio.run(asyncio.wait_for(loop.generate([1], [None]), TIMEOUT))
 
 
-def test_a_refused_request_fails_its_batch_alone():
+def test_a_refused_request_is_its_own_error_and_the_rest_complete():
     engine = FakeEngine()
     loop = EngineLoop(lambda: engine)
-    refused, fine = asyncio.run(run(loop.generate([2, -1], [None] * 2), loop.generate([1], [None]))(engine))
-    assert isinstance(refused, ValueError) and [o.prompt for o in fine] == [1]
-    assert engine.aborted == ["0"]  # the refused batch's request that was already in
+    mixed, fine = asyncio.run(run(loop.generate([2, -1, 1], [None] * 3), loop.generate([-5], [None]))(engine))
+    assert mixed[0].prompt == 2 and mixed[2].prompt == 1
+    assert mixed[1] == RequestRefused("request 1 refused") and fine == [RequestRefused("request 3 refused")]
+    assert engine.aborted == []
     assert [o.prompt for o in asyncio.run(asyncio.wait_for(loop.generate([1], [None]), TIMEOUT))] == [1]
 
 

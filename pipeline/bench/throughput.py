@@ -20,8 +20,9 @@ from pipeline.bench.results import BENCH_JSON, PlainRun, bench_rows, fastest, ma
 from pipeline.cluster import start_ray
 from pipeline.columns import GENERATED_TOKENS
 from pipeline.config import JobConfig, Mode
-from pipeline.engine.build import bind_threads, build_engine, sampling_params
+from pipeline.engine.build import bind_threads, build_engine
 from pipeline.engine.model import resolve_model
+from pipeline.engine.sampling import RowSampling
 from pipeline.errors import JobError
 from pipeline.io.storage import read_output
 from pipeline.job.run import run
@@ -46,10 +47,14 @@ def _generate_all(cfg: JobConfig) -> dict:
     prompts = [p for p in prompts if p]
     bind_threads(None, None)
     llm = build_engine(model, cfg.engine, cfg.pools.colocated)
+    sampling = RowSampling(cfg.sampling, cfg.input.sampling_column)
     generating = time.perf_counter()
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
-        [sampling_params(cfg.sampling, min(cfg.sampling.max_tokens, model.max_model_len - len(p))) for p in prompts],
+        [
+            sampling.params(asdict(cfg.sampling), min(cfg.sampling.max_tokens, model.max_model_len - len(p)))
+            for p in prompts
+        ],
         use_tqdm=False,
     )
     done = time.perf_counter()

@@ -4,11 +4,11 @@ import os
 from typing import TYPE_CHECKING
 
 from pipeline.cache import cache_dir
-from pipeline.config import Device, EngineConfig, KVConfig, PoolConfig, SamplingConfig
+from pipeline.config import Device, EngineConfig, KVConfig, PoolConfig
 from pipeline.engine.model import ResolvedModel
 
 if TYPE_CHECKING:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
 PRODUCER, CONSUMER = "kv_producer", "kv_consumer"
 # The vLLM engine arguments kvrelay sets itself, each with what sets it.
@@ -139,21 +139,3 @@ def kv_cache_bytes(model: ResolvedModel, engine: EngineConfig, max_num_seqs: int
         return None
     wanted = max_num_seqs * model.max_model_len * model.kv_bytes_per_token
     return max(min(wanted, _MAX_DEFAULT_KV_CACHE), 1 << 30)
-
-
-def sampling_params(cfg: SamplingConfig, max_tokens: int, kv_key: str | None = None) -> "SamplingParams":
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    from pipeline.kv.handoff import KEY
-
-    return SamplingParams(
-        max_tokens=max_tokens,
-        output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it finishes
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        seed=cfg.seed,
-        detokenize=False,
-        extra_args={"kv_transfer_params": {KEY: kv_key}} if kv_key else None,
-    )

@@ -40,13 +40,24 @@ class EngineFailed(RuntimeError):
     """The engine raised while stepping: the batches waiting on it and all later ones fail."""
 
 
+@dataclass(frozen=True)
+class RequestRefused:
+    """In place of a request's output: why the engine would not take it."""
+
+    reason: str
+
+
 @dataclass(eq=False)
 class _Batch:
     prompts: list[Any]
     params: list["SamplingParams"]
     done: Future = field(default_factory=Future)  # the outputs, in the order of the prompts
     ids: list[str] = field(default_factory=list)
-    outputs: dict[str, "RequestOutput"] = field(default_factory=dict)
+    outputs: dict[str, "RequestOutput | RequestRefused"] = field(default_factory=dict)
+
+    def finish_if_done(self) -> None:
+        if len(self.outputs) == len(self.ids):
+            self.done.set_result([self.outputs[i] for i in self.ids])
 
 
 @dataclass(eq=False)
@@ -72,9 +83,12 @@ class EngineLoop:
         threading.Thread(target=self._run, args=(build, built), name="engine-loop", daemon=True).start()
         built.result()  # raises what building raised
 
-    async def generate(self, prompts: list[Any], params: list["SamplingParams"]) -> list["RequestOutput"]:
+    async def generate(
+        self, prompts: list[Any], params: list["SamplingParams"]
+    ) -> list["RequestOutput | RequestRefused"]:
         """Adds the requests (prompts as `LLMEngine.add_request` takes them) before the next step
-        and waits until all of them finish; their outputs, in the order of the prompts."""
+        and waits until all of them finish; their outputs, in the order of the prompts, a
+        request the engine refused as `RequestRefused`."""
         batch = _Batch(prompts, params)
         self._put(batch)
         try:
@@ -129,21 +143,16 @@ class EngineLoop:
         item.done.set_result(None)
 
     def _add(self, batch: _Batch) -> None:
-        try:
-            for prompt, params in zip(batch.prompts, batch.params):
-                request_id = str(next(self._ids))
+        for prompt, params in zip(batch.prompts, batch.params):
+            request_id = str(next(self._ids))
+            batch.ids.append(request_id)
+            try:
                 self._engine.add_request(request_id, prompt, params)
-                batch.ids.append(request_id)
-                self._waiting[request_id] = batch
-        except Exception as error:  # a request the engine refuses fails its batch alone
-            if batch.ids:
-                self._engine.abort_request(batch.ids)
-            for request_id in batch.ids:
-                del self._waiting[request_id]
-            batch.done.set_exception(error)
-            return
-        if not batch.ids:
-            batch.done.set_result([])
+            except Exception as error:  # a request the engine refuses is that request's error alone
+                batch.outputs[request_id] = RequestRefused(str(error))
+                continue
+            self._waiting[request_id] = batch
+        batch.finish_if_done()
 
     def _step(self) -> None:
         for output in self._engine.step():
@@ -151,8 +160,7 @@ class EngineLoop:
             if batch is None:  # not finished, or its batch was aborted
                 continue
             batch.outputs[output.request_id] = output
-            if len(batch.outputs) == len(batch.ids):
-                batch.done.set_result([batch.outputs[i] for i in batch.ids])
+            batch.finish_if_done()
 
     def _fail(self, error: BaseException) -> None:
         failure = EngineFailed(f"the engine failed: {error!r}")

@@ -23,6 +23,7 @@ from pipeline.columns import PROMPT_TOKENS
 from pipeline.config import ClusterConfig, JobConfig, Mode, Phase, PoolConfig
 from pipeline.engine.model import ResolvedModel
 from pipeline.engine.placement import place_engines
+from pipeline.engine.sampling import RowSampling
 from pipeline.io.output import OutputTarget
 from pipeline.io.source import UNIT, PromptSource, Shard
 from pipeline.kv.store import PayloadStore
@@ -74,15 +75,22 @@ class Stage:
 
 
 def build_stages(
-    cfg: JobConfig, model: ResolvedModel, carried: list[str], sink: str, store: PayloadStore | None
+    cfg: JobConfig,
+    model: ResolvedModel,
+    carried: list[str],
+    sink: str,
+    store: PayloadStore | None,
+    sampling: RowSampling | None = None,
 ) -> list[Stage]:
+    """The job's stages; `sampling` says which per-row sampling keys its input has (none by
+    default)."""
     pools, placements = cfg.pools, place_engines(cfg)
 
     def engine(name: str, fn: type) -> Stage:
         constructor = dict(
             model=model,
             engine=cfg.engine,
-            sampling=cfg.sampling,
+            sampling=sampling or RowSampling(cfg.sampling, cfg.input.sampling_column),
             kv=cfg.kv,
             store=store,
             pool=getattr(pools, name),
@@ -174,5 +182,5 @@ def kv_row_bytes(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> 
     (about 4 bytes of text or token ids a token); none colocated."""
     if cfg.mode is Mode.colocated:
         return 0
-    prompts = PROMPT_TOKENS if cfg.phase is Phase.decode else cfg.input.prompt_column
+    prompts = PROMPT_TOKENS if cfg.phase is Phase.decode else cfg.input.source_column
     return model.kv_bytes_per_token * (source.sampled_bytes_per_row(prompts) / BYTES_PER_TOKEN + 1)

@@ -22,6 +22,7 @@ from pipeline.columns import (
     GENERATED_TEXT,
     GENERATED_TOKENS,
     KV_PAYLOAD,
+    LOGPROBS,
     NUM_GENERATED_TOKENS,
     NUM_INPUT_TOKENS,
     OUTPUT,
@@ -30,6 +31,7 @@ from pipeline.columns import (
 )
 from pipeline.config import ENGINE_POOLS, JobConfig, Phase
 from pipeline.engine.model import ResolvedModel, resolve_model
+from pipeline.engine.sampling import RowSampling
 from pipeline.errors import JobError
 from pipeline.io.commit import ShardLedger
 from pipeline.io.output import OutputTarget
@@ -52,6 +54,7 @@ def run(cfg: JobConfig) -> JobMetrics:
     source = PromptSource(cfg.input, cfg.output.shard_rows, _needs(cfg), _reserved(cfg))
     model = resolve_model(cfg.model, cfg.engine.device)
     check_handoff(cfg, model)
+    sampling = RowSampling.of(cfg.sampling, cfg.input.sampling_column, source.schema)
     job = identity(cfg, source, model)
     output = OutputTarget(cfg.output, job)
     done = output.inspect()
@@ -64,7 +67,7 @@ def run(cfg: JobConfig) -> JobMetrics:
             nodes = alive_nodes()
             sink_name, sink = start_sink()
             carried = [c for c in source.schema.names if c not in STAGE_COLUMNS]
-            graph = build_stages(cfg, model, carried, sink_name, store)
+            graph = build_stages(cfg, model, carried, sink_name, store, sampling)
             check_schedulable(demands({s.name: s.actors for s in graph}, cfg.cluster.io_num_cpus), nodes)
         lease, done = output.claim()
         with lease:
@@ -185,14 +188,16 @@ def _window(timeline: list[BatchPoint], clock_offset: float) -> tuple[float | No
 def _needs(cfg: JobConfig) -> tuple[str, ...]:
     if cfg.phase is Phase.decode:  # a prefill dataset
         return (PROMPT_TOKENS, GENERATED_TOKENS, NUM_INPUT_TOKENS, FINISH_REASON, KV_PAYLOAD)
-    return (cfg.input.prompt_column,)
+    return (cfg.input.source_column,)
 
 
 def _reserved(cfg: JobConfig) -> tuple[str, ...]:
     """Column names the job writes, which input columns must not take: the output contract's
     (but the id column, carried as `id`), and for a prompt dataset the columns stages add (a
     prefill dataset has those already)."""
-    written = OUTPUT if cfg.phase is not Phase.decode else (GENERATED_TEXT, NUM_GENERATED_TOKENS, ERROR_KIND)
+    written = (OUTPUT if cfg.phase is not Phase.decode else (GENERATED_TEXT, NUM_GENERATED_TOKENS, ERROR_KIND)) + (
+        LOGPROBS,
+    )
     names = written + (STAGE_COLUMNS if cfg.phase is not Phase.decode else ())
     return tuple(n for n in names if n != cfg.input.id_column)
 

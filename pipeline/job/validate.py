@@ -9,11 +9,13 @@ lease (pipeline/io/output.py), and whether the cluster's nodes can ever hold eve
 (pipeline/cluster.py check_schedulable).
 """
 
+from dataclasses import asdict
 from pathlib import PurePosixPath
 
 import fsspec
 
 from pipeline.config import ClusterConfig, ClusterKind, Device, JobConfig, Mode, ModelConfig, Phase, Transport
+from pipeline.engine import sampling
 from pipeline.engine.build import OWN_ENGINE_ARGS, gpu_memory_utilization
 from pipeline.engine.model import ResolvedModel
 from pipeline.engine.placement import engine_pools
@@ -23,6 +25,7 @@ from pipeline.errors import JobError
 def check_job(cfg: JobConfig) -> None:
     check_mode(cfg)
     check_kv(cfg)
+    check_sampling(cfg)
     check_engine_extra(cfg)
     check_tensor_parallel(cfg)
     check_devices(cfg)
@@ -60,6 +63,14 @@ def check_tensor_parallel(cfg: JobConfig) -> None:
             f"engine.tensor_parallel_size={tp} needs engine.device=cuda and pools.colocated.num_gpus={tp} "
             f"(each worker holds its engine's GPUs; it has {cfg.pools.colocated.num_gpus:g})"
         )
+
+
+def check_sampling(cfg: JobConfig) -> None:
+    problem = sampling.check(asdict(cfg.sampling))
+    if problem:
+        raise JobError(f"sampling.{problem}")
+    if cfg.input.system_prompt is not None and not (cfg.input.apply_chat_template or cfg.input.messages_column):
+        raise JobError("input.system_prompt needs the chat template: input.apply_chat_template=true")
 
 
 def check_engine_extra(cfg: JobConfig) -> None:

@@ -2,8 +2,7 @@
 
 import pyarrow as pa
 
-from pipeline.columns import FINISH_REASON
-from pipeline.engine.build import sampling_params
+from pipeline.columns import ERROR
 from pipeline.job.meter import BatchReport
 from pipeline.stages.engine_stage import EngineStage
 
@@ -14,15 +13,11 @@ class Colocated(EngineStage):
     async def process(
         self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport
     ) -> pa.Table:
+        errors = batch.column(ERROR).to_pylist()
+        values = self.checked(batch, rows, errors)
         outputs = await self.generate(
-            [prompts[i] for i in rows], [sampling_params(self.sampling, self.budget(len(prompts[i]))) for i in rows]
+            [prompts[i] for i in values], [self.params(v, len(prompts[i])) for i, v in values.items()]
         )
-        tokens: list = [None] * batch.num_rows
-        finish = batch.column(FINISH_REASON).to_pylist()
-        for i, out in zip(rows, outputs):
-            tokens[i] = list(out.outputs[0].token_ids)
-            finish[i] = out.outputs[0].finish_reason
         report.rows = len(rows)
         report.input_tokens = sum(len(prompts[i]) for i in rows)
-        report.output_tokens = sum(len(tokens[i]) for i in rows)
-        return self.with_generation(batch, tokens, finish)
+        return self.with_completions(batch, dict(zip(values, outputs)), values, errors, report)

@@ -14,18 +14,18 @@ import pyarrow as pa
 
 from pipeline.columns import (
     ERROR,
-    FINISH_REASON,
     GENERATED_TOKENS,
     KV_FILE,
     KV_PAYLOAD,
     NUM_INPUT_TOKENS,
     PROMPT_TOKENS,
+    TOKEN_LIST,
     ErrorKind,
     row_error,
     with_columns,
 )
 from pipeline.config import OnLoadFailure
-from pipeline.engine.build import CONSUMER, sampling_params
+from pipeline.engine.build import CONSUMER
 from pipeline.engine.model import ResolvedModel
 from pipeline.job.meter import BatchReport
 from pipeline.kv import handoff, payload
@@ -50,23 +50,18 @@ class Decode(EngineStage):
     async def process(
         self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport
     ) -> pa.Table:
-        tokens = batch.column(GENERATED_TOKENS).to_pylist()
-        finish = batch.column(FINISH_REASON).to_pylist()
+        first = batch.column(GENERATED_TOKENS).to_pylist()
         errors = batch.column(ERROR).to_pylist()
         num_input = batch.column(NUM_INPUT_TOKENS).to_pylist()
         with handoff.timed():
             payloads = payload.from_column(batch) if rows else []
         files: list[str | None] = [None] * batch.num_rows  # to remove once the row is committed
-        keys: dict[int, str | None] = {}  # row -> handoff key; None: the engine prefills the prompt itself
         for i in rows:
-            errors[i] = check_prefilled(prompts[i], tokens[i], self.vocab_size, self.model.max_model_len)
-            if errors[i]:
-                tokens[i] = None  # as prefill leaves a row it refused: ids no tokenizer may know
-                continue
+            errors[i] = check_prefilled(prompts[i], first[i], self.vocab_size, self.model.max_model_len)
+        values = self.checked(batch, [i for i in rows if errors[i] is None], errors)
+        keys: dict[int, str | None] = {}  # row -> handoff key; None: the engine prefills the prompt itself
+        for i in values:
             num_input[i] = len(prompts[i])  # the prompt's, whatever the dataset says
-            if self.budget(len(prompts[i])) == 1:  # a decode job given less room than its prefill job had
-                finish[i] = "length"
-                continue
             try:
                 with handoff.timed():
                     loaded = load(payloads[i], self.model, len(prompts[i]), self.store)
@@ -84,31 +79,27 @@ class Decode(EngineStage):
             report.kv_bytes += loaded.data.nbytes
             report.kv_tokens += loaded.num_tokens
         try:
-            # The prompt plus the first token: with a payload, the engine loads the prompt's KV
-            # and computes only the first token's.
+            # The prompt alone: the engine loads the KV of all its tokens but the last, computes
+            # that one's, and samples every token of the completion itself.
             outputs = await self.generate(
-                [prompts[i] + tokens[i] for i in keys],
-                [sampling_params(self.sampling, self.budget(len(prompts[i])) - 1, key) for i, key in keys.items()],
+                [prompts[i] for i in keys], [self.params(values[i], len(prompts[i]), key) for i, key in keys.items()]
             )
         finally:
             for key in keys.values():
                 if key:
                     handoff.withdraw(key)
-        for i, out in zip(keys, outputs):
-            tokens[i] = tokens[i] + list(out.outputs[0].token_ids)
-            finish[i] = out.outputs[0].finish_reason
         report.rows = len(keys)
-        report.output_tokens = sum(len(tokens[i]) - 1 for i in keys)
         report.kv_recomputed = sum(key is None for key in keys.values())
         report.kv_handoff_seconds = handoff.seconds.take()
         report.preempted = int(handoff.preemptions.take())
+        # A row refused here keeps no tokens: ids no tokenizer may know.
+        pending_rows = set(rows)
+        kept = [None if i in pending_rows and errors[i] else t for i, t in enumerate(first)]
+        batch = with_columns(batch, **{GENERATED_TOKENS: pa.array(kept, TOKEN_LIST)})
+        batch = self.with_completions(batch, dict(zip(keys, outputs)), values, errors, report)
         batch = with_columns(
-            self.with_generation(batch, tokens, finish),
-            **{
-                ERROR: pa.array(errors, pa.string()),
-                KV_FILE: pa.array(files, pa.string()),
-                NUM_INPUT_TOKENS: pa.array(num_input, pa.int32()),
-            },
+            batch,
+            **{KV_FILE: pa.array(files, pa.string()), NUM_INPUT_TOKENS: pa.array(num_input, pa.int32())},
         )
         return batch.drop_columns([KV_PAYLOAD])
 

@@ -4,6 +4,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.columns import (
+    ENGINE_TEXT,
     ERROR,
     ERROR_KIND,
     FINISH_REASON,
@@ -11,6 +12,7 @@ from pipeline.columns import (
     GENERATED_TOKENS,
     ID,
     INTERNAL,
+    LOGPROBS,
     NUM_GENERATED_TOKENS,
     NUM_INPUT_TOKENS,
     TOKEN_LIST,
@@ -36,6 +38,10 @@ class Detokenize:
                 generated, self.tokenizer.batch_decode([tokens[i] for i in generated], skip_special_tokens=True)
             ):
                 texts[i] = text
+            if ENGINE_TEXT in batch.column_names:  # the engine's, where it cut the text at a stop string
+                texts = [
+                    own if own is not None else text for own, text in zip(batch.column(ENGINE_TEXT).to_pylist(), texts)
+                ]
             lengths = pc.fill_null(pc.list_value_length(batch.column(GENERATED_TOKENS)), 0).cast(pa.int32())
             report.rows = batch.num_rows
             report.output_tokens = int(pc.sum(lengths).as_py() or 0)
@@ -48,6 +54,7 @@ class Detokenize:
                 FINISH_REASON: batch.column(FINISH_REASON),
                 ERROR: batch.column(ERROR),
                 ERROR_KIND: error_kind(batch.column(ERROR)),
+                **{name: batch.column(name) for name in (LOGPROBS,) if name in batch.column_names},
                 **{name: batch.column(name) for name in batch.column_names if name.startswith(INTERNAL)},
             }
             columns.update({name: batch.column(name) for name in self.carried if name not in columns})

@@ -8,21 +8,35 @@ last one's finish. A block with nothing left to generate (every row refused befo
 engine) passes at once."""
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipeline.columns import FINISH_REASON, GENERATED_TOKENS, PROMPT_TOKENS, TOKEN_LIST, pending, with_columns
-from pipeline.config import Device, EngineConfig, KVConfig, PoolConfig, SamplingConfig
+from pipeline.columns import (
+    ENGINE_TEXT,
+    ERROR,
+    FINISH_REASON,
+    GENERATED_TOKENS,
+    LOGPROB_LIST,
+    LOGPROBS,
+    PROMPT_TOKENS,
+    TOKEN_LIST,
+    ErrorKind,
+    pending,
+    row_error,
+    with_columns,
+)
+from pipeline.config import Device, EngineConfig, KVConfig, PoolConfig
 from pipeline.engine.build import bind_threads, build_engine
-from pipeline.engine.loop import EngineLoop
+from pipeline.engine.loop import EngineLoop, RequestRefused
 from pipeline.engine.model import ResolvedModel
 from pipeline.engine.placement import Placement
+from pipeline.engine.sampling import RowSampling, check
 from pipeline.job.meter import BatchReport, StageMeter
 from pipeline.kv.store import PayloadStore
 
 if TYPE_CHECKING:
-    from vllm import RequestOutput, SamplingParams
+    from vllm import CompletionOutput, RequestOutput, SamplingParams
 
 
 class EngineStage:
@@ -33,7 +47,7 @@ class EngineStage:
         self,
         model: ResolvedModel,
         engine: EngineConfig,
-        sampling: SamplingConfig,
+        sampling: RowSampling,
         kv: KVConfig,
         store: PayloadStore | None,
         pool: PoolConfig,
@@ -52,16 +66,67 @@ class EngineStage:
         # run four at a time): the rest wait here, before their requests reach the engine.
         self.slots = asyncio.Semaphore(pool.concurrent_batches)
 
-    def budget(self, num_prompt_tokens: int) -> int:
-        """Tokens a request may generate: max_tokens, or fewer where the context ends first."""
-        return min(self.sampling.max_tokens, self.model.max_model_len - num_prompt_tokens)
+    def checked(self, batch: pa.Table, rows: list[int], errors: list[str | None]) -> dict[int, dict[str, Any]]:
+        """The sampling values of each row in `rows`; a row whose values are bad gets its error
+        instead."""
+        values = self.sampling.values(batch)
+        good = {}
+        for i in rows:
+            problem = check(values[i])
+            if problem:
+                errors[i] = row_error(ErrorKind.invalid_sampling, problem)
+            else:
+                good[i] = values[i]
+        return good
 
-    async def generate(self, prompts: list[list[int]], params: list["SamplingParams"]) -> list["RequestOutput"]:
+    def params(self, values: dict[str, Any], num_prompt_tokens: int, kv_key: str | None = None) -> "SamplingParams":
+        """A row's request: its sampling, for max_tokens or fewer where the context ends first."""
+        budget = min(values["max_tokens"], self.model.max_model_len - num_prompt_tokens)
+        return self.sampling.params(values, budget, kv_key)
+
+    async def generate(
+        self, prompts: list[list[int]], params: list["SamplingParams"]
+    ) -> list["RequestOutput | RequestRefused"]:
         from vllm.inputs import tokens_input
 
         if not prompts:
             return []
         return await self.engine.generate([tokens_input(p) for p in prompts], params)
+
+    def with_completions(
+        self,
+        batch: pa.Table,
+        outputs: dict[int, "RequestOutput | RequestRefused"],
+        values: dict[int, dict[str, Any]],
+        errors: list[str | None],
+        report: BatchReport,
+    ) -> pa.Table:
+        """The batch with each generated row's tokens, finish reason (and logprobs, when the job
+        asks for them); a refused row gets its error."""
+        has_tokens = GENERATED_TOKENS in batch.column_names  # a prefill dataset's first tokens
+        tokens = batch.column(GENERATED_TOKENS).to_pylist() if has_tokens else [None] * batch.num_rows
+        finish = batch.column(FINISH_REASON).to_pylist()
+        logprobs: list = [None] * batch.num_rows
+        texts: list = [None] * batch.num_rows
+        for i, out in outputs.items():
+            if isinstance(out, RequestRefused):
+                errors[i], tokens[i] = row_error(ErrorKind.engine_refused, out.reason), None
+                continue
+            completion = out.outputs[0]
+            tokens[i], finish[i] = list(completion.token_ids), completion.finish_reason
+            logprobs[i] = token_logprobs(completion, values[i]["logprobs"])
+            if values[i]["stop"]:  # the text ends before the stop string; the tokens hold all of it
+                texts[i] = completion.text
+        report.output_tokens = sum(len(tokens[i]) for i, out in outputs.items() if tokens[i])
+        columns = {
+            GENERATED_TOKENS: pa.array(tokens, TOKEN_LIST),
+            FINISH_REASON: pa.array(finish, pa.string()),
+            ERROR: pa.array(errors, pa.string()),
+            ENGINE_TEXT: pa.array(texts, pa.string()),
+        }
+        if self.sampling.logprobs_column:
+            columns[LOGPROBS] = pa.array(logprobs, LOGPROB_LIST)
+        return with_columns(batch, **columns)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows, prompts = pending(batch), batch.column(PROMPT_TOKENS).to_pylist()
@@ -77,9 +142,20 @@ class EngineStage:
         prompt tokens."""
         raise NotImplementedError
 
-    @staticmethod
-    def with_generation(batch: pa.Table, tokens: list, finish: list) -> pa.Table:
-        return with_columns(
-            batch,
-            **{GENERATED_TOKENS: pa.array(tokens, TOKEN_LIST), FINISH_REASON: pa.array(finish, pa.string())},
+
+def token_logprobs(completion: "CompletionOutput", top: int | None) -> list[dict] | None:
+    """Per generated token: its logprob and the `top` most likely tokens' (vLLM also returns
+    the sampled token's where it is not among them)."""
+    if top is None or completion.logprobs is None:
+        return None
+    out = []
+    for token, alternatives in zip(completion.token_ids, completion.logprobs):
+        ranked = sorted((lp.rank, t, lp.logprob) for t, lp in alternatives.items() if lp.rank <= top)
+        out.append(
+            {
+                "token_id": token,
+                "logprob": alternatives[token].logprob,
+                "top": [{"token_id": t, "logprob": logprob} for _, t, logprob in ranked],
+            }
         )
+    return out

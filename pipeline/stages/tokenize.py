@@ -22,7 +22,7 @@ from pipeline.job.meter import StageMeter
 class Tokenize:
     def __init__(self, model: ResolvedModel, input: InputConfig, max_tokens: int, sink_name: str):
         self.encoder = PromptEncoder(model, input, max_tokens)
-        self.prompt_column = input.prompt_column
+        self.prompt_column = input.source_column
         self.meter = StageMeter("tokenize", sink_name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -60,7 +60,12 @@ class PromptEncoder:
     def __init__(self, model: ResolvedModel, input: InputConfig, max_tokens: int):
         self.tokenizer = load_tokenizer(model.path)
         self.vocab_size = len(self.tokenizer)
-        self.apply_chat_template = input.apply_chat_template
+        self.conversations = input.messages_column is not None
+        self.templated = bool(self.tokenizer.chat_template) and (input.apply_chat_template or self.conversations)
+        if self.conversations and not self.templated:
+            raise ValueError(f"input.messages_column needs a chat template; model {model.path} has none")
+        self.system_prompt = input.system_prompt
+        self.chat_template_kwargs = dict(input.chat_template_kwargs)
         self.overlong = input.overlong
         self.max_model_len = model.max_model_len
         # Truncation keeps room for the whole generation budget (and at least one token).
@@ -75,9 +80,16 @@ class PromptEncoder:
         goes to the tokenizer in one call for the batch."""
         tokens: list[list[int]] = [[] for _ in prompts]
         errors = list(errors)
-        texts: dict[int, str] = {}
+        texts: dict[int, str | list[dict]] = {}  # text, or a conversation
         for i, prompt in enumerate(prompts):
             if errors[i] is not None:
+                continue
+            if self.conversations:
+                problem = conversation_problem(prompt)
+                if problem:
+                    errors[i] = row_error(ErrorKind.invalid_messages, problem)
+                else:
+                    texts[i] = prompt
                 continue
             if isinstance(prompt, bytes):
                 try:
@@ -121,12 +133,40 @@ class PromptEncoder:
             )
         return tokens, None
 
-    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+    def tokenize(self, prompts: list[str | list[dict]]) -> list[list[int]]:
+        """Texts and conversations to token ids, in one tokenizer call."""
         if not prompts:
             return []
-        if self.apply_chat_template and self.tokenizer.chat_template:
-            prompts = self.tokenizer.apply_chat_template(
-                [[{"role": "user", "content": p}] for p in prompts], tokenize=False, add_generation_prompt=True
-            )
-            return self.tokenizer(prompts, add_special_tokens=False).input_ids
-        return self.tokenizer(prompts).input_ids
+        if not self.templated:
+            return self.tokenizer(prompts).input_ids
+        conversations = [
+            self.with_system([{"role": "user", "content": p}] if isinstance(p, str) else p) for p in prompts
+        ]
+        rendered = self.tokenizer.apply_chat_template(
+            conversations, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
+        )
+        return self.tokenizer(rendered, add_special_tokens=False).input_ids
+
+    def with_system(self, conversation: list[dict]) -> list[dict]:
+        if self.system_prompt is None or any(turn["role"] == "system" for turn in conversation):
+            return conversation
+        return [{"role": "system", "content": self.system_prompt}, *conversation]
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def conversation_problem(conversation: object) -> str | None:
+    """Why a row's messages are not a conversation, or None."""
+    if not isinstance(conversation, list):
+        return f"messages are {type(conversation).__name__}, not a list of turns"
+    if not conversation:
+        return "messages are empty"
+    for n, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or set(turn) - {"role", "content"}:
+            return f"turn {n} is not a {{role, content}} struct"
+        if turn.get("role") not in ROLES:
+            return f"turn {n} has role {turn.get('role')!r}; roles are {', '.join(ROLES)}"
+        if not isinstance(turn.get("content"), str):
+            return f"turn {n} has no text content"
+    return None

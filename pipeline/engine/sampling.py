@@ -1,0 +1,203 @@
+"""Sampling per row: the job's `sampling.*`, with a row's own values over them, as vLLM's
+SamplingParams.
+
+A row's values are the non-null fields of its `input.sampling_column` struct (any of
+SamplingConfig's keys), carried with the row through every stage, so prefill and decode, or two
+split jobs, read the same. Values are checked here, so that a bad one is that row's error
+(`invalid_sampling`, naming the field) or, in the job's own config, a one-line refusal; what the
+engine still refuses is the row's error alone too (pipeline/engine/loop.py)."""
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable
+
+import pyarrow as pa
+
+from pipeline.columns import ROW
+from pipeline.config import SamplingConfig
+from pipeline.errors import JobError
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+
+KEYS = tuple(f.name for f in fields(SamplingConfig))
+STRUCTURED = ("json_schema", "regex", "choice")
+MAX_LOGPROBS = 20  # vLLM's default engine limit
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return "must be a number"
+        if value < low or value > high or (low_open and value == low):
+            return f"must be in {'(' if low_open else '['}{low:g}, {high:g}], not {value:g}"
+        return None
+
+    return check
+
+
+def _integer(low: int, high: float = math.inf) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer"
+        return _number(low, high)(value)
+
+    return check
+
+
+def _list_of(kind: type, what: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            return f"must be a list of {what}"
+        return None
+
+    return check
+
+
+def schema(value: str | dict) -> dict:
+    """A JSON schema given as a mapping or as JSON text."""
+    return value if isinstance(value, dict) else json.loads(value)
+
+
+def _json_schema(value: Any) -> str | None:
+    import jsonschema
+
+    try:
+        parsed = schema(value)
+        jsonschema.validators.validator_for(parsed).check_schema(parsed)
+    except (TypeError, json.JSONDecodeError) as error:
+        return f"is not JSON text or a mapping ({error})"
+    except jsonschema.SchemaError as error:
+        return f"is not a valid JSON schema ({error.message})"
+    return None
+
+
+def _regex(value: Any) -> str | None:
+    try:
+        re.compile(value)
+    except (TypeError, re.error) as error:
+        return f"is not a regular expression ({error})"
+    return None
+
+
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "max_tokens": _integer(1),
+    "min_tokens": _integer(0),
+    "temperature": _number(0.0),
+    "top_p": _number(0.0, 1.0, low_open=True),
+    "top_k": _integer(-1),
+    "min_p": _number(0.0, 1.0),
+    "seed": _integer(-(2**63), 2**63 - 1),
+    "stop": _list_of(str, "strings"),
+    "stop_token_ids": _list_of(int, "token ids"),
+    "ignore_eos": lambda v: None if isinstance(v, bool) else "must be true or false",
+    "repetition_penalty": _number(0.0, low_open=True),
+    "presence_penalty": _number(-2.0, 2.0),
+    "frequency_penalty": _number(-2.0, 2.0),
+    "json_schema": _json_schema,
+    "regex": _regex,
+    "choice": lambda v: _list_of(str, "strings")(v) or (None if v else "must not be empty"),
+    "logprobs": _integer(0, MAX_LOGPROBS),
+}
+
+
+def check(values: dict[str, Any]) -> str | None:
+    """What is wrong with a set of sampling values (the job's merged with a row's), or None."""
+    for key, value in values.items():
+        if value is not None and (problem := CHECKS[key](value)):
+            return f"{key} {problem}"
+    if values["min_tokens"] > values["max_tokens"]:
+        return f"min_tokens ({values['min_tokens']}) must not exceed max_tokens ({values['max_tokens']})"
+    if sum(values[k] is not None for k in STRUCTURED) > 1:
+        return f"at most one of {', '.join(STRUCTURED)}"
+    return None
+
+
+def derived_seed(seed: int, row: int) -> int:
+    """A row's own seed, from the job's and the row's number."""
+    digest = hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # a non-negative signed 64-bit integer
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    job: SamplingConfig
+    column: str  # input.sampling_column
+    row_keys: tuple[str, ...] = ()  # the keys its struct has, in the job's input
+
+    @classmethod
+    def of(cls, job: SamplingConfig, column: str, schema: pa.Schema) -> "RowSampling":
+        """The job's sampling with its input's per-row column: a struct of sampling keys, or
+        refused before any work."""
+        if column not in schema.names:
+            return cls(job, column)
+        kind = schema.field(column).type
+        if not pa.types.is_struct(kind):
+            raise JobError(f"input column {column} (input.sampling_column) is {kind}, not a struct of sampling keys")
+        keys = tuple(f.name for f in kind)
+        unknown = [k for k in keys if k not in KEYS]
+        if unknown:
+            raise JobError(
+                f"input column {column} has fields {', '.join(unknown)}; sampling keys are {', '.join(KEYS)}"
+            )
+        return cls(job, column, keys)
+
+    @property
+    def logprobs_column(self) -> bool:
+        return self.job.logprobs is not None or "logprobs" in self.row_keys
+
+    def values(self, batch: pa.Table) -> list[dict[str, Any]]:
+        """Per row, the job's values with the row's own over them; a job-wide seed becomes
+        each row's own, derived from its row number."""
+        if self.column in batch.column_names:
+            own = [{k: v for k, v in (r or {}).items() if v is not None} for r in batch.column(self.column).to_pylist()]
+        else:
+            own = [{} for _ in range(batch.num_rows)]
+        base = asdict(self.job)
+        rows = []
+        for values, number in zip(own, batch.column(ROW).to_pylist()):
+            if "seed" not in values and self.job.seed is not None:
+                values["seed"] = derived_seed(self.job.seed, number)
+            rows.append({**base, **values})
+        return rows
+
+    def params(self, values: dict[str, Any], max_tokens: int, kv_key: str | None = None) -> "SamplingParams":
+        """A row's SamplingParams, generating at most `max_tokens` (its budget: sampling
+        max_tokens, or fewer where the context ends first)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        from pipeline.kv.handoff import KEY
+
+        structured = {
+            name: schema(values[key]) if key == "json_schema" else values[key]
+            for key, name in zip(STRUCTURED, ("json", "regex", "choice"))
+            if values[key] is not None
+        }
+        return SamplingParams(
+            max_tokens=max_tokens,
+            min_tokens=min(values["min_tokens"], max_tokens),
+            temperature=values["temperature"],
+            top_p=values["top_p"],
+            top_k=values["top_k"],
+            min_p=values["min_p"],
+            seed=values["seed"],
+            stop=values["stop"] or None,
+            stop_token_ids=values["stop_token_ids"] or None,
+            ignore_eos=values["ignore_eos"],
+            repetition_penalty=values["repetition_penalty"],
+            presence_penalty=values["presence_penalty"],
+            frequency_penalty=values["frequency_penalty"],
+            logprobs=values["logprobs"],
+            structured_outputs=StructuredOutputsParams(**structured) if structured else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it finishes
+            detokenize=bool(values["stop"]),  # vLLM matches stop strings on text
+            extra_args={"kv_transfer_params": {KEY: kv_key}} if kv_key else None,
+        )
+
+    def prefill(self, kv_key: str) -> "SamplingParams":
+        """A prefill request: the prompt's KV and one greedy token."""
+        return self.params(asdict(SamplingConfig()), 1, kv_key)
