@@ -104,3 +104,10 @@ def error_kind(errors: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def error_kinds(errors: pa.ChunkedArray) -> dict[str, int]:
     return dict(Counter(error_kind(errors).drop_null().to_pylist()))
+
+
+def generated_token_count(tokens: pa.ChunkedArray) -> int:
+    """The tokens of a generated_tokens column: one completion a row, or a list of n."""
+    if pa.types.is_list(tokens.type.value_type):
+        tokens = pc.list_flatten(tokens)
+    return int(pc.sum(pc.list_value_length(tokens)).as_py() or 0)

@@ -120,6 +120,9 @@ class SamplingConfig:
     choice: Optional[List[str]] = None
     # Per generated token its logprob and the top-k alternatives' (the `logprobs` column).
     logprobs: Optional[int] = None
+    # Completions per prompt, from one prefill: with more than one (here or per row), the
+    # completion columns hold a list of n per row.
+    n: int = 1
 
 
 @dataclass

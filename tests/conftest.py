@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import ray
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
+from pipeline.api import compose
 from pipeline.bench.config import register
 from pipeline.config import JobConfig
 from pipeline.engine.model import ResolvedModel, resolve_model
@@ -19,9 +18,7 @@ register()
 
 
 def job_config(*overrides: str) -> JobConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose("config", overrides=["input.path=unset", "output.path=unset", *overrides])
-    return OmegaConf.to_object(cfg)
+    return compose("input.path=unset", "output.path=unset", *overrides)
 
 
 @pytest.fixture(scope="session")

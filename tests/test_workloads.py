@@ -1,6 +1,7 @@
 """Real workloads on the real engine: conversations with a system prompt, per-row sampling (max
 tokens, stop strings, seeds, structured output, logprobs) and the per-row errors of bad values,
-run colocated and as split prefill and decode jobs, token-identical between the two, greedy and
+run colocated (a job through the Python API), as split prefill and decode jobs, and disaggregated
+inside a Ray Data pipeline of the caller's (`pipeline.api.process`): token-identical, greedy and
 seeded alike."""
 
 import json
@@ -10,11 +11,12 @@ import jsonschema
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from transformers import AutoTokenizer
 
+from pipeline.api import compose, process, run_job
+from pipeline.columns import INTERNAL
 from pipeline.io.storage import read_output
-from pipeline.job.run import run
-from tests.conftest import job_config
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +86,7 @@ def workload(tmp_path_factory):
 
 
 def _config(*overrides: str):
-    return job_config(
+    return compose(
         "input.messages_column=messages",
         f"input.system_prompt={SYSTEM}",
         "sampling.max_tokens=16",
@@ -96,21 +98,26 @@ def _config(*overrides: str):
 @pytest.fixture(scope="module")
 def colocated(ray_cluster, workload, tmp_path_factory):
     out = tmp_path_factory.mktemp("colocated")
-    run(_config("mode=colocated", f"input.path={workload}", f"output.path={out}"))
+    metrics = run_job(_config("mode=colocated", f"input.path={workload}", f"output.path={out}"))
+    assert metrics.rows_out == len(ROWS) and metrics.rows_errored == len(ERRORS)
     return {r["id"]: r for r in read_output(str(out)).to_pylist()}
 
 
 @pytest.fixture(scope="module")
 def split(ray_cluster, workload, tmp_path_factory):
     prefilled, out = tmp_path_factory.mktemp("prefilled"), tmp_path_factory.mktemp("decoded")
-    run(_config("phase=prefill", f"input.path={workload}", f"output.path={prefilled}"))
-    run(_config("phase=decode", f"input.path={prefilled}", f"output.path={out}"))
-    return {r["id"]: r for r in read_output(str(out)).to_pylist()}
+    run_job(_config("phase=prefill", f"input.path={workload}", f"output.path={prefilled}"))
+    decoded = run_job(_config("phase=decode", f"input.path={prefilled}", f"output.path={out}"))
+    return prefilled, decoded, {r["id"]: r for r in read_output(str(out)).to_pylist()}
+
+
+COMPARED = ("generated_tokens", "generated_text", "finish_reason", "error", "error_kind", "logprobs")
 
 
 def test_split_jobs_generate_what_one_engine_does_greedy_and_seeded(colocated, split):
+    split = split[2]
     assert list(split) == list(colocated) == list(ROWS)
-    for key in ("generated_tokens", "finish_reason", "error", "error_kind", "logprobs"):
+    for key in COMPARED:
         assert {i: r[key] for i, r in split.items()} == {i: r[key] for i, r in colocated.items()}, key
     assert colocated["seeded"]["finish_reason"] and colocated["seeded"]["generated_tokens"]
     # One global seed, two rows' own seeds: duplicate prompts sample differently.
@@ -148,3 +155,37 @@ def test_bad_values_are_their_rows_errors(colocated):
     for row_id, (kind, detail) in ERRORS.items():
         row = colocated[row_id]
         assert row["error_kind"] == kind and detail in row["error"] and row["generated_tokens"] is None, row
+
+
+def test_process_runs_the_stages_in_a_ray_data_pipeline_of_ones_own(ray_cluster, workload, colocated):
+    """A Dataset in, a Dataset of completions out, disaggregated: what the colocated job wrote,
+    with the input's columns carried and nothing internal."""
+    # The last row goes: the others keep their numbers, and so the seeds sampling.seed gives them.
+    prompts = ray.data.read_parquet(str(workload)).filter(lambda row: row["id"] != "bad_role")
+    completions = process(prompts, _config("mode=disaggregated"))
+    rows = {r["id"]: r for r in pa.concat_tables(ray.get(completions.to_arrow_refs())).to_pylist()}
+    assert set(rows) == set(ROWS) - {"bad_role"}
+    assert not any(c.startswith(INTERNAL) for c in next(iter(rows.values())))
+    for key in (*COMPARED, "messages", "num_input_tokens"):
+        assert {i: r[key] for i, r in rows.items()} == {i: colocated[i][key] for i in rows}, key
+
+
+def test_n_completions_come_from_one_payload(ray_cluster, split, tmp_path):
+    """The prefill dataset decoded again with sampling.n=3: each row's KV moves once for its
+    three samples, sample i is seeded seed + i (so sample 0 is the n=1 completion), and every
+    completion column holds a list of three."""
+    prefilled, one, rows = split
+    three = run_job(_config("phase=decode", "sampling.n=3", f"input.path={prefilled}", f"output.path={tmp_path}"))
+    assert three.kv_bytes_moved == one.kv_bytes_moved > 0
+    got = {r["id"]: r for r in read_output(str(tmp_path)).to_pylist()}
+    for row_id, row in rows.items():
+        if row["error"]:
+            assert got[row_id]["generated_tokens"] is None and got[row_id]["error"] == row["error"]
+            continue
+        samples = got[row_id]["generated_tokens"]
+        assert len(samples) == 3 and samples[0] == row["generated_tokens"], row_id
+        assert got[row_id]["generated_text"][0] == row["generated_text"] and len(got[row_id]["finish_reason"]) == 3
+        assert got[row_id]["num_generated_tokens"] == [len(s) for s in samples]
+    assert len({tuple(s) for s in got["plain"]["generated_tokens"]}) == 1  # greedy
+    assert len({tuple(s) for s in got["seeded"]["generated_tokens"]}) == 3
+    assert three.output_tokens == sum(sum(r["num_generated_tokens"] or []) for r in got.values())

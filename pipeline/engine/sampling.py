@@ -101,6 +101,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "regex": _regex,
     "choice": lambda v: _list_of(str, "strings")(v) or (None if v else "must not be empty"),
     "logprobs": _integer(0, MAX_LOGPROBS),
+    "n": _integer(1),
 }
 
 
@@ -149,6 +150,11 @@ class RowSampling:
     def logprobs_column(self) -> bool:
         return self.job.logprobs is not None or "logprobs" in self.row_keys
 
+    @property
+    def many(self) -> bool:
+        """Whether rows may have several completions: then every row's are a list."""
+        return self.job.n > 1 or "n" in self.row_keys
+
     def values(self, batch: pa.Table) -> list[dict[str, Any]]:
         """Per row, the job's values with the row's own over them; a job-wide seed becomes
         each row's own, derived from its row number."""
@@ -178,6 +184,7 @@ class RowSampling:
             if values[key] is not None
         }
         return SamplingParams(
+            n=values["n"],  # vLLM gives sample i the seed + i
             max_tokens=max_tokens,
             min_tokens=min(values["min_tokens"], max_tokens),
             temperature=values["temperature"],

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.columns import ERROR, GENERATED_TOKENS, NUM_INPUT_TOKENS, error_kinds
+from pipeline.columns import ERROR, GENERATED_TOKENS, NUM_INPUT_TOKENS, error_kinds, generated_token_count
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
 from pipeline.io.lease import LEASE, OutputLease
@@ -76,7 +76,7 @@ class ShardStats:
             rows_errored=table.num_rows - table.column(ERROR).null_count,
             errors=error_kinds(table.column(ERROR)),
             input_tokens=int(pc.sum(table.column(NUM_INPUT_TOKENS)).as_py() or 0),
-            output_tokens=int(pc.sum(pc.list_value_length(table.column(GENERATED_TOKENS))).as_py() or 0),
+            output_tokens=generated_token_count(table.column(GENERATED_TOKENS)),
         )
 
     def __add__(self, other: "ShardStats") -> "ShardStats":

@@ -67,10 +67,22 @@ class ReadUnit:
     shards: tuple[Shard, ...]
 
 
+def check_columns(schema: pa.Schema, needs: tuple[str, ...], reserved: tuple[str, ...]) -> None:
+    """`needs`: the columns the job reads (the prompt, or a prefill dataset's); `reserved`:
+    names the job writes, which an input column must not have."""
+    for column in needs:
+        if column not in schema.names:
+            raise JobError(f"input has no column '{column}' (columns: {', '.join(schema.names)})")
+    clashes = [c for c in schema.names if c in reserved or c.startswith(INTERNAL)]
+    if clashes:
+        raise JobError(
+            f"input column(s) {', '.join(clashes)} would clash with the job's own columns; rename them in the "
+            "input (or pick another input.id_column)"
+        )
+
+
 class PromptSource:
     def __init__(self, cfg: InputConfig, shard_rows: int, needs: tuple[str, ...], reserved: tuple[str, ...] = ()):
-        """`needs`: the columns the job reads (the prompt, or a prefill dataset's); `reserved`:
-        names the job writes, which an input column must not have."""
         self.cfg = cfg
         self.fs, self.arrow_fs, self.root = filesystem(cfg.path)
         if not self.fs.exists(self.root):
@@ -79,15 +91,7 @@ class PromptSource:
         self.num_rows = sum(f.num_rows for f in self.files)
         if self.num_rows == 0:
             raise JobError(f"input.path {cfg.path} has no rows")
-        for column in needs:
-            if column not in self.schema.names:
-                raise JobError(f"input has no column '{column}' (columns: {', '.join(self.schema.names)})")
-        clashes = [c for c in self.schema.names if c in reserved or c.startswith(INTERNAL)]
-        if clashes:
-            raise JobError(
-                f"input column(s) {', '.join(clashes)} would clash with the job's own columns; rename them in the "
-                "input (or pick another input.id_column)"
-            )
+        check_columns(self.schema, needs, reserved)
         self.has_ids = cfg.id_column in self.schema.names
         self.shards = self._cut(shard_rows, self._bad_ids() if self.has_ids else {})
 

@@ -11,10 +11,10 @@ import traceback
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.api import run_job
 from pipeline.cache import cache_dir
 from pipeline.config import JobConfig, Phase
 from pipeline.errors import JobError
-from pipeline.job.run import run
 from pipeline.job.summary import print_summary
 
 _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*:")
@@ -25,7 +25,7 @@ def run_phase(cfg: DictConfig, phase: Phase) -> None:
     job: JobConfig = OmegaConf.to_object(cfg)
     job.phase = phase
     try:
-        metrics = run(job)
+        metrics = run_job(job)
     except JobError as error:
         print(f"kvrelay: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -51,7 +51,7 @@ def run(cfg: JobConfig) -> JobMetrics:
     output is touched."""
     started, started_at = time.perf_counter(), time.time()
     check_job(cfg)
-    source = PromptSource(cfg.input, cfg.output.shard_rows, _needs(cfg), _reserved(cfg))
+    source = PromptSource(cfg.input, cfg.output.shard_rows, needs(cfg), reserved(cfg))
     model = resolve_model(cfg.model, cfg.engine.device)
     check_handoff(cfg, model)
     sampling = RowSampling.of(cfg.sampling, cfg.input.sampling_column, source.schema)
@@ -185,13 +185,13 @@ def _window(timeline: list[BatchPoint], clock_offset: float) -> tuple[float | No
     return round(clock_offset + start, 3), round(end - start, 3)
 
 
-def _needs(cfg: JobConfig) -> tuple[str, ...]:
+def needs(cfg: JobConfig) -> tuple[str, ...]:
     if cfg.phase is Phase.decode:  # a prefill dataset
         return (PROMPT_TOKENS, GENERATED_TOKENS, NUM_INPUT_TOKENS, FINISH_REASON, KV_PAYLOAD)
     return (cfg.input.source_column,)
 
 
-def _reserved(cfg: JobConfig) -> tuple[str, ...]:
+def reserved(cfg: JobConfig) -> tuple[str, ...]:
     """Column names the job writes, which input columns must not take: the output contract's
     (but the id column, carried as `id`), and for a prompt dataset the columns stages add (a
     prefill dataset has those already)."""

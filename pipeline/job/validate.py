@@ -22,7 +22,8 @@ from pipeline.engine.placement import engine_pools
 from pipeline.errors import JobError
 
 
-def check_job(cfg: JobConfig) -> None:
+def check_job(cfg: JobConfig, paths: bool = True) -> None:
+    """`paths`: the job reads input.path and writes output.path (not so in pipeline.api.process)."""
     check_mode(cfg)
     check_kv(cfg)
     check_sampling(cfg)
@@ -31,7 +32,11 @@ def check_job(cfg: JobConfig) -> None:
     check_devices(cfg)
     check_model(cfg.model)
     check_cluster(cfg.cluster)
-    check_apart(cfg.input.path, cfg.output.path)
+    if paths:
+        for key, path in (("input.path", cfg.input.path), ("output.path", cfg.output.path)):
+            if not path:
+                raise JobError(f"{key} is not set")
+        check_apart(cfg.input.path, cfg.output.path)
 
 
 def check_mode(cfg: JobConfig) -> None:

@@ -31,24 +31,26 @@ class Detokenize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with self.meter.batch() as report:
-            tokens = batch.column(GENERATED_TOKENS).to_pylist()
-            generated = [i for i, t in enumerate(tokens) if t is not None]
-            texts: list[str | None] = [None] * batch.num_rows
-            for i, text in zip(
-                generated, self.tokenizer.batch_decode([tokens[i] for i in generated], skip_special_tokens=True)
-            ):
-                texts[i] = text
+            column = batch.column(GENERATED_TOKENS)
+            many = pa.types.is_list(column.type.value_type)  # n completions a row
+            rows = column.to_pylist()
+            samples = [s for r in rows if r is not None for s in (r if many else [r])]
+            decoded = iter(self.tokenizer.batch_decode(samples, skip_special_tokens=True))
+            texts = [None if r is None else [next(decoded) for _ in r] if many else next(decoded) for r in rows]
             if ENGINE_TEXT in batch.column_names:  # the engine's, where it cut the text at a stop string
                 texts = [
                     own if own is not None else text for own, text in zip(batch.column(ENGINE_TEXT).to_pylist(), texts)
                 ]
-            lengths = pc.fill_null(pc.list_value_length(batch.column(GENERATED_TOKENS)), 0).cast(pa.int32())
+            if many:
+                lengths = pa.array([None if r is None else [len(s) for s in r] for r in rows], pa.list_(pa.int32()))
+            else:
+                lengths = pc.fill_null(pc.list_value_length(column), 0).cast(pa.int32())
             report.rows = batch.num_rows
-            report.output_tokens = int(pc.sum(lengths).as_py() or 0)
+            report.output_tokens = sum(len(s) for s in samples)
             columns = {
                 ID: batch.column(self.id_column),
-                GENERATED_TEXT: pa.array(texts, pa.string()),
-                GENERATED_TOKENS: batch.column(GENERATED_TOKENS).cast(TOKEN_LIST),
+                GENERATED_TEXT: pa.array(texts, pa.list_(pa.string()) if many else pa.string()),
+                GENERATED_TOKENS: column.cast(pa.list_(TOKEN_LIST) if many else TOKEN_LIST),
                 NUM_INPUT_TOKENS: batch.column(NUM_INPUT_TOKENS),
                 NUM_GENERATED_TOKENS: lengths,
                 FINISH_REASON: batch.column(FINISH_REASON),

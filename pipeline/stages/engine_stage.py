@@ -103,29 +103,40 @@ class EngineStage:
     ) -> pa.Table:
         """The batch with each generated row's tokens, finish reason (and logprobs, when the job
         asks for them); a refused row gets its error."""
+        many = self.sampling.many
         has_tokens = GENERATED_TOKENS in batch.column_names  # a prefill dataset's first tokens
         tokens = batch.column(GENERATED_TOKENS).to_pylist() if has_tokens else [None] * batch.num_rows
         finish = batch.column(FINISH_REASON).to_pylist()
+        if many:  # a row's completions are a list, those made earlier too
+            tokens, finish = ([None if v is None else [v] for v in column] for column in (tokens, finish))
         logprobs: list = [None] * batch.num_rows
         texts: list = [None] * batch.num_rows
+
+        def per_row(samples: list) -> Any:
+            return samples if many else samples[0]
+
+        def typed(kind: pa.DataType) -> pa.DataType:
+            return pa.list_(kind) if many else kind
+
         for i, out in outputs.items():
             if isinstance(out, RequestRefused):
                 errors[i], tokens[i] = row_error(ErrorKind.engine_refused, out.reason), None
                 continue
-            completion = out.outputs[0]
-            tokens[i], finish[i] = list(completion.token_ids), completion.finish_reason
-            logprobs[i] = token_logprobs(completion, values[i]["logprobs"])
+            samples = out.outputs if many else out.outputs[:1]
+            report.output_tokens += sum(len(c.token_ids) for c in samples)
+            tokens[i] = per_row([list(c.token_ids) for c in samples])
+            finish[i] = per_row([c.finish_reason for c in samples])
+            logprobs[i] = per_row([token_logprobs(c, values[i]["logprobs"]) for c in samples])
             if values[i]["stop"]:  # the text ends before the stop string; the tokens hold all of it
-                texts[i] = completion.text
-        report.output_tokens = sum(len(tokens[i]) for i, out in outputs.items() if tokens[i])
+                texts[i] = per_row([c.text for c in samples])
         columns = {
-            GENERATED_TOKENS: pa.array(tokens, TOKEN_LIST),
-            FINISH_REASON: pa.array(finish, pa.string()),
+            GENERATED_TOKENS: pa.array(tokens, typed(TOKEN_LIST)),
+            FINISH_REASON: pa.array(finish, typed(pa.string())),
             ERROR: pa.array(errors, pa.string()),
-            ENGINE_TEXT: pa.array(texts, pa.string()),
+            ENGINE_TEXT: pa.array(texts, typed(pa.string())),
         }
         if self.sampling.logprobs_column:
-            columns[LOGPROBS] = pa.array(logprobs, LOGPROB_LIST)
+            columns[LOGPROBS] = pa.array(logprobs, typed(LOGPROB_LIST))
         return with_columns(batch, **columns)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
