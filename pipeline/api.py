@@ -79,7 +79,7 @@ def process(ds: ray.data.Dataset, cfg: JobConfig) -> ray.data.Dataset:
     sampling = RowSampling.of(cfg.sampling, cfg.input.sampling_column, schema)
     if not ray.is_initialized():
         start_ray(cfg.cluster)
-    sink_name, _ = start_sink()
+    sink_name, sink = start_sink()
     stages = build_stages(cfg, model, schema.names, sink_name, None, sampling)
     has_ids = cfg.input.id_column in schema.names
     ds = ds.map_batches(
@@ -92,7 +92,8 @@ def process(ds: ray.data.Dataset, cfg: JobConfig) -> ray.data.Dataset:
     )
     for stage in stages:
         ds = stage.apply(ds, stage.actors.batch_size)
-    return ds.map_batches(_without_internal, batch_format="pyarrow", batch_size=None)
+    # The stages report to the sink, which lives as long as a handle to it: the Dataset's own.
+    return ds.map_batches(_without_internal, fn_kwargs=dict(sink=sink), batch_format="pyarrow", batch_size=None)
 
 
 class Numbered:
@@ -110,5 +111,5 @@ class Numbered:
         return batch.append_column(self.id_column, rows) if self.id_column else batch
 
 
-def _without_internal(batch: pa.Table) -> pa.Table:
+def _without_internal(batch: pa.Table, sink: ray.actor.ActorHandle) -> pa.Table:
     return batch.drop_columns([c for c in batch.column_names if c.startswith(INTERNAL)])

@@ -171,21 +171,31 @@ def test_process_runs_the_stages_in_a_ray_data_pipeline_of_ones_own(ray_cluster,
 
 
 def test_n_completions_come_from_one_payload(ray_cluster, split, tmp_path):
-    """The prefill dataset decoded again with sampling.n=3: each row's KV moves once for its
-    three samples, sample i is seeded seed + i (so sample 0 is the n=1 completion), and every
-    completion column holds a list of three."""
+    """The prefill dataset decoded again with sampling.n=3 (and a temperature for rows without
+    their own): each row's KV moves once for its three samples, sample i is seeded seed + i (so
+    a row with its own seed and temperature gets its n=1 completion first), structured output
+    holds for every sample, and every completion column holds a list of three."""
     prefilled, one, rows = split
-    three = run_job(_config("phase=decode", "sampling.n=3", f"input.path={prefilled}", f"output.path={tmp_path}"))
+    out = tmp_path / "three"
+    three = run_job(
+        _config(
+            "phase=decode", "sampling.n=3", "sampling.temperature=1.0", f"input.path={prefilled}", f"output.path={out}"
+        )
+    )
     assert three.kv_bytes_moved == one.kv_bytes_moved > 0
-    got = {r["id"]: r for r in read_output(str(tmp_path)).to_pylist()}
+    got = {r["id"]: r for r in read_output(str(out)).to_pylist()}
     for row_id, row in rows.items():
         if row["error"]:
             assert got[row_id]["generated_tokens"] is None and got[row_id]["error"] == row["error"]
             continue
         samples = got[row_id]["generated_tokens"]
-        assert len(samples) == 3 and samples[0] == row["generated_tokens"], row_id
-        assert got[row_id]["generated_text"][0] == row["generated_text"] and len(got[row_id]["finish_reason"]) == 3
+        assert len(samples) == len(got[row_id]["generated_text"]) == len(got[row_id]["finish_reason"]) == 3
         assert got[row_id]["num_generated_tokens"] == [len(s) for s in samples]
-    assert len({tuple(s) for s in got["plain"]["generated_tokens"]}) == 1  # greedy
-    assert len({tuple(s) for s in got["seeded"]["generated_tokens"]}) == 3
+    for row_id in ("seeded", "twin_a", "twin_b"):
+        assert got[row_id]["generated_tokens"][0] == rows[row_id]["generated_tokens"], row_id
+        assert len({tuple(s) for s in got[row_id]["generated_tokens"]}) == 3
+    for text, finish in zip(got["json"]["generated_text"], got["json"]["finish_reason"]):
+        if finish == "stop":  # max_tokens may cut a sample short
+            jsonschema.validate(json.loads(text), PERSON)
+    assert all(text in ("yes", "no") for text in got["choice"]["generated_text"])
     assert three.output_tokens == sum(sum(r["num_generated_tokens"] or []) for r in got.values())

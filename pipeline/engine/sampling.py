@@ -112,6 +112,8 @@ def check(values: dict[str, Any]) -> str | None:
             return f"{key} {problem}"
     if values["min_tokens"] > values["max_tokens"]:
         return f"min_tokens ({values['min_tokens']}) must not exceed max_tokens ({values['max_tokens']})"
+    if values["n"] > 1 and values["temperature"] == 0:
+        return f"n={values['n']} needs a temperature above 0: greedy samples are all the same"
     if sum(values[k] is not None for k in STRUCTURED) > 1:
         return f"at most one of {', '.join(STRUCTURED)}"
     return None

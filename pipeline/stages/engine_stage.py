@@ -73,6 +73,11 @@ class EngineStage:
         good = {}
         for i in rows:
             problem = check(values[i])
+            if problem is None:
+                try:  # and what vLLM's own checks refuse
+                    self.sampling.params(values[i], values[i]["max_tokens"])
+                except ValueError as error:
+                    problem = str(error)
             if problem:
                 errors[i] = row_error(ErrorKind.invalid_sampling, problem)
             else:
