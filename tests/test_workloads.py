@@ -170,20 +170,20 @@ def test_process_runs_the_stages_in_a_ray_data_pipeline_of_ones_own(ray_cluster,
         assert {i: r[key] for i, r in rows.items()} == {i: colocated[i][key] for i in rows}, key
 
 
-def test_n_completions_come_from_one_payload(ray_cluster, split, tmp_path):
+def test_n_completions_come_from_one_payload(ray_cluster, workload, split, tmp_path):
     """The prefill dataset decoded again with sampling.n=3 (and a temperature for rows without
-    their own): each row's KV moves once for its three samples, sample i is seeded seed + i (so
-    a row with its own seed and temperature gets its n=1 completion first), structured output
-    holds for every sample, and every completion column holds a list of three."""
+    their own): each row's KV moves once for its three samples, which one engine draws alike,
+    sample i is seeded seed + i (so a row with its own seed and temperature gets its n=1
+    completion first), structured output holds for every finished sample, and every completion
+    column holds a list of three."""
     prefilled, one, rows = split
-    out = tmp_path / "three"
-    three = run_job(
-        _config(
-            "phase=decode", "sampling.n=3", "sampling.temperature=1.0", f"input.path={prefilled}", f"output.path={out}"
-        )
-    )
+    out, three_samples = tmp_path / "three", ("sampling.n=3", "sampling.temperature=1.0")
+    three = run_job(_config("phase=decode", *three_samples, f"input.path={prefilled}", f"output.path={out}"))
     assert three.kv_bytes_moved == one.kv_bytes_moved > 0
     got = {r["id"]: r for r in read_output(str(out)).to_pylist()}
+    colocated = process(ray.data.read_parquet(str(workload)), _config("mode=colocated", *three_samples))
+    alike = pa.concat_tables(ray.get(colocated.to_arrow_refs())).to_pylist()
+    assert {r["id"]: r["generated_tokens"] for r in alike} == {i: r["generated_tokens"] for i, r in got.items()}
     for row_id, row in rows.items():
         if row["error"]:
             assert got[row_id]["generated_tokens"] is None and got[row_id]["error"] == row["error"]
