@@ -104,6 +104,7 @@ def test_rerun_of_the_same_job_resumes_after_committed_shards(tmp_path, ray_clus
     ledger.add(writer(out)(rows(3, 4, 0)))
     ledger.committed(wait=True)
     (tmp_path / "out" / "_tmp.abc.part-000000.parquet").write_bytes(b"half written")
+    (tmp_path / "out" / "metrics.json").write_text("{}")  # as earlier versions named it
     rerun = target(tmp_path / "out")
     assert rerun.inspect() == {1} and rerun.resumed.rows == 2
     _, done = claimed(tmp_path / "out")

@@ -45,7 +45,9 @@ STATS_KEY = b"kvrelay.shard"  # a part's counts, in its Parquet footer
 _GROUP_BYTES = 128 << 20
 _PART = re.compile(r"part-(\d{6,})\.parquet")
 # What a kvrelay job writes at the top of its output, besides its parts.
-_OWN = (MANIFEST, LEASE, FRAGMENTS, SUCCESS, METRICS, REPORT, REPORT_PLOT)
+# With the names earlier versions gave the metrics and the report, before every name that is not
+# a part took a leading "_": a rerun clears them, so that Parquet readers open the directory.
+_OWN = (MANIFEST, LEASE, FRAGMENTS, SUCCESS, METRICS, REPORT, REPORT_PLOT, "metrics.json", "report.md", "report.png")
 
 
 def part_name(shard: int) -> str:
