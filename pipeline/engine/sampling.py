@@ -172,13 +172,11 @@ class RowSampling:
             rows.append({**base, **values})
         return rows
 
-    def params(self, values: dict[str, Any], max_tokens: int, kv_key: str | None = None) -> "SamplingParams":
+    def params(self, values: dict[str, Any], max_tokens: int) -> "SamplingParams":
         """A row's SamplingParams, generating at most `max_tokens` (its budget: sampling
         max_tokens, or fewer where the context ends first)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-
-        from pipeline.kv.handoff import KEY
 
         structured = {
             name: schema(values[key]) if key == "json_schema" else values[key]
@@ -204,9 +202,18 @@ class RowSampling:
             structured_outputs=StructuredOutputsParams(**structured) if structured else None,
             output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it finishes
             detokenize=bool(values["stop"]),  # vLLM matches stop strings on text
-            extra_args={"kv_transfer_params": {KEY: kv_key}} if kv_key else None,
         )
 
     def prefill(self, kv_key: str) -> "SamplingParams":
         """A prefill request: the prompt's KV and one greedy token."""
-        return self.params(asdict(SamplingConfig()), 1, kv_key)
+        return with_kv_key(self.params(asdict(SamplingConfig()), 1), kv_key)
+
+
+def with_kv_key(params: "SamplingParams", kv_key: str | None) -> "SamplingParams":
+    """A request that hands its KV over under `kv_key` (pipeline/kv/handoff.py); None: it
+    prefills its prompt itself."""
+    from pipeline.kv.handoff import KEY
+
+    if kv_key is not None:
+        params.extra_args = {"kv_transfer_params": {KEY: kv_key}}
+    return params

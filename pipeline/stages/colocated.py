@@ -14,10 +14,8 @@ class Colocated(EngineStage):
         self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport
     ) -> pa.Table:
         errors = batch.column(ERROR).to_pylist()
-        values = self.checked(batch, rows, errors)
-        outputs = await self.generate(
-            [prompts[i] for i in values], [self.params(v, len(prompts[i])) for i, v in values.items()]
-        )
+        requests = self.requests(batch, rows, prompts, errors)
+        outputs = await self.generate([prompts[i] for i in requests], list(requests.values()))
         report.rows = len(rows)
         report.input_tokens = sum(len(prompts[i]) for i in rows)
-        return self.with_completions(batch, dict(zip(values, outputs)), values, errors, report)
+        return self.with_completions(batch, dict(zip(requests, outputs)), requests, errors, report)

@@ -27,6 +27,7 @@ from pipeline.columns import (
 from pipeline.config import OnLoadFailure
 from pipeline.engine.build import CONSUMER
 from pipeline.engine.model import ResolvedModel
+from pipeline.engine.sampling import with_kv_key
 from pipeline.job.meter import BatchReport
 from pipeline.kv import handoff, payload
 from pipeline.kv.payload import KVPayload, PayloadError, PayloadLost, PayloadMismatch
@@ -58,9 +59,9 @@ class Decode(EngineStage):
         files: list[str | None] = [None] * batch.num_rows  # to remove once the row is committed
         for i in rows:
             errors[i] = check_prefilled(prompts[i], first[i], self.vocab_size, self.model.max_model_len)
-        values = self.checked(batch, [i for i in rows if errors[i] is None], errors)
+        requests = self.requests(batch, [i for i in rows if errors[i] is None], prompts, errors)
         keys: dict[int, str | None] = {}  # row -> handoff key; None: the engine prefills the prompt itself
-        for i in values:
+        for i in requests:
             num_input[i] = len(prompts[i])  # the prompt's, whatever the dataset says
             try:
                 with handoff.timed():
@@ -82,7 +83,7 @@ class Decode(EngineStage):
             # The prompt alone: the engine loads the KV of all its tokens but the last, computes
             # that one's, and samples every token of the completion itself.
             outputs = await self.generate(
-                [prompts[i] for i in keys], [self.params(values[i], len(prompts[i]), key) for i, key in keys.items()]
+                [prompts[i] for i in keys], [with_kv_key(requests[i], key) for i, key in keys.items()]
             )
         finally:
             for key in keys.values():
@@ -96,7 +97,7 @@ class Decode(EngineStage):
         pending_rows = set(rows)
         kept = [None if i in pending_rows and errors[i] else t for i, t in enumerate(first)]
         batch = with_columns(batch, **{GENERATED_TOKENS: pa.array(kept, TOKEN_LIST)})
-        batch = self.with_completions(batch, dict(zip(keys, outputs)), values, errors, report)
+        batch = self.with_completions(batch, dict(zip(keys, outputs)), requests, errors, report)
         batch = with_columns(
             batch,
             **{KV_FILE: pa.array(files, pa.string()), NUM_INPUT_TOKENS: pa.array(num_input, pa.int32())},

@@ -66,28 +66,25 @@ class EngineStage:
         # run four at a time): the rest wait here, before their requests reach the engine.
         self.slots = asyncio.Semaphore(pool.concurrent_batches)
 
-    def checked(self, batch: pa.Table, rows: list[int], errors: list[str | None]) -> dict[int, dict[str, Any]]:
-        """The sampling values of each row in `rows`; a row whose values are bad gets its error
-        instead."""
+    def requests(
+        self, batch: pa.Table, rows: list[int], prompts: list[list[int]], errors: list[str | None]
+    ) -> dict[int, "SamplingParams"]:
+        """The sampling of each row in `rows` as its request takes it: the row's values over the
+        job's, for max_tokens or fewer where the context ends first. A row whose values are bad
+        (by kvrelay's checks or vLLM's own) gets its error instead."""
         values = self.sampling.values(batch)
-        good = {}
+        requests = {}
         for i in rows:
             problem = check(values[i])
             if problem is None:
-                try:  # and what vLLM's own checks refuse
-                    self.sampling.params(values[i], values[i]["max_tokens"])
+                budget = min(values[i]["max_tokens"], self.model.max_model_len - len(prompts[i]))
+                try:
+                    requests[i] = self.sampling.params(values[i], budget)
                 except ValueError as error:
                     problem = str(error)
             if problem:
                 errors[i] = row_error(ErrorKind.invalid_sampling, problem)
-            else:
-                good[i] = values[i]
-        return good
-
-    def params(self, values: dict[str, Any], num_prompt_tokens: int, kv_key: str | None = None) -> "SamplingParams":
-        """A row's request: its sampling, for max_tokens or fewer where the context ends first."""
-        budget = min(values["max_tokens"], self.model.max_model_len - num_prompt_tokens)
-        return self.sampling.params(values, budget, kv_key)
+        return requests
 
     async def generate(
         self, prompts: list[list[int]], params: list["SamplingParams"]
@@ -102,7 +99,7 @@ class EngineStage:
         self,
         batch: pa.Table,
         outputs: dict[int, "RequestOutput | RequestRefused"],
-        values: dict[int, dict[str, Any]],
+        requests: dict[int, "SamplingParams"],
         errors: list[str | None],
         report: BatchReport,
     ) -> pa.Table:
@@ -131,8 +128,8 @@ class EngineStage:
             report.output_tokens += sum(len(c.token_ids) for c in samples)
             tokens[i] = per_row([list(c.token_ids) for c in samples])
             finish[i] = per_row([c.finish_reason for c in samples])
-            logprobs[i] = per_row([token_logprobs(c, values[i]["logprobs"]) for c in samples])
-            if values[i]["stop"]:  # the text ends before the stop string; the tokens hold all of it
+            logprobs[i] = per_row([token_logprobs(c, requests[i].logprobs) for c in samples])
+            if requests[i].stop:  # the text ends before the stop string; the tokens hold all of it
                 texts[i] = per_row([c.text for c in samples])
         columns = {
             GENERATED_TOKENS: pa.array(tokens, typed(TOKEN_LIST)),

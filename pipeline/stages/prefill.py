@@ -27,7 +27,7 @@ class Prefill(EngineStage):
         errors = batch.column(ERROR).to_pylist()
         # A row's sampling is the decode engine's to apply, from the first token on; a bad value
         # is refused here, before the row's KV is computed.
-        keys = {i: uuid.uuid4().hex for i in self.checked(batch, rows, errors)}
+        keys = {i: uuid.uuid4().hex for i in self.requests(batch, rows, prompts, errors)}
         outputs = await self.generate([prompts[i] for i in keys], [self.sampling.prefill(key) for key in keys.values()])
         tokens: list = [None] * batch.num_rows
         payloads: list[KVPayload | None] = [None] * batch.num_rows
