@@ -7,7 +7,6 @@ from omegaconf.errors import ValidationError
 from pipeline.config import Mode, Phase
 from pipeline.engine.build import gpu_memory_utilization
 from pipeline.errors import JobError
-from pipeline.io.source import Shard
 from pipeline.job.graph import block_rows, build_stages
 from pipeline.job.validate import check_job
 from tests.conftest import job_config
@@ -125,15 +124,15 @@ def test_each_refusal_has_its_way_out():
         check_job(halves)
 
 
-def _blocks(rows: int, *overrides: str, kv_row_bytes: float = 0) -> int:
+def _blocks(rows: int, *overrides: str, row_bytes: float = 100, kv_row_bytes: float = 0) -> int:
     cfg = job_config(*overrides)
-    shards = [Shard(i, "f", start, min(start + 1000, rows), start) for i, start in enumerate(range(0, rows, 1000))]
-    return block_rows(shards, build_stages(cfg, None, [], "sink", None), kv_row_bytes)
+    return block_rows(rows, build_stages(cfg, None, [], "sink", None), row_bytes, kv_row_bytes)
 
 
-def test_blocks_hold_a_shard_of_cheap_rows_and_spread_over_the_engines():
-    assert _blocks(200_000, "mode=colocated") == 1000  # Ray Data's cost is per block
-    assert _blocks(320, "mode=colocated") == 80  # 4 blocks for the one engine worker
+def test_blocks_are_large_where_rows_are_cheap_and_spread_over_the_engines():
+    assert _blocks(200_000, "mode=colocated", row_bytes=2048) == 16_384  # 32 MiB: Ray Data's cost is per block
+    assert _blocks(200_000, "mode=colocated") == 50_000  # 4 blocks for the one engine worker
+    assert _blocks(320, "mode=colocated") == 80
     assert _blocks(320) == 40  # two engine workers, prefill and decode
     assert _blocks(320, "pools.decode.size=3") == 32  # never fewer than an engine batch
     assert _blocks(23, "mode=colocated", "pools.colocated.batch_size=4") == 6

@@ -113,6 +113,19 @@ def test_shards_of_small_row_groups_split_into_units_at_group_bounds(tmp_path):
     ]
 
 
+def test_sizes_are_estimated_from_decoded_rows(tmp_path):
+    """Block sizes come from these: a dictionary-encoded column is small in the footer but
+    full-size once read, and a row with a null prompt makes no KV."""
+    path = tmp_path / "in.parquet"
+    prompts = ["x" * 40 if i % 4 == 0 else None for i in range(2000)]
+    pq.write_table(pa.table({"prompt": prompts, "text": ["y" * 2000] * 2000}), path)
+    assert pq.read_metadata(path).row_group(0).total_byte_size < 100_000  # the repeated text, encoded once
+    s = source(path)
+    assert 2000 < s.bytes_per_row() < 2100
+    prompt_bytes, share = s.prompt_bytes("prompt")
+    assert 40 <= prompt_bytes < 50 and share == 0.25
+
+
 def test_hidden_and_underscore_entries_at_any_depth_are_not_input(tmp_path):
     pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "a.parquet")
     for junk in (".ipynb_checkpoints/a-checkpoint.parquet", "_tmp/b.parquet", "sub/_c.parquet", "sub/.d.parquet"):

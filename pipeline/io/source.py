@@ -95,11 +95,26 @@ class PromptSource:
         self.has_ids = cfg.id_column in self.schema.names
         self.shards = self._cut(shard_rows, self._bad_ids() if self.has_ids else {})
 
-    def sampled_bytes_per_row(self, column: str, rows: int = 64) -> float:
-        """A column's mean size in memory per row, over the first rows of the first file."""
+    def sample(self, columns: list[str] | None = None, rows: int = 1024) -> pa.RecordBatch:
+        """The first rows of the first file that has any, decoded: what sizes are estimated
+        from before the job runs. Fewer of them where rows are large (a prefill dataset's KV)."""
         first = next(f for f in self.files if f.num_rows)
-        batch = next(pq.ParquetFile(first.path, filesystem=self.arrow_fs).iter_batches(rows, columns=[column]))
+        file = pq.ParquetFile(first.path, filesystem=self.arrow_fs)
+        group = file.metadata.row_group(0)
+        rows = max(1, min(rows, _READ_BYTES * group.num_rows // max(group.total_byte_size, 1)))
+        return next(file.iter_batches(rows, columns=columns))
+
+    def bytes_per_row(self) -> float:
+        """A row's mean size in memory, every column, over the sample."""
+        batch = self.sample()
         return batch.nbytes / batch.num_rows
+
+    def prompt_bytes(self, column: str) -> tuple[float, float]:
+        """Over the sample: a prompt's mean size in memory, and the share of rows that have one
+        (not null)."""
+        sampled = self.sample([column]).column(0)
+        prompts = sampled.drop_null()
+        return prompts.nbytes / max(len(prompts), 1), len(prompts) / len(sampled)
 
     def _inspect(self, root: str) -> tuple[list[InputFile], pa.Schema]:
         if self.fs.isdir(root):

@@ -36,6 +36,7 @@ from pipeline.stages.tokenize import Tokenize
 from pipeline.stages.write import WriteFragments
 
 BLOCKS_PER_ENGINE_WORKER = 4
+BLOCK_BYTES = 32 << 20
 BYTES_PER_TOKEN = 4
 
 
@@ -143,7 +144,7 @@ def build_dataset(
     ds = ds.map_batches(reader, batch_size=1, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
     # The cut is an op of its own that reserves a whole CPU while it runs (Ray Data offers no
     # way to lower it).
-    rows = block_rows(shards, stages, kv_row_bytes)
+    rows = block_rows(sum(s.num_rows for s in shards), stages, source.bytes_per_row(), kv_row_bytes)
     ds = ds.repartition(target_num_rows_per_block=rows)
     for stage in stages:  # an engine worker takes each block whole
         ds = stage.apply(ds, rows if stage.runs_engine else stage.actors.batch_size)
@@ -163,24 +164,27 @@ def build_dataset(
     )
 
 
-def block_rows(shards: list[Shard], stages: list[Stage], kv_row_bytes: float) -> int:
+def block_rows(rows: int, stages: list[Stage], row_bytes: float, kv_row_bytes: float) -> int:
     """Rows per block, as the read is cut, and per call of an engine worker. Ray Data's cost is
-    mostly per block: as many rows as a shard (the unit of commit, which a block never needs to
-    exceed), but few enough that each engine worker gets several blocks and the last ones
-    spread over them, and, where KV leaves a stage (`kv_row_bytes` a row), that a block's KV
-    stays within Ray Data's block size (DataContext.target_max_block_size). Never fewer than
-    an engine pool's batch_size: the rows that keep its engine full."""
+    per block (in the workers and in the driver's scheduling loop), so blocks are as large as
+    three bounds allow: about BLOCK_BYTES of rows (`row_bytes` each, as read); few enough that
+    each engine worker gets several blocks and the last ones spread over them; and where KV
+    leaves a stage (`kv_row_bytes` a row), a block's KV within Ray Data's block size
+    (DataContext.target_max_block_size). A block may hold several shards: the writers cut it
+    by shard. Never fewer than an engine pool's batch_size: the rows that keep its engine full."""
     engines = [s.actors for s in stages if s.runs_engine]
-    rows = sum(s.num_rows for s in shards)
     spread = -(-rows // (BLOCKS_PER_ENGINE_WORKER * sum(pool.size for pool in engines)))
+    by_size = int(BLOCK_BYTES // max(row_bytes, 1))
     fits = int(ray.data.DataContext.get_current().target_max_block_size // kv_row_bytes) if kv_row_bytes else rows
-    return max(min(max(s.num_rows for s in shards), spread, fits), max(pool.batch_size for pool in engines))
+    return max(min(by_size, spread, fits), max(pool.batch_size for pool in engines))
 
 
 def kv_row_bytes(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> float:
     """The KV a row's prompt makes, estimated before the job runs from the first rows' prompts
-    (about 4 bytes of text or token ids a token); none colocated."""
+    (about 4 bytes of text or token ids a token; a row without a prompt makes none); none
+    colocated."""
     if cfg.mode is Mode.colocated:
         return 0
     prompts = PROMPT_TOKENS if cfg.phase is Phase.decode else cfg.input.source_column
-    return model.kv_bytes_per_token * (source.sampled_bytes_per_row(prompts) / BYTES_PER_TOKEN + 1)
+    prompt_bytes, share = source.prompt_bytes(prompts)
+    return model.kv_bytes_per_token * (prompt_bytes / BYTES_PER_TOKEN + 1) * share
