@@ -82,6 +82,15 @@ def test_shard_commits_once_complete_in_input_order_without_duplicates(tmp_path,
     assert list((tmp_path / "out" / FRAGMENTS).rglob("*.arrow")) == []  # committed or dropped, none left
 
 
+def test_shards_completed_together_commit_in_one_task(tmp_path, ray_cluster):
+    out, _ = claimed(tmp_path / "out")
+    ledger = ShardLedger(out, SHARDS, None)
+    ledger.add(writer(out)(rows(0, 1, 2, 3, 4)))  # one block over both shards: a fragment each
+    assert len(ledger.committing) == 1
+    assert ledger.committed(wait=True) == 5 and ledger.stats.rows == 5
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*")) == [part_name(0), part_name(1)]
+
+
 def test_incomplete_shards_are_reported(tmp_path, ray_cluster):
     out, _ = claimed(tmp_path / "out")
     ledger = ShardLedger(out, SHARDS, None)

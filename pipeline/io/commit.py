@@ -2,7 +2,7 @@
 which rows of each shard the workers have written (their fragments' row numbers); once a
 shard's fragments hold every one of its rows, a Ray task on a worker merges them into the
 shard's part: each row once, in input order, written aside and moved into place
-(`commit_shard`). Rows that arrive for a shard already committed (a batch redone after a
+(`commit_shard`); the shards that a batch of fragments completes share one task. Rows that arrive for a shard already committed (a batch redone after a
 worker died) are dropped and counted."""
 
 from dataclasses import dataclass
@@ -23,8 +23,8 @@ if TYPE_CHECKING:  # a commit task imports the payload code (and torch) only whe
 
 
 def commit_shard(url: str, part: str, shard: Shard, fragments: list[str], store: "PayloadStore | None") -> ShardStats:
-    """Runs on a worker: the shard's fragments -> its part. Idempotent: a retry finds the part
-    in place and only clears up."""
+    """The shard's fragments -> its part, on a worker (`commit_shards`). Idempotent: a retry
+    finds the part in place and only clears up."""
     fs, arrow_fs, _ = filesystem(url)
     if fs.exists(part):
         stats = read_stats(arrow_fs, part)
@@ -43,6 +43,13 @@ def commit_shard(url: str, part: str, shard: Shard, fragments: list[str], store:
     return stats
 
 
+def commit_shards(
+    url: str, commits: list[tuple[str, Shard, list[str]]], store: "PayloadStore | None"
+) -> list[ShardStats]:
+    """Runs on a worker: `commit_shard` for each (part, shard, fragments)."""
+    return [commit_shard(url, part, shard, fragments, store) for part, shard, fragments in commits]
+
+
 @dataclass
 class _Pending:
     shard: Shard
@@ -56,18 +63,19 @@ class ShardLedger:
     def __init__(self, output: OutputTarget, shards: list[Shard], store: "PayloadStore | None"):
         self.output, self.store = output, store
         self.pending = {s.index: _Pending(s, np.zeros(s.num_rows, bool), []) for s in shards}
-        self.committing: dict[ray.ObjectRef, Shard] = {}
+        self.committing: dict[ray.ObjectRef, list[Shard]] = {}
         self.stats = ShardStats()
         self.late_duplicate_rows = 0
         self.output_tokens = 0  # written so far, for progress
         self.bytes_received = 0  # the fragment rows' size: what reaches the driver, per row a few dozen bytes
         # No CPU reserved, as the writers (pipeline/job/graph.py build_dataset): short I/O that must not wait
         # for the pipeline's ops to release theirs.
-        self._commit = ray.remote(commit_shard).options(num_cpus=0, max_retries=3, retry_exceptions=True)
+        self._commit = ray.remote(commit_shards).options(num_cpus=0, max_retries=3, retry_exceptions=True)
 
     def add(self, fragments: pa.Table) -> None:
         self.bytes_received += fragments.nbytes
         columns = fragments.select([SHARD, PATH, ROWS, OUTPUT_TOKENS]).to_pydict()
+        complete = []
         for shard, path, rows, tokens in zip(*columns.values()):
             self.output_tokens += tokens
             entry = self.pending.get(shard)
@@ -79,10 +87,10 @@ class ShardLedger:
             entry.fragments.append(path)
             if entry.seen.all():
                 del self.pending[shard]
-                ref = self._commit.remote(
-                    self.output.url, self.output.part(shard), entry.shard, entry.fragments, self.store
-                )
-                self.committing[ref] = entry.shard
+                complete.append(entry)
+        if complete:
+            commits = [(self.output.part(e.shard.index), e.shard, e.fragments) for e in complete]
+            self.committing[self._commit.remote(self.output.url, commits, self.store)] = [e.shard for e in complete]
 
     def committed(self, wait: bool = False) -> int:
         """Rows of the shards whose commit finished since the last call (all of them if `wait`)."""
@@ -92,8 +100,8 @@ class ShardLedger:
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
         rows = 0
         for ref, stats in zip(done, ray.get(done)):
-            self.stats += stats
-            rows += self.committing.pop(ref).num_rows
+            self.stats = sum(stats, self.stats)
+            rows += sum(shard.num_rows for shard in self.committing.pop(ref))
         return rows
 
     def missing(self) -> list[int]:
