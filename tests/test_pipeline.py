@@ -254,30 +254,6 @@ def test_a_job_on_s3_generates_the_same(ray_cluster, s3: Bucket, few_prompts, di
     assert fs.exists(f"{root}/out/_SUCCESS") and fs.find(f"{root}/kv") == []
 
 
-def test_split_jobs_write_what_one_job_writes(ray_cluster, few_prompts, disaggregated_run, tmp_path):
-    """jobs.prefill writes a prefill dataset with its KV in files; jobs.decode, run later from
-    that dataset alone, writes the same rows as the one-job run and removes the files."""
-    storage, prefilled, out = tmp_path / "kv", tmp_path / "prefilled", tmp_path / "out"
-    kv = ["kv.transport=storage", f"kv.storage_path={storage}"]
-    first = run(job_config("phase=prefill", *_overrides(few_prompts, prefilled), *kv))
-    assert set(first.stages) == {"tokenize", "prefill"}
-    dataset = read_output(str(prefilled))
-    assert dataset.num_rows == len(FEW) and KV_PAYLOAD in dataset.column_names
-    files = [p for p in storage.rglob("*.kv")]
-    assert len(files) == len(FEW)
-
-    second = run(job_config("phase=decode", *_overrides(prefilled, out), f"kv.storage_path={storage}"))
-    assert set(second.stages) == {"decode", "detokenize"}
-    assert second.kv_bytes_moved == first.kv_bytes_moved == 46_080 * sum(FEW)
-    assert not any(f.exists() for f in files)
-    one_job = read_output(str(disaggregated_run[0]))
-    split = read_output(str(out))
-    assert split.column_names == one_job.column_names
-    expected = {r["id"]: r for r in one_job.to_pylist()}
-    assert [r["id"] for r in split.to_pylist()] == [f"p{n}" for n in FEW]
-    assert all(row == expected[row["id"]] for row in split.to_pylist())
-
-
 def test_every_parquet_reader_opens_a_finished_output(ray_cluster, disaggregated_run):
     """Only row parts lack a leading underscore: readers given the directory, with no options,
     read the rows and nothing else."""

@@ -1,6 +1,6 @@
 """Real workloads on the real engine: conversations with a system prompt, per-row sampling (max
 tokens, stop strings, seeds, structured output, logprobs) and the per-row errors of bad values,
-run colocated (a job through the Python API), as split prefill and decode jobs, and disaggregated
+run colocated (a job through the Python API), as split prefill and decode jobs (KV in files), and disaggregated
 inside a Ray Data pipeline of the caller's (`pipeline.api.process`): token-identical, greedy and
 seeded alike."""
 
@@ -105,17 +105,41 @@ def colocated(ray_cluster, workload, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def split(ray_cluster, workload, tmp_path_factory):
-    prefilled, out = tmp_path_factory.mktemp("prefilled"), tmp_path_factory.mktemp("decoded")
-    run_job(_config("phase=prefill", f"input.path={workload}", f"output.path={prefilled}"))
-    decoded = run_job(_config("phase=decode", f"input.path={prefilled}", f"output.path={out}"))
-    return prefilled, decoded, {r["id"]: r for r in read_output(str(out)).to_pylist()}
+    """A prefill job writes a prefill dataset with its KV in files (kv.transport=storage); a
+    decode job, run later from that dataset alone, loads them and, with kv.keep_files, leaves
+    them for the n=3 decode job below."""
+    prefilled, out, storage = (tmp_path_factory.mktemp(name) for name in ("prefilled", "decoded", "kv"))
+    prefill = run_job(
+        _config(
+            "phase=prefill",
+            f"input.path={workload}",
+            f"output.path={prefilled}",
+            "kv.transport=storage",
+            f"kv.storage_path={storage}",
+        )
+    )
+    assert set(prefill.stages) == {"tokenize", "prefill"}
+    files = sorted(storage.rglob("*.kv"))
+    assert len(files) == len(ROWS) - len(ERRORS)  # a row refused before the engine has none
+    decoded = run_job(
+        _config(
+            "phase=decode",
+            f"input.path={prefilled}",
+            f"output.path={out}",
+            f"kv.storage_path={storage}",
+            "kv.keep_files=true",
+        )
+    )
+    assert set(decoded.stages) == {"decode", "detokenize"}
+    assert decoded.kv_bytes_moved == prefill.kv_bytes_moved > 0 and all(f.exists() for f in files)
+    return prefilled, storage, files, decoded, {r["id"]: r for r in read_output(str(out)).to_pylist()}
 
 
 COMPARED = ("generated_tokens", "generated_text", "finish_reason", "error", "error_kind", "logprobs")
 
 
 def test_split_jobs_generate_what_one_engine_does_greedy_and_seeded(colocated, split):
-    split = split[2]
+    split = split[-1]
     assert list(split) == list(colocated) == list(ROWS)
     for key in COMPARED:
         assert {i: r[key] for i, r in split.items()} == {i: r[key] for i, r in colocated.items()}, key
@@ -176,10 +200,12 @@ def test_n_completions_come_from_one_payload(ray_cluster, workload, split, tmp_p
     sample i is seeded seed + i (so a row with its own seed and temperature gets its n=1
     completion first), structured output holds for every finished sample, and every completion
     column holds a list of three."""
-    prefilled, one, rows = split
+    prefilled, storage, files, one, rows = split
     out, three_samples = tmp_path / "three", ("sampling.n=3", "sampling.temperature=1.0")
-    three = run_job(_config("phase=decode", *three_samples, f"input.path={prefilled}", f"output.path={out}"))
+    decode = ("phase=decode", f"input.path={prefilled}", f"output.path={out}", f"kv.storage_path={storage}")
+    three = run_job(_config(*decode, *three_samples))
     assert three.kv_bytes_moved == one.kv_bytes_moved > 0
+    assert not any(f.exists() for f in files)  # the payload files go once their rows are committed
     got = {r["id"]: r for r in read_output(str(out)).to_pylist()}
     colocated = process(ray.data.read_parquet(str(workload)), _config("mode=colocated", *three_samples))
     alike = pa.concat_tables(ray.get(colocated.to_arrow_refs())).to_pylist()
