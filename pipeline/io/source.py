@@ -7,6 +7,7 @@ worker starts: the path, the Parquet files, the prompt column, empty input."""
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Iterator
 
 import numpy as np
@@ -95,24 +96,24 @@ class PromptSource:
         self.has_ids = cfg.id_column in self.schema.names
         self.shards = self._cut(shard_rows, self._bad_ids() if self.has_ids else {})
 
-    def sample(self, columns: list[str] | None = None, rows: int = 1024) -> pa.RecordBatch:
-        """The first rows of the first file that has any, decoded: what sizes are estimated
-        from before the job runs. Fewer of them where rows are large (a prefill dataset's KV)."""
+    @cached_property
+    def sample(self) -> pa.RecordBatch:
+        """Up to 1,024 of the first rows of the first file that has any, decoded: what sizes are
+        estimated from before the job runs. Fewer where rows are large (a prefill dataset's KV)."""
         first = next(f for f in self.files if f.num_rows)
         file = pq.ParquetFile(first.path, filesystem=self.arrow_fs)
         group = file.metadata.row_group(0)
-        rows = max(1, min(rows, _READ_BYTES * group.num_rows // max(group.total_byte_size, 1)))
-        return next(file.iter_batches(rows, columns=columns))
+        rows = max(1, min(1024, _READ_BYTES * group.num_rows // max(group.total_byte_size, 1)))
+        return next(file.iter_batches(rows))
 
     def bytes_per_row(self) -> float:
         """A row's mean size in memory, every column, over the sample."""
-        batch = self.sample()
-        return batch.nbytes / batch.num_rows
+        return self.sample.nbytes / self.sample.num_rows
 
     def prompt_bytes(self, column: str) -> tuple[float, float]:
         """Over the sample: a prompt's mean size in memory, and the share of rows that have one
         (not null)."""
-        sampled = self.sample([column]).column(0)
+        sampled = self.sample.column(column)
         prompts = sampled.drop_null()
         return prompts.nbytes / max(len(prompts), 1), len(prompts) / len(sampled)
 
