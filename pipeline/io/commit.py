@@ -2,8 +2,9 @@
 which rows of each shard the workers have written (their fragments' row numbers); once a
 shard's fragments hold every one of its rows, a Ray task on a worker merges them into the
 shard's part: each row once, in input order, written aside and moved into place
-(`commit_shard`); the shards that a batch of fragments completes share one task. Rows that arrive for a shard already committed (a batch redone after a
-worker died) are dropped and counted."""
+(`commit_shard`). The shards that one batch of fragments completes share a task. Rows that
+arrive for a shard already committed (a batch redone after a worker died) are dropped and
+counted."""
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
