@@ -1,8 +1,8 @@
 """Real workloads on the real engine: conversations with a system prompt, per-row sampling (max
 tokens, stop strings, seeds, structured output, logprobs) and the per-row errors of bad values,
-run colocated (a job through the Python API), as split prefill and decode jobs (KV in files), and disaggregated
-inside a Ray Data pipeline of the caller's (`pipeline.api.process`): token-identical, greedy and
-seeded alike."""
+run colocated (a job through the Python API), as split prefill and decode jobs (KV in files), and
+disaggregated inside a Ray Data pipeline of the caller's (`pipeline.api.process`):
+token-identical, greedy and seeded alike."""
 
 import json
 import re
@@ -15,7 +15,7 @@ import ray
 from transformers import AutoTokenizer
 
 from pipeline.api import compose, process, run_job
-from pipeline.columns import INTERNAL
+from pipeline.columns import INTERNAL, KV_PAYLOAD
 from pipeline.io.storage import read_output
 
 pytestmark = pytest.mark.slow
@@ -119,6 +119,8 @@ def split(ray_cluster, workload, tmp_path_factory):
         )
     )
     assert set(prefill.stages) == {"tokenize", "prefill"}
+    dataset = read_output(str(prefilled))
+    assert dataset.num_rows == len(ROWS) and KV_PAYLOAD in dataset.column_names
     files = sorted(storage.rglob("*.kv"))
     assert len(files) == len(ROWS) - len(ERRORS)  # a row refused before the engine has none
     decoded = run_job(
