@@ -14,7 +14,7 @@ from pipeline.io.storage import read_output
 from pipeline.job import meter
 from pipeline.job.meter import BatchPoint, BatchReport, StageTally
 from pipeline.job.metrics import JobMetrics, WorkerMetrics
-from pipeline.job.report import output_rate, write_report
+from pipeline.job.report import output_rate, write_plot, write_report
 from pipeline.job.run import commit
 from tests.test_output import SHARDS, claimed, rows, writer
 
@@ -80,7 +80,8 @@ TIMELINE = [
 def written(tmp_path):
     out, _ = claimed(tmp_path / "out")
     commit_shard(out.url, out.part(0), SHARDS[0], writer(out)(rows(0, 1, 2)).column("path").to_pylist(), None)
-    write_report(out, JobMetrics.from_dict(METRICS), TIMELINE)
+    write_plot(str(tmp_path / "out" / "_report.png"), TIMELINE)
+    write_report(out, JobMetrics.from_dict(METRICS), plotted=True)
     return tmp_path / "out"
 
 
@@ -120,7 +121,7 @@ def test_report_files_are_not_read_as_rows(written):
 def test_a_run_that_resumed_everything_has_no_pools_and_no_plot(tmp_path):
     out, _ = claimed(tmp_path / "out")
     resumed = {**METRICS, "stages": {}, "errors": {}, "kv_bytes_moved": 0, "kv_bytes_per_prompt_token": None}
-    write_report(out, JobMetrics.from_dict(resumed), [])
+    write_report(out, JobMetrics.from_dict(resumed), plotted=False)
     report = (tmp_path / "out" / "_report.md").read_text()
     assert "No pool ran: every shard was committed by an earlier run." in report
     assert "No row errors." in report and "KV moved" not in report and "_report.png" not in report

@@ -10,17 +10,24 @@ import numpy as np
 
 from pipeline.config import ENGINE_POOLS
 from pipeline.io.output import OutputTarget
-from pipeline.io.storage import REPORT, REPORT_PLOT
+from pipeline.io.storage import REPORT, REPORT_PLOT, filesystem
 from pipeline.job.meter import BatchPoint
 from pipeline.job.metrics import JobMetrics, StageMetrics
 
 
-def write_report(output: OutputTarget, metrics: JobMetrics, timeline: list[BatchPoint]) -> None:
-    if timeline:
-        with output.fs.open(f"{output.root}/{REPORT_PLOT}", "wb") as f:
-            plot(timeline, f)
+def write_report(output: OutputTarget, metrics: JobMetrics, plotted: bool) -> None:
+    """_report.md; `plotted` says _report.png is beside it (write_plot)."""
     with output.fs.open(f"{output.root}/{REPORT}", "w") as f:
-        f.write("\n".join(report_lines(metrics, plotted=bool(timeline))) + "\n")
+        f.write("\n".join(report_lines(metrics, plotted)) + "\n")
+
+
+def write_plot(url: str, timeline: list[BatchPoint]) -> None:
+    """_report.png at `url` (an fsspec URL): a job draws it in a Ray task, as the workers write
+    every other file of the output, so matplotlib's import and drawing (~1 s of CPU) stay off
+    the driver."""
+    fs, _, path = filesystem(url)
+    with fs.open(path, "wb") as f:
+        plot(timeline, f)
 
 
 def busy_share(stage: StageMetrics, wall: float) -> float:

@@ -36,10 +36,11 @@ from pipeline.errors import JobError
 from pipeline.io.commit import ShardLedger
 from pipeline.io.output import OutputTarget
 from pipeline.io.source import PromptSource
+from pipeline.io.storage import REPORT_PLOT
 from pipeline.job.graph import Stage, build_dataset, build_stages, kv_row_bytes
 from pipeline.job.meter import BatchPoint, StageTotals, processing_window, start_sink
 from pipeline.job.metrics import JobMetrics, ShardCounts, StageMetrics
-from pipeline.job.report import write_report
+from pipeline.job.report import write_plot, write_report
 from pipeline.job.usage import ObjectStorePeak
 from pipeline.job.validate import check_handoff, check_job
 from pipeline.kv.store import PayloadStore
@@ -126,7 +127,10 @@ def run(cfg: JobConfig) -> JobMetrics:
                 object_store_peak_bytes=peak.peak,
                 nodes={node.id: node.resources for node in nodes},  # where stages.*.per_worker ran
             )
-            write_report(output, metrics, timeline)  # before finish: _SUCCESS stays the last file written
+            if timeline:  # a timeline means Ray ran
+                plot_url = output.fs.unstrip_protocol(f"{output.root}/{REPORT_PLOT}")
+                ray.get(ray.remote(write_plot).options(num_cpus=0).remote(plot_url, timeline))
+            write_report(output, metrics, plotted=bool(timeline))  # before finish: _SUCCESS stays the last file
             output.finish(metrics.to_json())
     finally:
         if sink:
