@@ -216,6 +216,12 @@ class KVConfig:
     storage_path: Optional[str] = None
     keep_files: bool = False
     on_load_failure: OnLoadFailure = OnLoadFailure.recompute
+    # Shared prompt prefixes travel once (pipeline/kv/blocks.py): KV moves in blocks of this many
+    # tokens, and a whole block that rows share is stored once, by content, and fetched by a
+    # decode worker once while its block cache (block_cache_gib of host memory) holds it.
+    # 0: every row carries all its KV.
+    shared_block_tokens: int = 64
+    block_cache_gib: float = 1.0
     # CUDA engines (pipeline/kv/transfer.py): pinned host memory pooled for KV copies, and
     # device memory for saves still copying, taken out of the engine's GPU memory share.
     pinned_buffer_gib: float = 4.0

@@ -130,3 +130,20 @@ def test_wrong_size_is_refused():
 def test_unknown_codec_names_the_known_ones():
     with pytest.raises(ValueError, match="none, fp8, int8"):
         codec("zstd")
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+@pytest.mark.parametrize("tokens", [33, 32, 5, 0])
+def test_blocked_codec_encodes_each_block_alone(name, tokens):
+    """Per block of 16 tokens: each block's own round trip (a quantised block has its own
+    scales), the size it says, and the bytes after whole blocks are the encoding of the tokens
+    after them (what a payload carries past its shared blocks)."""
+    kv = _kv((2, 2, tokens, 4, 8), torch.bfloat16)
+    blocked = codec(name, 16)
+    data = blocked.encode(kv)
+    assert data.numel() == blocked.nbytes(kv.shape, kv.dtype)
+    expected = torch.cat([_round_trip(name, block) for block in kv.split(16, dim=2)] or [kv], dim=2)
+    assert torch.equal(blocked.decode(data, tuple(kv.shape), kv.dtype), expected)
+    if tokens > 16:
+        block = codec(name).nbytes((2, 2, 16, 4, 8), kv.dtype)
+        assert torch.equal(data[block:], blocked.encode(kv[:, :, 16:]))

@@ -15,7 +15,7 @@ from pipeline.columns import GENERATED_TOKENS, KV_PAYLOAD, PROMPT_TOKENS
 from pipeline.config import Codec
 from pipeline.kv import payload
 from pipeline.kv.payload import TYPE, KVPayload, PayloadError, PayloadLost, PayloadMismatch
-from pipeline.stages.decode import check_prefilled, load
+from pipeline.stages.decode import check_prefilled, load, shared_of
 
 
 def _kv(model, tokens: int, dtype=torch.float32, seed=0) -> torch.Tensor:
@@ -110,7 +110,8 @@ def _outcome(table: pa.Table, model) -> str | torch.Tensor:
     """The KV the decode stage would load for the row, or the kind of its row error."""
     (p,) = payload.from_column(table)
     try:
-        return load(p, model, TOKENS, None).upload(None).to_device()
+        loaded = load(p, model, TOKENS, None)
+        return loaded.upload(None, shared_of(loaded, {})).to_device(0)[0]
     except PayloadError as error:
         return str(error).split(":", 1)[0]
 
@@ -119,7 +120,7 @@ def _other_bytes(p: KVPayload, data: np.ndarray) -> dict[str, pa.Array]:
     """Other bytes under their own valid checksum."""
     return {
         "data": pa.array([data.tobytes()], pa.large_binary()),
-        "checksum": pa.array([payload.checksum(data)], pa.uint64()),
+        "checksum": pa.array([payload.checksum(data, p.block_tokens)], pa.uint64()),
     }
 
 
@@ -148,7 +149,22 @@ def _crafted(p: KVPayload) -> list[tuple[str, dict[str, pa.Array], str]]:
         ("data", _other_bytes(p, np.concatenate([p.data, p.data[:4]])), "kv_corrupt"),
         ("data", {"data": pa.array([None], pa.large_binary())}, "kv_corrupt"),
         ("file", {"file": pa.array([f"{'0' * 16}/{'0' * 32}.kv"])}, "kv_mismatch"),  # no kv.storage_path
+        ("block_tokens", {"block_tokens": pa.array([-4], pa.int32())}, "kv_mismatch"),
+        ("block_tokens", {"block_tokens": pa.array([4], pa.int32())}, "kv_corrupt"),  # the bytes read in other blocks
+        ("block_tokens", {"block_tokens": pa.array([None], pa.int32())}, "kv_corrupt"),
+        (
+            "blocks",
+            {"blocks": pa.array([[b"h" * 16]], BLOCKS), "block_checksums": pa.array([[1]], SUMS)},
+            "kv_mismatch",
+        ),
+        ("blocks", {"blocks": pa.array([None], BLOCKS)}, "kv_corrupt"),
+        ("blocks", {"blocks": pa.array([[None]], BLOCKS), "block_checksums": pa.array([[1]], SUMS)}, "kv_corrupt"),
+        ("block_checksums", {"block_checksums": pa.array([[1]], SUMS)}, "kv_corrupt"),  # for no block
+        ("block_checksums", {"block_checksums": pa.array([None], SUMS)}, "kv_corrupt"),
     ]
+
+
+BLOCKS, SUMS = TYPE.field("blocks").type, TYPE.field("block_checksums").type
 
 
 def test_every_crafted_payload_field_is_a_row_error_of_its_kind(model, tmp_path):
@@ -158,6 +174,28 @@ def test_every_crafted_payload_field_is_a_row_error_of_its_kind(model, tmp_path)
     assert {field for field, _, _ in cases} == set(TYPE.names)
     got = [(field, _outcome(_written(_struct(good, **replaced), tmp_path), model)) for field, replaced, _ in cases]
     assert got == [(field, kind) for field, _, kind in cases]
+
+
+def test_a_payload_names_its_shared_blocks_and_carries_the_rest(model, tmp_path):
+    """Blocks named by content round-trip through Parquet; with their bytes the KV is the
+    prompt's, without them the row's KV is missing, with other bytes it is corrupt."""
+    kv = _kv(model, TOKENS)
+    whole = KVPayload.encode(kv, model, "none", block_tokens=4)
+    hashes = [b"a" * 16, b"b" * 16]
+    shared, stored = whole.share(hashes, {})
+    assert shared.shared_tokens == 8 and shared.own_shape[2] == 1 and shared.data.size == shared.nbytes
+    assert sum(block.size for block in stored.values()) + shared.data.size == whole.data.size
+    (read,) = payload.from_column(_written(payload.to_column([shared]), tmp_path))
+    assert _meta(read) == _meta(shared)
+    blocks = [stored[h] for h in hashes]
+    assert torch.equal(read.decode(model, TOKENS, blocks), kv)
+    assert torch.equal(read.upload(None, blocks).to_device(4)[0], kv[:, :, 4:])  # the engine has 4 tokens
+    assert _outcome(_written(payload.to_column([shared]), tmp_path), model) == "kv_missing"
+    with pytest.raises(PayloadLost, match="^kv_corrupt: KV block"):
+        read.verify_shared([blocks[1], blocks[0]])
+    # A block stored before from another prompt's copy is named by that copy's checksum.
+    again, fresh = whole.share(hashes, {hashes[0]: 7})
+    assert again.block_checksums[0] == 7 and list(fresh) == [hashes[1]]
 
 
 def test_payload_columns_that_hold_the_same_values_are_read(model, tmp_path):

@@ -132,10 +132,10 @@ def check(
 
     synchronize()
     staged_at = time.perf_counter()
-    upload = transfer.Upload(data, saved.shape, g.torch_dtype, c, copies)
+    upload = transfer.Upload([(data, saved.shape)], g.torch_dtype, c, copies)
     staged = time.perf_counter()
     with _EngineStreamTimer(device) as load_stall:
-        decode.scatter(received, upload.to_device(), 0, tokens)
+        decode.scatter(received, upload.to_device(0)[0], 0, tokens)
     synchronize()
     loaded = time.perf_counter()
     upload.release()

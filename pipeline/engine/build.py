@@ -73,6 +73,7 @@ def build_engine(
             kv_role=kv_role,
             kv_connector_extra_config={
                 "codec": kv.codec.value,
+                "block_tokens": kv.shared_block_tokens,
                 "pinned_buffer_bytes": int(kv.pinned_buffer_gib * (1 << 30)),
                 "device_buffer_bytes": int(kv.device_buffer_gib * (1 << 30)),
             },

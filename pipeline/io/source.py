@@ -117,6 +117,12 @@ class PromptSource:
         prompts = sampled.drop_null()
         return prompts.nbytes / max(len(prompts), 1), len(prompts) / len(sampled)
 
+    def values(self, column: str) -> pa.ChunkedArray:
+        """One column, or one field of a struct column (`column.field`), of every input file,
+        read alone."""
+        tables = [pq.read_table(f.path, columns=[column], filesystem=self.arrow_fs) for f in self.files]
+        return pa.chunked_array([chunk for t in tables for chunk in t.column(0).chunks], tables[0].schema.field(0).type)
+
     def _inspect(self, root: str) -> tuple[list[InputFile], pa.Schema]:
         if self.fs.isdir(root):
             # Hidden and underscore entries at any depth are not data (.ipynb_checkpoints/, _tmp/,

@@ -10,7 +10,7 @@ in fragment files where they are, so the dataset that reaches the driver holds o
 fragments' names and row numbers (pipeline/io/commit.py turns them into committed shards).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -20,7 +20,7 @@ import ray.data
 from ray.data import ActorPoolStrategy, ExecutionResources
 
 from pipeline.columns import PROMPT_TOKENS
-from pipeline.config import ClusterConfig, JobConfig, Mode, Phase, PoolConfig
+from pipeline.config import ClusterConfig, JobConfig, Mode, Phase, PoolConfig, Transport
 from pipeline.engine.model import ResolvedModel
 from pipeline.engine.placement import place_engines
 from pipeline.engine.sampling import RowSampling
@@ -82,21 +82,24 @@ def build_stages(
     sink: str,
     store: PayloadStore | None,
     sampling: RowSampling | None = None,
+    block_registry: str | None = None,
 ) -> list[Stage]:
     """The job's stages; `sampling` says which per-row sampling keys its input has (none by
-    default)."""
+    default); `block_registry` names the actor that holds shared blocks in the object store."""
     pools, placements = cfg.pools, place_engines(cfg)
+    kv = cfg.kv if shares_blocks(cfg) else replace(cfg.kv, shared_block_tokens=0)
 
     def engine(name: str, fn: type) -> Stage:
         constructor = dict(
             model=model,
             engine=cfg.engine,
             sampling=sampling or RowSampling(cfg.sampling, cfg.input.sampling_column),
-            kv=cfg.kv,
+            kv=kv,
             store=store,
             pool=getattr(pools, name),
             placement=placements[name],
             sink_name=sink,
+            block_registry=block_registry,
         )
         return Stage(name, fn, getattr(pools, name), constructor, placements[name].env())
 
@@ -119,6 +122,18 @@ def build_stages(
     if cfg.phase is Phase.decode:
         return [engine("decode", Decode), detokenize]
     return [tokenize, engine("prefill", Prefill), engine("decode", Decode), detokenize]
+
+
+def shares_blocks(cfg: JobConfig) -> bool:
+    """Whether rows name the prefix blocks they share (kv.shared_block_tokens): not colocated,
+    and not in a prefill dataset whose KV is inline, which must hold all of it."""
+    inline_dataset = cfg.phase is Phase.prefill and cfg.kv.transport is Transport.object_store
+    return cfg.mode is Mode.disaggregated and cfg.kv.shared_block_tokens > 0 and not inline_dataset
+
+
+def needs_block_registry(cfg: JobConfig) -> bool:
+    """Shared blocks in the object store: held by an actor of the job's own."""
+    return shares_blocks(cfg) and cfg.phase is Phase.generate and cfg.kv.transport is Transport.object_store
 
 
 def build_dataset(

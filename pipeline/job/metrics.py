@@ -88,6 +88,11 @@ class JobMetrics:
     input_rows_decoded: int = 0  # Parquet rows the readers decoded, against rows_in
     late_duplicate_rows: int = 0  # rows a retried batch wrote again after their shard committed
     driver_bytes_received: int = 0  # what the driver took from the dataset: fragment names and row numbers
+    # Shared prefixes (kv.shared_block_tokens): the shared blocks rows referenced, the distinct
+    # ones stored, and the KV bytes that did not move because a decode worker held the block.
+    kv_blocks_referenced: int = 0
+    kv_blocks_stored: int = 0
+    kv_bytes_saved: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

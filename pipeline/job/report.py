@@ -104,6 +104,11 @@ def _kv_lines(m: JobMetrics) -> list[str]:
         lines.append(
             f"- KV moved: {m.kv_bytes_moved / 2**20:.1f} MiB, {m.kv_bytes_per_prompt_token:.0f} B per prompt token"
         )
+        if m.kv_blocks_referenced:
+            lines.append(
+                f"- shared prefixes: rows named {m.kv_blocks_referenced} shared KV blocks, {m.kv_blocks_stored} "
+                f"stored once; {m.kv_bytes_saved / 2**20:.1f} MiB did not move"
+            )
         share = m.kv_handoff_share_of_prefill
         lines.append(
             f"- handoff: {m.kv_handoff_seconds:.1f} s"

@@ -37,12 +37,13 @@ from pipeline.io.commit import ShardLedger
 from pipeline.io.output import OutputTarget
 from pipeline.io.source import PromptSource
 from pipeline.io.storage import REPORT_PLOT
-from pipeline.job.graph import Stage, build_dataset, build_stages, kv_row_bytes
+from pipeline.job.graph import Stage, build_dataset, build_stages, kv_row_bytes, needs_block_registry
 from pipeline.job.meter import BatchPoint, StageTotals, processing_window, start_sink
 from pipeline.job.metrics import JobMetrics, ShardCounts, StageMetrics
 from pipeline.job.report import write_plot, write_report
 from pipeline.job.usage import ObjectStorePeak
 from pipeline.job.validate import check_handoff, check_job
+from pipeline.kv.blocks import start_registry
 from pipeline.kv.store import PayloadStore
 
 
@@ -61,14 +62,15 @@ def run(cfg: JobConfig) -> JobMetrics:
     done = output.inspect()
     store = PayloadStore(cfg.kv.storage_path, _digest(job)) if cfg.kv.storage_path else None
     totals, timeline, counts, peak, nodes, clock_zero = {}, [], {}, ObjectStorePeak(), [], started_at
-    local, sink, graph = None, None, []
+    local, sink, registry, graph = None, None, None, []
     try:
         if len(done) < len(source.shards):
             local = start_ray(cfg.cluster)
             nodes = alive_nodes()
             sink_name, sink = start_sink()
+            registry_name, registry = start_registry() if needs_block_registry(cfg) else (None, None)
             carried = [c for c in source.schema.names if c not in STAGE_COLUMNS]
-            graph = build_stages(cfg, model, carried, sink_name, store, sampling)
+            graph = build_stages(cfg, model, carried, sink_name, store, sampling, registry_name)
             check_schedulable(demands({s.name: s.actors for s in graph}, cfg.cluster.io_num_cpus), nodes)
         lease, done = output.claim()
         with lease:
@@ -93,6 +95,9 @@ def run(cfg: JobConfig) -> JobMetrics:
                 raise JobError(
                     f"the output holds {written.rows} rows of the input's {source.num_rows}; rerun to finish"
                 )
+            if store and not cfg.kv.keep_files and cfg.phase is Phase.decode:
+                # Every row is decoded: no row still names a shared block.
+                store.remove_blocks(source.values(f"{KV_PAYLOAD}.file").to_pylist())
             stages = _stage_metrics(graph, totals)
             handoff = sum(s.kv_handoff_seconds for s in stages.values())
             moved = totals.get("decode", totals.get("prefill", StageTotals())).work
@@ -124,6 +129,9 @@ def run(cfg: JobConfig) -> JobMetrics:
                 input_rows_decoded=counts.get("input_rows_decoded", 0),
                 late_duplicate_rows=ledger.late_duplicate_rows if ledger else 0,
                 driver_bytes_received=ledger.bytes_received if ledger else 0,
+                kv_blocks_referenced=moved.kv_blocks_referenced,
+                kv_blocks_stored=totals.get("prefill", StageTotals()).work.kv_blocks_stored,
+                kv_bytes_saved=moved.kv_bytes_saved,
                 object_store_peak_bytes=peak.peak,
                 nodes={node.id: node.resources for node in nodes},  # where stages.*.per_worker ran
             )
@@ -133,8 +141,9 @@ def run(cfg: JobConfig) -> JobMetrics:
             write_report(output, metrics, plotted=bool(timeline))  # before finish: _SUCCESS stays the last file
             output.finish(metrics.to_json())
     finally:
-        if sink:
-            ray.kill(sink)
+        for actor in (sink, registry):
+            if actor:
+                ray.kill(actor)
         if local:  # a test cluster of this job's own: its nodes go with it
             ray.shutdown()
             local.shutdown()

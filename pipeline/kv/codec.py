@@ -94,10 +94,43 @@ CODECS: dict[str, Codec] = {
 }
 
 
-def codec(name: str) -> Codec:
+class Blocked(Codec):
+    """Another codec applied to each block of `block_tokens` tokens on its own (the last block
+    may be shorter), the blocks' bytes one after the other: a run of whole blocks is then bytes
+    of its own, which is how a block shared by many prompts travels once (pipeline/kv/blocks.py)."""
+
+    def __init__(self, inner: Codec, block_tokens: int):
+        self.inner, self.block_tokens, self.name = inner, block_tokens, inner.name
+
+    def encode(self, kv: torch.Tensor) -> torch.Tensor:
+        if kv.shape[2] <= self.block_tokens:
+            return self.inner.encode(kv)
+        return torch.cat([self.inner.encode(block) for block in kv.split(self.block_tokens, dim=2)])
+
+    def decode(self, data: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        _check_size(self, data, shape, dtype)
+        shapes = self.block_shapes(shape)
+        if len(shapes) == 1:
+            return self.inner.decode(data, shape, dtype)
+        sizes = [self.inner.nbytes(s, dtype) for s in shapes]
+        blocks = [self.inner.decode(d, s, dtype) for d, s in zip(data.split(sizes), shapes)]
+        return torch.cat(blocks, dim=2)
+
+    def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return sum(self.inner.nbytes(s, dtype) for s in self.block_shapes(shape))
+
+    def block_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        tokens = shape[2]
+        full, rest = divmod(tokens, self.block_tokens)
+        counts = [self.block_tokens] * full + ([rest] if rest or not tokens else [])
+        return [(*shape[:2], n, *shape[3:]) for n in counts]
+
+
+def codec(name: str, block_tokens: int = 0) -> Codec:
+    """The codec `name`, applied per block of `block_tokens` tokens where that is not 0."""
     if name not in CODECS:
         raise ValueError(f"unknown KV codec {name!r}; known: {', '.join(CODECS)}")
-    return CODECS[name]
+    return Blocked(CODECS[name], block_tokens) if block_tokens else CODECS[name]
 
 
 def _check_size(c: Codec, data: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:

@@ -66,7 +66,7 @@ class KVRelayConnector(KVConnectorBase_V1):
         self._pending_loads: list[_Transfer] = []
         # Worker side.
         extra = self._kv_transfer_config.get_from_extra_config
-        self._codec = codec(extra("codec", "none"))
+        self._codec = codec(extra("codec", "none"), int(extra("block_tokens", 0)))
         self._buffer_limits = int(extra("pinned_buffer_bytes", 0)), int(extra("device_buffer_bytes", 0))
         self._cache: PagedCache | None = None
         self._copies: transfer.DeviceCopies | None = None
@@ -142,7 +142,8 @@ class KVRelayConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         for load in meta.loads:
             with handoff.timed():
-                self._cache.scatter(load.block_ids, handoff.offered(load.key).to_device(), load.start, load.stop)
+                kv, offset = handoff.offered(load.key).to_device(load.start)
+                self._cache.scatter(load.block_ids, kv, load.start, load.stop, offset)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return

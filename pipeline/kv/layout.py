@@ -80,16 +80,16 @@ class PagedCache:
             layer.read_into(tokens, blocks, index)
         return out
 
-    def scatter(self, block_ids: list[int], kv: torch.Tensor, start: int, stop: int) -> None:
-        """Write canonical tokens [start, stop) into a request's blocks; start is on a scheduler
-        block boundary. Slots past `stop` in the last block are the engine's to write when it
-        computes those tokens."""
+    def scatter(self, block_ids: list[int], kv: torch.Tensor, start: int, stop: int, offset: int = 0) -> None:
+        """Write canonical tokens [start, stop) into a request's blocks, from `kv` holding the
+        tokens from `offset` on; start is on a scheduler block boundary. Slots past `stop` in
+        the last block are the engine's to write when it computes those tokens."""
         assert start % self.block_size == 0, "loads start on a block boundary"
         bs = self.layers[0].block_size
         blocks = self.kernel_blocks(block_ids)[start // bs : -(-stop // bs)]
         index = _index(blocks, self.layers[0].cache.device)
         for layer, tokens in zip(self.layers, kv):
-            layer.write_from(tokens[:, start:stop], blocks, index)
+            layer.write_from(tokens[:, start - offset : stop - offset], blocks, index)
 
 
 def _index(blocks: list[int], device: torch.device) -> torch.Tensor:

@@ -1,14 +1,18 @@
 """The KV payload: one request's prompt KV as it travels from prefill to decode, in one Arrow
 struct column that round-trips through Ray's object store and Parquet without pickle.
 
-Format 2: the KV in canonical layout [layers, 2 (K, V), tokens, kv_heads, head_dim], encoded by
-a codec (pipeline.kv.codec), plus what decode needs to refuse a payload it must not use: the
-model fingerprint, cache dtype, codec, shape and an XXH3-64 checksum of the encoded bytes (a
-hash ~7x faster than CRC32 here, and the check runs over every byte on both sides). The bytes are
-inline, or in a file named by `file` (pipeline.kv.store)."""
+Format 3: the KV in canonical layout [layers, 2 (K, V), tokens, kv_heads, head_dim], encoded by
+a codec (pipeline.kv.codec) block by block (`block_tokens` tokens each; 0: one block), plus what
+decode needs to refuse a payload it must not use: the model fingerprint, cache dtype, codec,
+shape and an XXH3-64 checksum of the encoded bytes and their block size (a hash ~7x faster than
+CRC32 here, and the check runs over every byte on both sides). The first `len(blocks)` blocks may be shared with other
+prompts: then the payload names them (their content hash and checksum; pipeline.kv.blocks) and
+carries only the blocks after them. The carried bytes are inline, or in a file named by `file`
+(pipeline.kv.store)."""
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -17,10 +21,11 @@ import xxhash
 
 from pipeline.columns import KV_PAYLOAD, ErrorKind, row_error
 from pipeline.engine.model import ResolvedModel
-from pipeline.kv.codec import CODECS, as_tensor, codec
+from pipeline.kv.codec import CODECS, Codec, codec
 from pipeline.kv.transfer import DeviceCopies, Upload
 
-FORMAT = 2
+FORMAT = 3
+HASH_BYTES = 16
 TYPE = pa.struct(
     [
         ("format", pa.int16()),
@@ -31,6 +36,9 @@ TYPE = pa.struct(
         ("checksum", pa.uint64()),
         ("data", pa.large_binary()),
         ("file", pa.string()),
+        ("block_tokens", pa.int32()),
+        ("blocks", pa.list_(pa.binary(HASH_BYTES))),
+        ("block_checksums", pa.list_(pa.uint64())),
     ]
 )
 OPTIONAL = ("file",)  # every other field of a payload must be set
@@ -59,25 +67,86 @@ class KVPayload:
     data: np.ndarray  # uint8; on the decode side a read-only view of the Arrow buffer
     format: int = FORMAT
     file: str | None = None  # where the bytes are when they are not inline
+    block_tokens: int = 0
+    blocks: tuple[bytes, ...] = ()  # the shared blocks' content hashes, from the first
+    block_checksums: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, data: np.ndarray, shape: tuple[int, ...], model: ResolvedModel, codec_name: str) -> "KVPayload":
-        """The payload of KV of `shape` that `codec_name` encoded as `data`."""
-        return cls(model.fingerprint, model.dtype, codec_name, shape, checksum(data), data)
+    def of(
+        cls,
+        data: np.ndarray,
+        shape: tuple[int, ...],
+        model: ResolvedModel,
+        codec_name: str,
+        block_tokens: int = 0,
+    ) -> "KVPayload":
+        """The payload of KV of `shape` that `codec_name` encoded as `data`, per block of
+        `block_tokens`."""
+        return cls(
+            model.fingerprint,
+            model.dtype,
+            codec_name,
+            shape,
+            checksum(data, block_tokens),
+            data,
+            block_tokens=block_tokens,
+        )
 
     @classmethod
-    def encode(cls, kv: torch.Tensor, model: ResolvedModel, codec_name: str) -> "KVPayload":
-        return cls.of(codec(codec_name).encode(kv).cpu().numpy(), tuple(kv.shape), model, codec_name)
+    def encode(cls, kv: torch.Tensor, model: ResolvedModel, codec_name: str, block_tokens: int = 0) -> "KVPayload":
+        data = codec(codec_name, block_tokens).encode(kv).cpu().numpy()
+        return cls.of(data, tuple(kv.shape), model, codec_name, block_tokens)
+
+    def share(self, hashes: list[bytes], published: dict[bytes, int]) -> tuple["KVPayload", dict[bytes, np.ndarray]]:
+        """This payload (carrying all its blocks) naming its first `len(hashes)` blocks by
+        content instead; `published` holds the checksum under which a block was stored
+        before (that block is named, whichever prompt's copy it is). Returns the payload and
+        the blocks not stored before, by hash, to store."""
+        size = codec(self.codec).nbytes(self.block_shape, self.torch_dtype)
+        fresh = {h: self.data[j * size : (j + 1) * size] for j, h in enumerate(hashes) if h not in published}
+        sums = tuple(published[h] if h in published else checksum(fresh[h]) for h in hashes)
+        own = self.data[len(hashes) * size :]
+        return replace(
+            self, data=own, checksum=checksum(own, self.block_tokens), blocks=tuple(hashes), block_checksums=sums
+        ), fresh
 
     @property
     def num_tokens(self) -> int:
         return self.shape[2]
 
     @property
+    def folder(self) -> str | None:
+        """The job folder its file is in (kv.transport=storage), where its shared blocks are."""
+        return self.file.split("/")[0] if self.file else None
+
+    @property
+    def shared_tokens(self) -> int:
+        return len(self.blocks) * self.block_tokens
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """The shape of one whole block."""
+        return (*self.shape[:2], self.block_tokens, *self.shape[3:])
+
+    @property
+    def own_shape(self) -> tuple[int, ...]:
+        """The shape of the KV it carries: its tokens after the shared blocks."""
+        return (*self.shape[:2], self.num_tokens - self.shared_tokens, *self.shape[3:])
+
+    @property
     def nbytes(self) -> int:
-        """The size of the encoded bytes that its codec, shape and dtype make (of a payload
-        that passed `check`)."""
-        return codec(self.codec).nbytes(self.shape, self.torch_dtype)
+        """The size of the encoded bytes it carries that its codec, shape and dtype make (of
+        a payload that passed `check`)."""
+        return self.blocked_codec.nbytes(self.own_shape, self.torch_dtype)
+
+    @property
+    def block_nbytes(self) -> int:
+        """The encoded size of one shared block."""
+        return codec(self.codec).nbytes(self.block_shape, self.torch_dtype)
+
+    @property
+    def blocked_codec(self) -> Codec:
+        return codec(self.codec, self.block_tokens)
 
     def check(self, model: ResolvedModel, num_tokens: int) -> None:
         """Refuses a payload that is not the KV of a prompt of `num_tokens` on `model` by what
@@ -101,6 +170,14 @@ class KVPayload:
             raise PayloadMismatch(
                 ErrorKind.kv_mismatch, f"KV payload codec {self.codec!r}; this kvrelay reads {', '.join(CODECS)}"
             )
+        if self.block_tokens < 0 or (self.blocks and not self.block_tokens) or self.shared_tokens >= num_tokens:
+            raise PayloadMismatch(
+                ErrorKind.kv_mismatch,
+                f"KV payload names {len(self.blocks)} shared blocks of {self.block_tokens} tokens for a prompt "
+                f"of {num_tokens}",
+            )
+        if len(self.block_checksums) != len(self.blocks) or any(len(h) != HASH_BYTES for h in self.blocks):
+            raise PayloadLost(ErrorKind.kv_corrupt, "KV payload's shared blocks and their checksums do not match")
 
     def verify(self, model: ResolvedModel, num_tokens: int) -> None:
         """Refuses a payload that is not whole and sound KV of a prompt of `num_tokens` on
@@ -111,26 +188,36 @@ class KVPayload:
             raise PayloadLost(
                 ErrorKind.kv_corrupt, f"KV payload has {self.data.size} bytes; its shape and codec make {self.nbytes}"
             )
-        if checksum(self.data) != self.checksum:
+        if checksum(self.data, self.block_tokens) != self.checksum:
             raise PayloadLost(ErrorKind.kv_corrupt, "KV payload fails its checksum")
 
-    def decode(self, model: ResolvedModel, num_tokens: int) -> torch.Tensor:
+    def decode(self, model: ResolvedModel, num_tokens: int, shared: Sequence[np.ndarray] = ()) -> torch.Tensor:
         """The KV for a prompt of `num_tokens` on `model`, in host memory, or why this payload
-        is not it."""
+        is not it; `shared`: the bytes of its shared blocks (`verify_shared`)."""
         self.verify(model, num_tokens)
-        return codec(self.codec).decode(as_tensor(self.data), self.shape, self.torch_dtype)
+        return self.upload(None, shared).to_device(0)[0]
 
-    def upload(self, copies: DeviceCopies | None) -> Upload:
-        """Its KV on the way to an engine's cache (a verified payload)."""
-        return Upload(self.data, self.shape, self.torch_dtype, codec(self.codec), copies)
+    def verify_shared(self, shared: Sequence[np.ndarray]) -> None:
+        """Refuses bytes that are not its shared blocks, as fetched."""
+        for h, expected, data in zip(self.blocks, self.block_checksums, shared, strict=True):
+            if data.size != self.block_nbytes or checksum(data) != expected:
+                raise PayloadLost(ErrorKind.kv_corrupt, f"KV block {h.hex()} fails its size or checksum")
+
+    def upload(self, copies: DeviceCopies | None, shared: Sequence[np.ndarray] = ()) -> Upload:
+        """Its KV on the way to an engine's cache (a verified payload, its shared blocks'
+        verified bytes in order)."""
+        pieces = [(data, self.block_shape) for data in shared] + [(self.data, self.own_shape)]
+        return Upload(pieces, self.torch_dtype, self.blocked_codec, copies)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
 
-def checksum(data: np.ndarray) -> int:
-    return xxhash.xxh3_64_intdigest(data)
+def checksum(data: np.ndarray, block_tokens: int = 0) -> int:
+    """Of the bytes and the blocks they are cut in: the same bytes read in other blocks are
+    other KV."""
+    return xxhash.xxh3_64_intdigest(data, seed=block_tokens)
 
 
 def to_column(payloads: list[KVPayload | None]) -> pa.ChunkedArray:
@@ -154,6 +241,9 @@ def _chunk(p: KVPayload) -> pa.StructArray:
         "checksum": pa.array([p.checksum], pa.uint64()),
         "data": pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(p.data)]),
         "file": pa.array([p.file], pa.string()),
+        "block_tokens": pa.array([p.block_tokens], pa.int32()),
+        "blocks": pa.array([list(p.blocks)], TYPE.field("blocks").type),
+        "block_checksums": pa.array([list(p.block_checksums)], TYPE.field("block_checksums").type),
     }
     return pa.StructArray.from_arrays(list(fields.values()), fields=list(TYPE))
 
@@ -197,7 +287,10 @@ def _payload(row: dict, data: np.ndarray | None) -> "KVPayload | PayloadError":
         return PayloadLost(ErrorKind.kv_corrupt, f"KV payload has no {', '.join(missing)}")
     if None in row["shape"]:
         return PayloadLost(ErrorKind.kv_corrupt, f"KV payload shape {row['shape']} has a null dimension")
-    return KVPayload(**{**row, "shape": tuple(row["shape"]), "data": data})
+    if None in row["blocks"] or None in row["block_checksums"]:
+        return PayloadLost(ErrorKind.kv_corrupt, "KV payload names a shared block that is null")
+    shape, blocks, sums = (tuple(row[name]) for name in ("shape", "blocks", "block_checksums"))
+    return KVPayload(**{**row, "shape": shape, "blocks": blocks, "block_checksums": sums, "data": data})
 
 
 def _views(array: pa.LargeBinaryArray) -> list[np.ndarray]:

@@ -22,7 +22,7 @@ from pipeline.kv.payload import KVPayload, PayloadLost, PayloadMismatch
 
 T = TypeVar("T")
 
-_NAME = re.compile(r"[0-9a-f]{16}/[0-9a-f]{32}\.kv")
+_NAME = re.compile(r"[0-9a-f]{16}/([0-9a-f]{32}|blocks/[0-9a-f]{48})\.kv")
 RETRIES = 3  # tries after the first
 BACKOFF_S = 0.1  # the wait before the first retry, doubled before each next
 # Errors that the same call will meet again: not retried. fsspec's object stores raise these for
@@ -66,10 +66,31 @@ class PayloadStore:
             ) from None
         return replace(payload, data=np.frombuffer(data, np.uint8))
 
+    def put_block(self, key: str, data: np.ndarray) -> None:
+        """A shared block's bytes (pipeline/kv/blocks.py), in this job's folder."""
+        self.fs.makedirs(f"{self.root}/{self.job}/blocks", exist_ok=True)
+        with self.fs.open(self._path(f"{self.job}/blocks/{key}.kv"), "wb") as f:
+            f.write(memoryview(data))
+
+    def fetch_block(self, folder: str | None, key: str) -> np.ndarray | None:
+        """A shared block's bytes from the job folder `folder`; None when it cannot be read (or
+        named: the folder comes from a payload's file name, not yet checked)."""
+        try:
+            return np.frombuffer(_retried(self.fs.cat_file, self._path(f"{folder}/blocks/{key}.kv")), np.uint8)
+        except (OSError, PayloadMismatch):
+            return None
+
     def remove(self, names: list[str | None]) -> None:
         for path in (self._path(n) for n in names if n):
             if self.fs.exists(path):
                 self.fs.rm_file(path)
+
+    def remove_blocks(self, names: list[str | None]) -> None:
+        """The shared blocks of the job folders these payload files are in (a decode job's
+        input, once every row of it is decoded)."""
+        for folder in {name.split("/")[0] for name in names if name and _NAME.fullmatch(name)}:
+            if self.fs.exists(f"{self.root}/{folder}/blocks"):
+                self.fs.rm(f"{self.root}/{folder}/blocks", recursive=True)
 
     def remove_job(self) -> None:
         """This job's folder, with whatever a crashed run of it left behind."""

@@ -94,40 +94,57 @@ class Download:
 
 
 class Upload:
-    """A request's encoded KV on its way to the device, staged in host memory by the stage's
-    thread when it is offered, decoded to canonical KV on the device when it is loaded."""
+    """A request's encoded KV on its way to the device, in pieces (its shared blocks, then
+    the rest), staged in host memory by the stage's thread when it is offered, decoded to
+    canonical KV on the device when it is loaded: only the pieces the engine lacks."""
 
     def __init__(
         self,
-        data: np.ndarray,
-        shape: tuple[int, ...],
+        pieces: list[tuple[np.ndarray, tuple[int, ...]]],
         dtype: torch.dtype,
         codec: Codec,
         copies: "DeviceCopies | None",
     ):
-        self.shape, self.dtype, self.codec, self._copies = shape, dtype, codec, copies
-        self.nbytes = data.size
-        self._data = as_tensor(data)
+        self.dtype, self.codec, self._copies = dtype, codec, copies
+        self.shapes = [shape for _, shape in pieces]
+        self.shape = (*self.shapes[0][:2], sum(s[2] for s in self.shapes), *self.shapes[0][3:])
+        sizes = [data.size for data, _ in pieces]
+        self.nbytes = sum(sizes)
+        self._offsets = np.cumsum([0, *sizes]).tolist()
+        self._pieces = [as_tensor(data) for data, _ in pieces]
+        self._data: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None
-        if copies is not None:
-            staged = copies.host.take(self.nbytes)
-            staged[: self.nbytes].copy_(self._data)
-            self._data = staged
+        if copies is not None:  # one pinned buffer: one copy to the device
+            self._data = copies.host.take(self.nbytes)
+            for piece, start, stop in zip(self._pieces, self._offsets, self._offsets[1:]):
+                self._data[start:stop].copy_(piece)
+            self._pieces = []
 
-    def to_device(self) -> torch.Tensor:
-        """Canonical KV on the engine's device, ready for the engine's stream; called each time
-        the request loads (again after a preemption)."""
+    def to_device(self, start: int) -> tuple[torch.Tensor, int]:
+        """Canonical KV on the engine's device from the piece that holds token `start` (the
+        engine has the tokens before it), ready for the engine's stream, and that piece's first
+        token; called each time the request loads (again after a preemption)."""
+        first, offset = 0, 0
+        while first + 1 < len(self.shapes) and offset + self.shapes[first][2] <= start:
+            offset += self.shapes[first][2]
+            first += 1
+        shapes = self.shapes[first:]
         if self._copies is None:
-            return self.codec.decode(self._data, self.shape, self.dtype)
+            return self._decode(self._pieces[first:], shapes), offset
         engine_stream = torch.cuda.current_stream()
         with torch.cuda.stream(self._copies.stream):
-            data = self._data[: self.nbytes].to(self._copies.device, non_blocking=True)
-            kv = self.codec.decode(data, self.shape, self.dtype)
+            data = self._data[self._offsets[first] : self.nbytes].to(self._copies.device, non_blocking=True)
+            sizes = [b - a for a, b in zip(self._offsets[first:], self._offsets[first + 1 :])]
+            kv = self._decode(list(data.split(sizes)), shapes)
             self._copied = torch.cuda.Event()
             self._copied.record(self._copies.stream)
         engine_stream.wait_event(self._copied)
         kv.record_stream(engine_stream)  # made on the side stream, read on the engine's
-        return kv
+        return kv, offset
+
+    def _decode(self, pieces: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> torch.Tensor:
+        kv = [self.codec.decode(piece, shape, self.dtype) for piece, shape in zip(pieces, shapes)]
+        return kv[0] if len(kv) == 1 else torch.cat(kv, dim=2)
 
     def release(self) -> None:
         """Once the request has left the engine."""

@@ -1,6 +1,8 @@
 """Decode stage: loads each prompt's KV payload into its own engine and continues generating
-after the first token. A payload lost or damaged on the way is recomputed here or reported, by
-kv.on_load_failure; one made for another engine is always refused.
+after the first token. A payload's shared blocks (pipeline/kv/blocks.py) come from the worker's
+block cache, fetched once while it holds them. A payload lost or damaged on the way is
+recomputed here or reported, by kv.on_load_failure; one made for another engine is always
+refused.
 
 A prefill dataset may come from anywhere and may have been edited, so each row is checked
 before its request reaches the engine: the engine refuses a bad request by failing its whole
@@ -8,8 +10,10 @@ batch, and a payload that does not match its prompt would give wrong tokens sile
 
 import logging
 import uuid
+from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.columns import (
@@ -30,6 +34,7 @@ from pipeline.engine.model import ResolvedModel
 from pipeline.engine.sampling import with_kv_key
 from pipeline.job.meter import BatchReport
 from pipeline.kv import handoff, payload
+from pipeline.kv.blocks import BlockCache, keys_of
 from pipeline.kv.payload import KVPayload, PayloadError, PayloadLost, PayloadMismatch
 from pipeline.kv.store import PayloadStore
 from pipeline.stages.engine_stage import EngineStage
@@ -47,6 +52,7 @@ class Decode(EngineStage):
 
         # Token ids are checked before the engine sees them (it fails the whole batch on one).
         self.vocab_size = AutoConfig.from_pretrained(self.model.path).vocab_size
+        self.block_cache = BlockCache(self.shared_blocks, int(self.kv.block_cache_gib * (1 << 30)))
 
     async def process(
         self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport
@@ -60,13 +66,18 @@ class Decode(EngineStage):
         for i in rows:
             errors[i] = check_prefilled(prompts[i], first[i], self.vocab_size, self.model.max_model_len)
         requests = self.requests(batch, [i for i in rows if errors[i] is None], prompts, errors)
+        # Every row that names shared blocks gives them back once decoded, whatever became of it.
+        uses = Counter(key for i in rows if isinstance(p := payloads[i], KVPayload) for key in keys_of(p))
+        with handoff.timed():
+            blocks = self.fetch_shared([payloads[i] for i in requests], report)
         keys: dict[int, str | None] = {}  # row -> handoff key; None: the engine prefills the prompt itself
         for i in requests:
             num_input[i] = len(prompts[i])  # the prompt's, whatever the dataset says
             try:
                 with handoff.timed():
                     loaded = load(payloads[i], self.model, len(prompts[i]), self.store)
-                    kv = loaded.upload(handoff.copies)
+                    shared = shared_of(loaded, blocks)
+                    kv = loaded.upload(handoff.copies, shared)
             except PayloadError as error:
                 if isinstance(error, PayloadLost) and self.kv.on_load_failure is OnLoadFailure.recompute:
                     log.warning("row %d: %s; recomputing its prefill", i, error)
@@ -79,6 +90,7 @@ class Decode(EngineStage):
             handoff.offer(keys[i], kv)
             report.kv_bytes += loaded.data.nbytes
             report.kv_tokens += loaded.num_tokens
+            report.kv_blocks_referenced += len(shared)
         try:
             # The prompt alone: the engine loads the KV of all its tokens but the last, computes
             # that one's, and samples every token of the completion itself.
@@ -89,6 +101,8 @@ class Decode(EngineStage):
             for key in keys.values():
                 if key:
                     handoff.withdraw(key)
+            if self.shared_blocks:
+                self.shared_blocks.release(uses)
         report.rows = len(keys)
         report.kv_recomputed = sum(key is None for key in keys.values())
         report.kv_handoff_seconds = handoff.seconds.take()
@@ -103,6 +117,34 @@ class Decode(EngineStage):
             **{KV_FILE: pa.array(files, pa.string()), NUM_INPUT_TOKENS: pa.array(num_input, pa.int32())},
         )
         return batch.drop_columns([KV_PAYLOAD])
+
+    def fetch_shared(self, payloads: list, report: BatchReport) -> dict[str, np.ndarray]:
+        """The shared blocks the batch's payloads name, from the block cache (fetching those
+        it lacks); the bytes fetched count as moved, the rest as saved."""
+        named = [p for p in payloads if isinstance(p, KVPayload) and p.blocks]
+        if not named or not self.shared_blocks:
+            return {}
+        found, fetched = {}, 0
+        for folder in {p.folder for p in named}:  # one per prefill job
+            keys = {key for p in named if p.folder == folder for key in keys_of(p)}
+            blocks, nbytes = self.block_cache.get(keys, folder)
+            found.update(blocks)
+            fetched += nbytes
+        referenced = sum(len(p.blocks) * p.block_nbytes for p in named)
+        report.kv_bytes += fetched
+        report.kv_bytes_saved += max(referenced - fetched, 0)
+        return found
+
+
+def shared_of(p: KVPayload, blocks: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The bytes of the payload's shared blocks, verified."""
+    keys = keys_of(p)
+    missing = [key for key in keys if key not in blocks]
+    if missing:
+        raise PayloadLost(ErrorKind.kv_missing, f"KV block {missing[0]} is missing from the job's block store")
+    shared = [blocks[key] for key in keys]
+    p.verify_shared(shared)
+    return shared
 
 
 def load(

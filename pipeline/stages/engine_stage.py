@@ -33,6 +33,7 @@ from pipeline.engine.model import ResolvedModel
 from pipeline.engine.placement import Placement
 from pipeline.engine.sampling import RowSampling, check
 from pipeline.job.meter import BatchReport, StageMeter
+from pipeline.kv.blocks import block_store
 from pipeline.kv.store import PayloadStore
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class EngineStage:
         pool: PoolConfig,
         placement: Placement,
         sink_name: str,
+        block_registry: str | None = None,
     ):
         if engine.device is Device.cpu:
             bind_threads(placement.cores, placement.threads)
@@ -61,6 +63,7 @@ class EngineStage:
         self.sampling = sampling
         self.kv = kv
         self.store = store
+        self.shared_blocks = block_store(store, block_registry)  # where shared prefixes' KV is
         self.meter = StageMeter(self.stage, sink_name)
         # Ray Data may run more calls at once than this (a bundle of blocks is split into calls,
         # run four at a time): the rest wait here, before their requests reach the engine.

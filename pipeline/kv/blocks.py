@@ -1,0 +1,236 @@
+"""Shared prompt prefixes travel once. Batch prompts often begin alike (a system prompt, a page
+of few-shot examples, one document asked many questions); the prefill engine computes such a
+prefix once (its prefix cache), and here its KV also crosses the handoff once per decode worker,
+not once per row.
+
+A prompt's KV moves in blocks of kv.shared_block_tokens tokens (pipeline/kv/codec.py Blocked).
+Each whole block is named by a content hash of its parent block's hash and its own tokens,
+salted with the model, cache dtype, codec and block size, so that a hash names the whole
+prefix up to the block's end, as vLLM's prefix cache names its blocks. The prefill side
+(`PrefixTracker`) takes a block as shared when another row of the batch, or an earlier row of
+the same worker, has it too: rows then name it instead of carrying it, and it is stored once,
+under its hash and the checksum of the copy stored (a `BlockKey`), in a `BlockStore`. The
+decode side (`BlockCache`) fetches a block once while its cache holds it; its engine then loads
+only the tokens its own prefix cache lacks (pipeline/kv/transfer.py Upload).
+
+Stores: `ObjectBlocks` keeps blocks in Ray's object store, owned by one actor of the job that
+counts the rows in flight that name each and frees a block when the last is decoded;
+`FileBlocks` (kv.transport=storage) writes them as files beside the rows' own payload files,
+removed with the job's folder."""
+
+import uuid
+from abc import ABC, abstractmethod
+from collections import Counter, OrderedDict
+from typing import Sequence
+
+import numpy as np
+import ray
+import xxhash
+
+from pipeline.kv.payload import KVPayload
+from pipeline.kv.store import PayloadStore
+
+BlockKey = str  # a block's hash and its stored copy's checksum, in hex
+
+
+def block_key(block_hash: bytes, checksum: int) -> BlockKey:
+    return f"{block_hash.hex()}{checksum:016x}"
+
+
+def keys_of(payload: KVPayload) -> list[BlockKey]:
+    return [block_key(h, c) for h, c in zip(payload.blocks, payload.block_checksums)]
+
+
+def salt(fingerprint: str, dtype: str, codec: str, block_tokens: int) -> bytes:
+    """What a block's KV depends on besides its tokens."""
+    return xxhash.xxh3_128_digest(f"{fingerprint}/{dtype}/{codec}/{block_tokens}".encode())
+
+
+def block_hashes(prompt: Sequence[int], block_tokens: int, salt: bytes) -> list[bytes]:
+    """The hash of each whole block of `prompt` before its last token: decode computes that
+    token itself, so a payload always carries at least the block that holds it."""
+    whole = (len(prompt) - 1) // block_tokens
+    ids = np.asarray(prompt[: whole * block_tokens], np.int64).reshape(whole, block_tokens)
+    hashes, parent = [], salt
+    for block in ids:
+        parent = xxhash.xxh3_128_digest(parent + block.tobytes())
+        hashes.append(parent)
+    return hashes
+
+
+class PrefixTracker:
+    """Prefill side: which leading blocks of each prompt are shared, and the checksum under
+    which this worker stored each block it stored. Remembers at most `capacity` blocks."""
+
+    def __init__(self, capacity: int = 1 << 20):
+        self.capacity = capacity
+        self.published: dict[bytes, int] = {}
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def shared(self, chains: list[list[bytes]]) -> list[int]:
+        """Per prompt (its block hashes), how many of its first blocks are shared: each one
+        also in another prompt of the batch, or seen by this worker before."""
+        counts = Counter(h for chain in chains for h in chain)
+        shared = []
+        for chain in chains:
+            k = 0
+            while k < len(chain) and (counts[chain[k]] > 1 or chain[k] in self._seen):
+                k += 1
+            shared.append(k)
+        for h in counts:
+            self._seen[h] = None
+            self._seen.move_to_end(h)
+        while len(self._seen) > self.capacity:
+            forgotten, _ = self._seen.popitem(last=False)
+            self.published.pop(forgotten, None)
+        return shared
+
+    def forget(self, hashes: list[bytes]) -> None:
+        """Blocks the store no longer holds: the next rows that share them store them anew."""
+        for h in hashes:
+            self.published.pop(h, None)
+
+
+class BlockStore(ABC):
+    """Where shared blocks are while rows that name them are in flight."""
+
+    @abstractmethod
+    def hold(self, uses: Counter[BlockKey]) -> set[BlockKey]:
+        """Of the blocks named, those the store holds; each one's uses are counted."""
+
+    @abstractmethod
+    def put(self, blocks: dict[BlockKey, np.ndarray], uses: Counter[BlockKey]) -> None:
+        """Stores new blocks, with the uses of each."""
+
+    @abstractmethod
+    def fetch(self, keys: list[BlockKey], folder: str | None) -> dict[BlockKey, np.ndarray]:
+        """The bytes of the blocks it holds of `keys`, in memory of their own; `folder`: the
+        payload file folder the rows came with (kv.transport=storage)."""
+
+    @abstractmethod
+    def release(self, uses: Counter[BlockKey]) -> None:
+        """Rows that named these blocks are decoded."""
+
+
+class BlockRegistry:
+    """The Ray actor that owns the job's shared blocks in the object store: each is freed when
+    the rows that name it have all been decoded."""
+
+    def __init__(self) -> None:
+        self._refs: dict[BlockKey, list[ray.ObjectRef]] = {}  # in a list: passed on, not resolved
+        self._uses: Counter[BlockKey] = Counter()
+
+    def hold(self, uses: Counter[BlockKey]) -> set[BlockKey]:
+        held = {key for key in uses if key in self._refs}
+        self._uses.update({key: uses[key] for key in held})
+        return held
+
+    def add(self, blocks: dict[BlockKey, np.ndarray], uses: Counter[BlockKey]) -> None:
+        """Put here, so that this actor owns them (Ray 2.56 took `ray.put`'s `_owner` away):
+        a block outlives the prefill worker that computed it."""
+        for key, data in blocks.items():
+            if key not in self._refs:  # another prefill worker's copy may have come first
+                self._refs[key] = [ray.put(data)]
+        self._uses.update(uses)
+
+    def refs(self, keys: list[BlockKey]) -> dict[BlockKey, list[ray.ObjectRef]]:
+        return {key: self._refs[key] for key in keys if key in self._refs}
+
+    def release(self, uses: Counter[BlockKey]) -> None:
+        for key, n in uses.items():
+            self._uses[key] -= n
+            if self._uses[key] <= 0:
+                del self._uses[key]
+                self._refs.pop(key, None)
+
+
+def start_registry() -> tuple[str, ray.actor.ActorHandle]:
+    """A fresh registry and the name stages find it by; it lives as long as the handle."""
+    name = f"kvrelay-blocks-{uuid.uuid4().hex[:8]}"
+    return name, ray.remote(num_cpus=0)(BlockRegistry).options(name=name).remote()
+
+
+class ObjectBlocks(BlockStore):
+    def __init__(self, registry_name: str):
+        self.registry = ray.get_actor(registry_name)
+
+    def hold(self, uses: Counter[BlockKey]) -> set[BlockKey]:
+        return ray.get(self.registry.hold.remote(uses)) if uses else set()
+
+    def put(self, blocks: dict[BlockKey, np.ndarray], uses: Counter[BlockKey]) -> None:
+        # Waited for: the rows naming these blocks leave the batch next, and a decode worker
+        # may ask for them at once.
+        ray.get(self.registry.add.remote(blocks, uses))
+
+    def fetch(self, keys: list[BlockKey], folder: str | None) -> dict[BlockKey, np.ndarray]:
+        refs = ray.get(self.registry.refs.remote(keys)) if keys else {}
+        values = ray.get([ref for (ref,) in refs.values()])
+        # Copied out of the object store, so that a block the registry frees is freed.
+        return {key: np.array(value) for key, value in zip(refs, values)}
+
+    def release(self, uses: Counter[BlockKey]) -> None:
+        if uses:
+            self.registry.release.remote(uses)
+
+
+class FileBlocks(BlockStore):
+    """Blocks as files in the payload store's job folder, `<job>/blocks/<key>.kv`: a block
+    is written once per prefill worker (a name is its content, so writing it again changes
+    nothing) and removed with the job's folder."""
+
+    def __init__(self, store: PayloadStore):
+        self.store = store
+        self._written: set[BlockKey] = set()
+
+    def hold(self, uses: Counter[BlockKey]) -> set[BlockKey]:
+        return {key for key in uses if key in self._written}
+
+    def put(self, blocks: dict[BlockKey, np.ndarray], uses: Counter[BlockKey]) -> None:
+        for key, data in blocks.items():
+            self.store.put_block(key, data)
+            self._written.add(key)
+
+    def fetch(self, keys: list[BlockKey], folder: str | None) -> dict[BlockKey, np.ndarray]:
+        found = {}
+        for key in keys:
+            data = self.store.fetch_block(folder, key)
+            if data is not None:
+                found[key] = data
+        return found
+
+    def release(self, uses: Counter[BlockKey]) -> None:
+        return  # files go with the job's folder
+
+
+class BlockCache:
+    """Decode side: the shared blocks a worker fetched, most recently used kept, up to
+    `capacity` bytes."""
+
+    def __init__(self, store: BlockStore, capacity: int):
+        self.store = store
+        self.capacity = capacity
+        self.nbytes = 0
+        self._blocks: OrderedDict[BlockKey, np.ndarray] = OrderedDict()
+
+    def get(self, keys: set[BlockKey], folder: str | None) -> tuple[dict[BlockKey, np.ndarray], int]:
+        """The blocks of `keys` it holds or could fetch, and the bytes fetched."""
+        missing = [key for key in keys if key not in self._blocks]
+        fetched = self.store.fetch(missing, folder) if missing else {}
+        for key, data in fetched.items():
+            self._blocks[key] = data
+            self.nbytes += data.nbytes
+        found = {key: self._blocks[key] for key in keys if key in self._blocks}
+        for key in found:
+            self._blocks.move_to_end(key)
+        while self.nbytes > self.capacity and self._blocks:
+            _, evicted = self._blocks.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+        return found, sum(data.nbytes for data in fetched.values())
+
+
+def block_store(store: PayloadStore | None, registry: str | None) -> BlockStore | None:
+    """Where a job's shared blocks are: in the object store under `registry`, or files beside
+    the payload files of `store` (kv.storage_path)."""
+    if registry:
+        return ObjectBlocks(registry)
+    return FileBlocks(store) if store else None

@@ -1,0 +1,81 @@
+"""Shared prefix blocks: content hashes that name a whole prefix, the prefill side's rule for
+what is shared, the stores (files; the object store under the job's registry, freed when the
+last row that names a block is decoded) and the decode side's cache, fetching a block once
+while it holds it."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import ray
+
+from pipeline.kv.blocks import BlockCache, BlockRegistry, FileBlocks, ObjectBlocks, PrefixTracker, block_hashes, salt
+from pipeline.kv.store import PayloadStore
+
+SALT = salt("bd177de378b0fff7", "float32", "none", 4)
+PREFIX = list(range(100, 108))  # two whole blocks of 4
+
+
+def test_a_block_hash_names_the_whole_prefix_to_its_end():
+    a = block_hashes([*PREFIX, 1, 2, 3, 4, 5], 4, SALT)
+    b = block_hashes([*PREFIX, 1, 2, 3, 9, 5], 4, SALT)
+    assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
+    # The same tokens after another prefix are another block.
+    assert block_hashes([0, *PREFIX[1:], 1], 4, SALT)[1] != a[1]
+    # Never the block of the last token, which decode computes itself.
+    assert len(block_hashes(PREFIX, 4, SALT)) == 1 and block_hashes([7], 4, SALT) == []
+    # Another model, dtype, codec or block size: other blocks.
+    assert block_hashes(PREFIX + [1], 4, salt("bd177de378b0fff7", "float32", "int8", 4)) != a[:2]
+
+
+def test_blocks_are_shared_within_a_batch_and_with_what_the_worker_saw_before():
+    tracker = PrefixTracker()
+    shared_prefix = block_hashes([*PREFIX, 1, 2, 3, 4, 5], 4, SALT)
+    half = block_hashes([*PREFIX[:4], 9, 9, 9, 9, 5], 4, SALT)  # shares the first block only
+    alone = block_hashes(list(range(20, 33)), 4, SALT)
+    assert tracker.shared([shared_prefix, half, alone]) == [1, 1, 0]
+    # Seen once before: shared now, though alone in its batch; what was never seen is not.
+    assert tracker.shared([block_hashes([*PREFIX, 7], 4, SALT)]) == [2]
+    assert tracker.shared([block_hashes(list(range(50, 60)), 4, SALT)]) == [0]
+
+
+def test_a_tracker_forgets_the_oldest_blocks_and_their_stored_copies():
+    tracker = PrefixTracker(capacity=2)
+    first, second = block_hashes([*PREFIX, 1], 4, SALT), block_hashes(list(range(40, 49)), 4, SALT)
+    tracker.shared([first])
+    tracker.published[first[0]] = 1
+    tracker.shared([second])
+    assert first[0] not in tracker.published and tracker.shared([first]) == [0]
+
+
+def test_the_decode_cache_fetches_a_block_once_while_it_holds_it(tmp_path):
+    store = PayloadStore(str(tmp_path), "0" * 16)
+    blocks = {f"{k:048x}": np.full(1000, k, np.uint8) for k in range(3)}
+    FileBlocks(store).put(blocks, Counter(blocks))
+    cache = BlockCache(FileBlocks(store), capacity=2500)  # two of the three blocks
+    k0, k1, k2 = blocks
+    found, fetched = cache.get({k0, k1}, "0" * 16)
+    assert {k: v.tolist() for k, v in found.items()} == {k: blocks[k].tolist() for k in (k0, k1)} and fetched == 2000
+    assert cache.get({k0}, "0" * 16)[1] == 0  # held: now the most recently used
+    assert cache.get({k2}, "0" * 16)[1] == 1000  # k1, least recently used, goes
+    assert cache.get({k0, k2}, "0" * 16)[1] == 0
+    assert cache.get({k1}, "0" * 16)[1] == 1000
+    assert cache.get({"f" * 48}, "0" * 16) == ({}, 0)  # a block the store lacks
+
+
+@pytest.fixture
+def registry(ray_cluster):
+    actor = ray.remote(num_cpus=0)(BlockRegistry).options(name="test-blocks").remote()
+    yield ObjectBlocks("test-blocks")
+    ray.kill(actor)
+
+
+def test_the_registry_frees_a_block_when_its_last_row_is_decoded(registry):
+    block = np.arange(256, dtype=np.uint8)
+    registry.put({"a": block}, Counter({"a": 2}))  # two rows of one batch name it
+    assert registry.hold(Counter({"a": 1, "b": 1})) == {"a"}  # a third row, in a later batch
+    assert registry.fetch(["a", "b"], None)["a"].tolist() == block.tolist()
+    registry.release(Counter({"a": 2}))
+    assert list(registry.fetch(["a"], None)) == ["a"]
+    registry.release(Counter({"a": 1}))
+    assert registry.fetch(["a"], None) == {} and registry.hold(Counter({"a": 1})) == set()
