@@ -3,11 +3,13 @@ the table and plot, a sweep's combined table, the memory sampler on real process
 bench config as Hydra composes it."""
 
 import json
+import os
 import subprocess
 import sys
 import time
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -16,7 +18,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from pipeline.bench.config import BenchMode
+from pipeline.bench.config import BenchMode, SharedPrefixSettings
 from pipeline.bench.results import (
     BENCH_JSON,
     SweepTable,
@@ -27,6 +29,7 @@ from pipeline.bench.results import (
     mode_row,
     write,
 )
+from pipeline.bench.shared_prefix import write_workload
 from pipeline.bench.throughput import later_job_of_sweep, modes
 from pipeline.errors import JobError
 from pipeline.job.meter import BatchPoint, processing_window
@@ -34,7 +37,8 @@ from pipeline.job.metrics import JobMetrics
 from pipeline.job.run import _window
 from pipeline.job.usage import ProcessTreeRSSPeak, tree_rss
 from pipeline.plan.roofline import load_bench
-from tests.conftest import CONF
+from pipeline.stages.tokenize import PromptEncoder, prompt_values
+from tests.conftest import CONF, job_config
 from tests.test_job_report import METRICS, stage
 
 GIB = 2**30
@@ -314,3 +318,17 @@ def test_rss_sampler_sums_the_process_tree():
             process.kill()
         child.wait()
     assert tree_rss(psutil.Process()) < own + (100 << 20)
+
+
+def test_shared_prefix_workload_shares_its_first_tokens_and_no_more(tmp_path, model):
+    settings = SharedPrefixSettings(rows=32)
+    cfg = job_config()
+    encoder = PromptEncoder(model, cfg.input, cfg.sampling.max_tokens)
+    write_workload(tmp_path / "prompts.parquet", settings, encoder)
+    prompts = pq.read_table(tmp_path / "prompts.parquet").column("prompt")
+    tokens, errors = encoder.encode_all(prompt_values(prompts), [None] * len(prompts))
+    shared = len(os.path.commonprefix(tokens))
+    assert errors == [None] * settings.rows
+    assert shared >= settings.shared_tokens
+    assert all(settings.unique_tokens_min <= len(t) - shared <= settings.unique_tokens_max for t in tokens)
+    assert len(set(map(tuple, tokens))) == settings.rows

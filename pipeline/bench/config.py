@@ -54,7 +54,27 @@ class OverheadConfig(JobConfig):
     overhead: OverheadSettings = field(default_factory=OverheadSettings)
 
 
+@dataclass
+class SharedPrefixSettings:
+    rows: int = 256
+    # Every prompt is one shared text of at least this many tokens, then words of its own: its
+    # tokens after the shared ones (the chat template's closing included) drawn from min to max.
+    shared_tokens: int = 1000
+    unique_tokens_min: int = 50
+    unique_tokens_max: int = 150
+    seed: int = 0
+
+
+@dataclass
+class SharedPrefixConfig(JobConfig):
+    """jobs.shared_prefix: a job's config, run colocated and disaggregated with and without
+    shared blocks."""
+
+    shared_prefix: SharedPrefixSettings = field(default_factory=SharedPrefixSettings)
+
+
 def register() -> None:
     register_job()
     ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
     ConfigStore.instance().store(name="overhead_schema", node=OverheadConfig)
+    ConfigStore.instance().store(name="shared_prefix_schema", node=SharedPrefixConfig)
