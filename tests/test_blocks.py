@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import ray
 
-from pipeline.kv.blocks import BlockCache, BlockRegistry, FileBlocks, ObjectBlocks, PrefixTracker, block_hashes, salt
+from pipeline.kv.blocks import (
+    BlockCache,
+    BlockRegistry,
+    FileBlocks,
+    ObjectBlocks,
+    PrefixTracker,
+    block_hashes,
+    block_key,
+    salt,
+)
 from pipeline.kv.store import PayloadStore
 
 SALT = salt("bd177de378b0fff7", "float32", "none", 4)
@@ -48,6 +57,20 @@ def test_a_tracker_forgets_the_oldest_blocks_and_their_stored_copies():
     assert first[0] not in tracker.published and tracker.shared([first]) == [0]
 
 
+def test_a_batch_supplies_each_shared_block_once_and_saves_no_stored_block(tmp_path):
+    store = FileBlocks(PayloadStore(str(tmp_path), "0" * 16))
+    tracker = PrefixTracker()
+    a, b = (block_hashes([*PREFIX, 1, 2, 3, n, 5], 4, SALT) for n in (4, 9))
+    shares = tracker.plan({0: a, 1: b}, store)
+    assert shares.named == {0: a[:2], 1: b[:2]} and shares.supplier == {a[0]: 0, a[1]: 0}
+    assert (shares.save_from(0), shares.save_from(1)) == (0, 2)  # row 1's engine saves its own blocks only
+    # Stored: a later batch names the blocks and its engine saves none of them.
+    tracker.published.update({h: 7 for h in a[:2]})
+    store.put({block_key(h, 7): np.zeros(4, np.uint8) for h in a[:2]}, Counter())
+    later = tracker.plan({5: block_hashes([*PREFIX, 6], 4, SALT)}, store)
+    assert later.held == {a[0]: 7, a[1]: 7} and later.supplier == {} and later.save_from(5) == 2
+
+
 def test_the_decode_cache_fetches_a_block_once_while_it_holds_it(tmp_path):
     store = PayloadStore(str(tmp_path), "0" * 16)
     blocks = {f"{k:048x}": np.full(1000, k, np.uint8) for k in range(3)}
@@ -79,3 +102,15 @@ def test_the_registry_frees_a_block_when_its_last_row_is_decoded(registry):
     assert list(registry.fetch(["a"], None)) == ["a"]
     registry.release(Counter({"a": 1}))
     assert registry.fetch(["a"], None) == {} and registry.hold(Counter({"a": 1})) == set()
+
+
+def test_a_block_the_registry_freed_is_supplied_again(registry):
+    tracker, chain = PrefixTracker(), block_hashes([*PREFIX, 1], 4, SALT)
+    assert tracker.plan({0: chain, 1: chain}, registry).supplier == {h: 0 for h in chain}
+    keys = Counter({block_key(h, 3): 2 for h in chain})
+    tracker.published.update({h: 3 for h in chain})
+    registry.put({key: np.zeros(4, np.uint8) for key in keys}, keys)
+    assert tracker.plan({2: chain}, registry).held == {h: 3 for h in chain}
+    registry.release(keys + Counter(dict.fromkeys(keys, 1)))  # the three rows decoded
+    again = tracker.plan({3: chain}, registry)
+    assert again.held == {} and again.supplier == {h: 3 for h in chain} and again.save_from(3) == 0

@@ -87,7 +87,7 @@ def test_every_cuda_layout_round_trips_exactly(layout, dtype, head_dim, kernel_b
     for backend in SPLIT_KEY_VALUE:
         prefill = vllm_caches(layout, dtype, head_dim, kernel_block)
         write_like_kernel(prefill, sent, kv)
-        gathered = PagedCache(prefill, backend, BLOCK, head_dim, dtype).gather(sent, tokens)
+        gathered = PagedCache(prefill, backend, BLOCK, head_dim, dtype).gather(sent, 0, tokens)
         assert torch.equal(gathered, kv), backend
         shipped = raw.decode(raw.encode(gathered), tuple(kv.shape), dtype)
 
@@ -137,7 +137,7 @@ def test_the_cpu_kernel_layout_is_recognised_as_strided():
 @pytest.mark.parametrize("tokens", [1, 127, 128, 129, 300, 512])
 def test_cpu_strided_and_general_paths_agree(tokens):
     fast, general = _cpu_cache(True), _cpu_cache(False)
-    assert torch.equal(fast.gather(CPU_BLOCKS, tokens), general.gather(CPU_BLOCKS, tokens))
+    assert torch.equal(fast.gather(CPU_BLOCKS, 0, tokens), general.gather(CPU_BLOCKS, 0, tokens))
     kv = torch.randn(4, 2, tokens, HEADS, CPU_HEAD_DIM)
     for start in (0, CPU_BLOCK):
         stop = max(tokens - 1, 1)  # decode loads all but the last prompt token
@@ -145,4 +145,6 @@ def test_cpu_strided_and_general_paths_agree(tokens):
             continue
         for cache in (fast, general):
             cache.scatter(CPU_BLOCKS, kv, start, stop)
-            assert torch.equal(cache.gather(CPU_BLOCKS, stop)[:, :, start:], kv[:, :, start:stop])
+            assert torch.equal(cache.gather(CPU_BLOCKS, start, stop), kv[:, :, start:stop])
+            # A save from a shared block's end, inside a cache block: the tokens from there.
+            assert torch.equal(cache.gather(CPU_BLOCKS, start + 64, stop), kv[:, :, start + 64 : stop])

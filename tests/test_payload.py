@@ -181,21 +181,18 @@ def test_a_payload_names_its_shared_blocks_and_carries_the_rest(model, tmp_path)
     prompt's, without them the row's KV is missing, with other bytes it is corrupt."""
     kv = _kv(model, TOKENS)
     whole = KVPayload.encode(kv, model, "none", block_tokens=4)
-    hashes = [b"a" * 16, b"b" * 16]
-    shared, stored = whole.share(hashes, {})
+    size = whole.block_nbytes
+    blocks = [whole.data[:size], whole.data[size : 2 * size]]
+    hashes, sums = [b"a" * 16, b"b" * 16], [payload.checksum(b) for b in blocks]
+    shared = KVPayload.of(whole.data[2 * size :], whole.shape, model, "none", 4, hashes, sums)
     assert shared.shared_tokens == 8 and shared.own_shape[2] == 1 and shared.data.size == shared.nbytes
-    assert sum(block.size for block in stored.values()) + shared.data.size == whole.data.size
     (read,) = payload.from_column(_written(payload.to_column([shared]), tmp_path))
     assert _meta(read) == _meta(shared)
-    blocks = [stored[h] for h in hashes]
     assert torch.equal(read.decode(model, TOKENS, blocks), kv)
     assert torch.equal(read.upload(None, blocks).to_device(4)[0], kv[:, :, 4:])  # the engine has 4 tokens
     assert _outcome(_written(payload.to_column([shared]), tmp_path), model) == "kv_missing"
     with pytest.raises(PayloadLost, match="^kv_corrupt: KV block"):
         read.verify_shared([blocks[1], blocks[0]])
-    # A block stored before from another prompt's copy is named by that copy's checksum.
-    again, fresh = whole.share(hashes, {hashes[0]: 7})
-    assert again.block_checksums[0] == 7 and list(fresh) == [hashes[1]]
 
 
 def test_payload_columns_that_hold_the_same_values_are_read(model, tmp_path):

@@ -124,7 +124,7 @@ def check(
     synchronize()
     started = time.perf_counter()
     with _EngineStreamTimer(device) as save_stall:
-        saved = transfer.download(prefill.gather(sent, tokens), c, copies)
+        saved = transfer.download(prefill.gather(sent, 0, tokens), c, copies)
     saved.complete()
     copied = time.perf_counter()
     data = saved.result()
@@ -140,7 +140,7 @@ def check(
     loaded = time.perf_counter()
     upload.release()
 
-    expected = c.decode(c.encode(prefill.gather(sent, tokens)), saved.shape, g.torch_dtype)
+    expected = c.decode(c.encode(prefill.gather(sent, 0, tokens)), saved.shape, g.torch_dtype)
     prefill_seconds = tokens / H100_PREFILL_TOKENS_PER_S
     stalls = {"save": save_stall.seconds(), "load": load_stall.seconds()}
     return {
@@ -148,7 +148,7 @@ def check(
         "tokens": tokens,
         "codec": codec_name,
         "bytes": saved.nbytes,
-        "exact": bool(torch.equal(decode.gather(received, tokens), expected)),
+        "exact": bool(torch.equal(decode.gather(received, 0, tokens), expected)),
         "save_copy_gbs": saved.nbytes / (copied - started) / 1e9,
         "save_handoff_gbs": saved.nbytes / (taken - started) / 1e9,
         "load_handoff_gbs": saved.nbytes / (loaded - staged_at) / 1e9,

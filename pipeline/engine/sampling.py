@@ -204,9 +204,13 @@ class RowSampling:
             detokenize=bool(values["stop"]),  # vLLM matches stop strings on text
         )
 
-    def prefill(self, kv_key: str) -> "SamplingParams":
-        """A prefill request: the prompt's KV and one greedy token."""
-        return with_kv_key(self.params(asdict(SamplingConfig()), 1), kv_key)
+    def prefill(self, kv_key: str, save_from: int = 0) -> "SamplingParams":
+        """A prefill request: the prompt's KV from token `save_from` on, and one greedy token."""
+        from pipeline.kv.handoff import SAVE_FROM
+
+        params = with_kv_key(self.params(asdict(SamplingConfig()), 1), kv_key)
+        params.extra_args["kv_transfer_params"][SAVE_FROM] = save_from
+        return params
 
 
 def with_kv_key(params: "SamplingParams", kv_key: str | None) -> "SamplingParams":

@@ -21,6 +21,7 @@ removed with the job's folder."""
 import uuid
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -58,14 +59,46 @@ def block_hashes(prompt: Sequence[int], block_tokens: int, salt: bytes) -> list[
     return hashes
 
 
+@dataclass
+class BatchShares:
+    """One prefill batch's shared blocks: per row, the blocks it names; per block, the checksum
+    of the copy the store holds, or the row whose KV supplies it (the first row that names it)."""
+
+    named: dict[int, list[bytes]]
+    held: dict[bytes, int]
+    supplier: dict[bytes, int]
+
+    def save_from(self, row: int) -> int:
+        """The first of the row's blocks whose KV its engine must save: the row's own blocks,
+        and the shared blocks it supplies, follow; the blocks before are stored already or
+        supplied by another row."""
+        hashes = self.named.get(row, [])
+        return next((j for j, h in enumerate(hashes) if self.supplier.get(h) == row), len(hashes))
+
+
 class PrefixTracker:
     """Prefill side: which leading blocks of each prompt are shared, and the checksum under
     which this worker stored each block it stored. Remembers at most `capacity` blocks."""
 
-    def __init__(self, capacity: int = 1 << 20):
+    def __init__(self, capacity: int = 1 << 18):
         self.capacity = capacity
         self.published: dict[bytes, int] = {}
         self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def plan(self, chains: dict[int, list[bytes]], store: "BlockStore") -> BatchShares:
+        """What a batch's prompts (each row's block hashes) share, before its KV is computed:
+        the blocks this worker stored that the store still holds are counted as used there;
+        the rest are supplied by the batch."""
+        named = {i: chain[:k] for (i, chain), k in zip(chains.items(), self.shared(list(chains.values())))}
+        known = {h: block_key(h, self.published[h]) for hashes in named.values() for h in hashes if h in self.published}
+        held = store.hold(Counter(known[h] for hashes in named.values() for h in hashes if h in known))
+        self.forget([h for h, key in known.items() if key not in held])
+        supplier: dict[bytes, int] = {}
+        for i, hashes in named.items():
+            for h in hashes:
+                if h not in self.published:
+                    supplier.setdefault(h, i)
+        return BatchShares(named, {h: self.published[h] for h in known if h in self.published}, supplier)
 
     def shared(self, chains: list[list[bytes]]) -> list[int]:
         """Per prompt (its block hashes), how many of its first blocks are shared: each one

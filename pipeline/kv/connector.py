@@ -3,7 +3,8 @@ through `pipeline.kv.handoff` (the engine runs in the stage actor's own process:
 engine core, uni executor).
 
 Producer: saves a request's prompt KV after the step that completes its prefill (the last
-chunk of a chunked prefill). Consumer: reports all but the last prompt token as external, so
+chunk of a chunked prefill), from the token the request names (the blocks before it are shared
+blocks stored already; pipeline/kv/blocks.py). Consumer: reports all but the last prompt token as external, so
 the engine recomputes that one token to get logits, and writes the offered KV into the
 request's blocks before the forward pass: again each time the engine resumes a request it
 preempted (vLLM frees a preempted request's blocks and asks the connector anew). A preempted
@@ -62,7 +63,8 @@ class KVRelayConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._producer = self._kv_transfer_config.is_kv_producer
         # Scheduler side.
-        self._prompt_lens: dict[str, tuple[str, int]] = {}  # producer: req id -> (key, prompt tokens)
+        # Producer: req id -> (key, first token to save, prompt tokens).
+        self._saves: dict[str, tuple[str, int, int]] = {}
         self._pending_loads: list[_Transfer] = []
         # Worker side.
         extra = self._kv_transfer_config.get_from_extra_config
@@ -78,7 +80,8 @@ class KVRelayConnector(KVConnectorBase_V1):
         if key is None:
             return 0, False
         if self._producer:
-            self._prompt_lens[request.request_id] = (key, request.num_prompt_tokens)
+            save_from = request.kv_transfer_params.get(handoff.SAVE_FROM, 0)
+            self._saves[request.request_id] = (key, save_from, request.num_prompt_tokens)
             return 0, False
         return max(request.num_prompt_tokens - 1 - num_computed_tokens, 0), False
 
@@ -99,16 +102,16 @@ class KVRelayConnector(KVConnectorBase_V1):
         cached = scheduler_output.scheduled_cached_reqs
         progress.update(zip(cached.req_ids, cached.num_computed_tokens))
         for req_id, computed in progress.items():
-            if req_id not in self._prompt_lens:
+            if req_id not in self._saves:
                 continue
-            key, prompt_len = self._prompt_lens[req_id]
+            key, save_from, prompt_len = self._saves[req_id]
             if computed < prompt_len <= computed + scheduler_output.num_scheduled_tokens[req_id]:
                 block_ids = list(self._kv_cache_manager.get_block_ids(req_id)[0])
-                meta.saves.append(_Transfer(key, block_ids, 0, prompt_len))
+                meta.saves.append(_Transfer(key, block_ids, save_from, prompt_len))
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._prompt_lens.pop(request.request_id, None)
+        self._saves.pop(request.request_id, None)
         # Every request ends here once, with every time it was preempted counted (vLLM's own
         # count is kept only with stats on).
         handoff.preemptions.add(request.num_preemptions)
@@ -156,5 +159,5 @@ class KVRelayConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         for save in meta.saves:
             with handoff.timed():
-                kv = self._cache.gather(save.block_ids, save.stop)
+                kv = self._cache.gather(save.block_ids, save.start, save.stop)
                 handoff.save(save.key, transfer.download(kv, self._codec, self._copies))

@@ -16,6 +16,7 @@ from typing import Iterator
 from pipeline.kv.transfer import DeviceCopies, Download, Upload
 
 KEY = "kvrelay_key"
+SAVE_FROM = "kvrelay_save_from"  # a prefill request's first token to save: the blocks before are stored already
 
 _saved: dict[str, Download] = {}
 _offered: dict[str, Upload] = {}

@@ -61,16 +61,17 @@ class PagedCache:
     def kernel_blocks(self, block_ids: list[int]) -> list[int]:
         return [b * self.ratio + j for b in block_ids for j in range(self.ratio)]
 
-    def gather(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-        """The first num_tokens of a request, copied out of its blocks in canonical layout,
-        on the cache's device."""
+    def gather(self, block_ids: list[int], start: int, stop: int) -> torch.Tensor:
+        """Tokens [start, stop) of a request, copied out of its blocks in canonical layout, on
+        the cache's device."""
         first = self.layers[0]
-        blocks = self.kernel_blocks(block_ids)[: -(-num_tokens // first.block_size)]
+        skipped = start // first.block_size
+        blocks = self.kernel_blocks(block_ids)[skipped : -(-stop // first.block_size)]
         index = _index(blocks, first.cache.device)
         out = torch.empty(
             len(self.layers),
             2,
-            num_tokens,
+            stop - skipped * first.block_size,
             first.kv_heads,
             first.head_dim,
             dtype=first.cache.dtype,
@@ -78,7 +79,7 @@ class PagedCache:
         )
         for layer, tokens in zip(self.layers, out):
             layer.read_into(tokens, blocks, index)
-        return out
+        return out[:, :, start - skipped * first.block_size :]
 
     def scatter(self, block_ids: list[int], kv: torch.Tensor, start: int, stop: int, offset: int = 0) -> None:
         """Write canonical tokens [start, stop) into a request's blocks, from `kv` holding the

@@ -12,7 +12,7 @@ carries only the blocks after them. The carried bytes are inline, or in a file n
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -79,9 +79,11 @@ class KVPayload:
         model: ResolvedModel,
         codec_name: str,
         block_tokens: int = 0,
+        blocks: tuple[bytes, ...] = (),
+        block_checksums: tuple[int, ...] = (),
     ) -> "KVPayload":
         """The payload of KV of `shape` that `codec_name` encoded as `data`, per block of
-        `block_tokens`."""
+        `block_tokens`: all of it, or the blocks after the shared `blocks` it names."""
         return cls(
             model.fingerprint,
             model.dtype,
@@ -90,25 +92,14 @@ class KVPayload:
             checksum(data, block_tokens),
             data,
             block_tokens=block_tokens,
+            blocks=tuple(blocks),
+            block_checksums=tuple(block_checksums),
         )
 
     @classmethod
     def encode(cls, kv: torch.Tensor, model: ResolvedModel, codec_name: str, block_tokens: int = 0) -> "KVPayload":
         data = codec(codec_name, block_tokens).encode(kv).cpu().numpy()
         return cls.of(data, tuple(kv.shape), model, codec_name, block_tokens)
-
-    def share(self, hashes: list[bytes], published: dict[bytes, int]) -> tuple["KVPayload", dict[bytes, np.ndarray]]:
-        """This payload (carrying all its blocks) naming its first `len(hashes)` blocks by
-        content instead; `published` holds the checksum under which a block was stored
-        before (that block is named, whichever prompt's copy it is). Returns the payload and
-        the blocks not stored before, by hash, to store."""
-        size = codec(self.codec).nbytes(self.block_shape, self.torch_dtype)
-        fresh = {h: self.data[j * size : (j + 1) * size] for j, h in enumerate(hashes) if h not in published}
-        sums = tuple(published[h] if h in published else checksum(fresh[h]) for h in hashes)
-        own = self.data[len(hashes) * size :]
-        return replace(
-            self, data=own, checksum=checksum(own, self.block_tokens), blocks=tuple(hashes), block_checksums=sums
-        ), fresh
 
     @property
     def num_tokens(self) -> int:

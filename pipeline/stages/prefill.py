@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from pipeline.columns import ERROR, GENERATED_TOKENS, KV_PAYLOAD, TOKEN_LIST, ErrorKind, row_error, with_columns
 from pipeline.config import Transport
@@ -17,8 +18,9 @@ from pipeline.engine.build import PRODUCER
 from pipeline.engine.loop import RequestRefused
 from pipeline.job.meter import BatchReport
 from pipeline.kv import handoff, payload
-from pipeline.kv.blocks import PrefixTracker, block_hashes, block_key, keys_of, salt
-from pipeline.kv.payload import KVPayload
+from pipeline.kv.blocks import BatchShares, PrefixTracker, block_hashes, block_key, keys_of, salt
+from pipeline.kv.codec import codec
+from pipeline.kv.payload import KVPayload, checksum
 from pipeline.stages.engine_stage import EngineStage
 
 
@@ -40,29 +42,27 @@ class Prefill(EngineStage):
         # A row's sampling is the decode engine's to apply, from the first token on; a bad value
         # is refused here, before the row's KV is computed.
         keys = {i: uuid.uuid4().hex for i in self.requests(batch, rows, prompts, errors)}
-        chains = {i: block_hashes(prompts[i], self.block_tokens, self.salt) for i in keys if self.sharing}
-        shared = dict(zip(chains, self.tracker.shared(list(chains.values()))))
-        outputs = await self.generate([prompts[i] for i in keys], [self.sampling.prefill(key) for key in keys.values()])
+        shares = BatchShares({}, {}, {})
+        if self.sharing:
+            chains = {i: block_hashes(prompts[i], self.block_tokens, self.salt) for i in keys}
+            shares = self.tracker.plan(chains, self.shared_blocks)
+        # The engine saves a row's KV from the first block it must carry or supply.
+        starts = {i: shares.save_from(i) * self.block_tokens for i in keys}
+        outputs = await self.generate(
+            [prompts[i] for i in keys], [self.sampling.prefill(key, starts[i]) for i, key in keys.items()]
+        )
         tokens: list = [None] * batch.num_rows
-        encoded: dict[int, KVPayload] = {}
+        saved: dict[int, np.ndarray] = {}
         for (i, key), out in zip(keys.items(), outputs):
             if isinstance(out, RequestRefused):
                 errors[i] = row_error(ErrorKind.engine_refused, out.reason)
                 continue
-            saved = handoff.take_saved(key)
             tokens[i] = list(out.outputs[0].token_ids)
             with handoff.timed():
-                encoded[i] = KVPayload.of(
-                    saved.result(), saved.shape, self.model, self.kv.codec.value, self.block_tokens
-                )
-            report.kv_tokens += encoded[i].num_tokens
-        payloads: list[KVPayload | None] = [None] * batch.num_rows
+                saved[i] = handoff.take_saved(key).result()
+            report.kv_tokens += len(prompts[i])
         with handoff.timed():
-            if self.sharing:
-                self.share(encoded, {i: chains[i][: shared[i]] for i in encoded}, report)
-            for i, p in encoded.items():
-                payloads[i] = self.store.put(p) if self.kv.transport is Transport.storage else p
-                report.kv_bytes += p.data.nbytes
+            payloads = self.payloads(saved, prompts, shares, report)
             column = payload.to_column(payloads)
         report.rows = len(rows)
         report.input_tokens = sum(len(prompts[i]) for i in rows)
@@ -78,24 +78,41 @@ class Prefill(EngineStage):
             },
         )
 
-    def share(self, encoded: dict[int, KVPayload], named: dict[int, list[bytes]], report: BatchReport) -> None:
-        """Each row's payload naming its shared blocks (`named`, by hash) instead of carrying
-        them; the blocks the store lacks are stored, from the first row that has them."""
-        published = self.tracker.published
-        known = {h: block_key(h, published[h]) for hashes in named.values() for h in hashes if h in published}
-        held = self.shared_blocks.hold(Counter(known[h] for hashes in named.values() for h in hashes if h in known))
-        self.tracker.forget([h for h, key in known.items() if key not in held])
-        fresh: dict[str, np.ndarray] = {}
-        for i, hashes in named.items():
-            if not hashes:
+    def payloads(
+        self, saved: dict[int, np.ndarray], prompts: list[list[int]], shares: BatchShares, report: BatchReport
+    ) -> list[KVPayload | None]:
+        """Each row's payload from the KV its engine saved: naming the shared blocks, carrying
+        the rest. The shared blocks this batch supplies are stored, each from its supplier's KV."""
+        model, codec_name = self.model, self.kv.codec.value
+        block_shape = (model.layers, 2, self.block_tokens, model.kv_heads, model.head_dim)
+        block = codec(codec_name).nbytes(block_shape, getattr(torch, model.dtype))
+        checksums, fresh = dict(shares.held), {}
+        payloads: list[KVPayload | None] = [None] * len(prompts)
+        for i, data in saved.items():  # in row order: a block's supplier comes before the rows that name it
+            hashes, first = shares.named.get(i, []), shares.save_from(i)
+            for j, h in enumerate(hashes[first:], first):
+                if shares.supplier.get(h) == i:
+                    copy = data[(j - first) * block : (j - first + 1) * block]
+                    checksums[h] = self.tracker.published[h] = checksum(copy)
+                    fresh[block_key(h, checksums[h])] = copy
+            if any(h not in checksums for h in hashes):  # its supplier was refused: decode recomputes it
                 continue
-            encoded[i], stored = encoded[i].share(hashes, published)
-            sums = dict(zip(encoded[i].blocks, encoded[i].block_checksums))
-            for h, data in stored.items():
-                published[h] = sums[h]
-                fresh[block_key(h, sums[h])] = data
+            shape = (model.layers, 2, len(prompts[i]), model.kv_heads, model.head_dim)
+            p = KVPayload.of(
+                data[(len(hashes) - first) * block :],
+                shape,
+                model,
+                codec_name,
+                self.block_tokens,
+                hashes,
+                [checksums[h] for h in hashes],
+            )
+            payloads[i] = self.store.put(p) if self.kv.transport is Transport.storage else p
+            report.kv_bytes += p.data.nbytes
             report.kv_blocks_referenced += len(hashes)
-        uses = Counter(key for p in encoded.values() for key in keys_of(p) if key not in held)
-        self.shared_blocks.put(fresh, uses)
+        if fresh:
+            uses = Counter(key for p in payloads if p is not None for key in keys_of(p) if key in fresh)
+            self.shared_blocks.put(fresh, uses)
         report.kv_blocks_stored += len(fresh)
-        report.kv_bytes += sum(data.nbytes for data in fresh.values())
+        report.kv_bytes += sum(copy.nbytes for copy in fresh.values())
+        return payloads
