@@ -5,10 +5,10 @@ Format 3: the KV in canonical layout [layers, 2 (K, V), tokens, kv_heads, head_d
 a codec (pipeline.kv.codec) block by block (`block_tokens` tokens each; 0: one block), plus what
 decode needs to refuse a payload it must not use: the model fingerprint, cache dtype, codec,
 shape and an XXH3-64 checksum of the encoded bytes and their block size (a hash ~7x faster than
-CRC32 here, and the check runs over every byte on both sides). The first `len(blocks)` blocks may be shared with other
-prompts: then the payload names them (their content hash and checksum; pipeline.kv.blocks) and
-carries only the blocks after them. The carried bytes are inline, or in a file named by `file`
-(pipeline.kv.store)."""
+CRC32 here, and the check runs over every byte on both sides). The first `len(blocks)` blocks
+may be shared with other prompts: then the payload names them (their content hash and checksum;
+pipeline.kv.blocks) and carries only the blocks after them. The carried bytes are inline, or in
+a file named by `file` (pipeline.kv.store)."""
 
 import itertools
 from collections.abc import Sequence
