@@ -89,7 +89,9 @@ def kv_bench(cfg: JobConfig) -> dict:
     reference = tokens["codec=none"]
 
     def steady(j: JobConfig) -> None:
-        j.engine.enable_prefix_caching = False  # repeated prompts must cost what new ones do
+        # Repeated prompts must cost what new ones do: computed again, and carrying all their KV.
+        j.engine.enable_prefix_caching = False
+        j.kv.shared_block_tokens = 0
         # Small batches, so even the smaller dataset spans many: the peak then shows what
         # backpressure lets pile up, not the size of one batch's KV.
         for pool in (j.pools.tokenize, j.pools.prefill, j.pools.decode, j.pools.detokenize):
