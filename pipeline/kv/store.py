@@ -38,10 +38,7 @@ class PayloadStore:
 
     def put(self, payload: KVPayload) -> KVPayload:
         """Writes the payload's bytes to a new file; returns the payload naming it."""
-        name = f"{self.job}/{uuid.uuid4().hex}.kv"
-        self.fs.makedirs(f"{self.root}/{self.job}", exist_ok=True)
-        with self.fs.open(self._path(name), "wb") as f:
-            f.write(memoryview(payload.data))
+        name = self._write(f"{self.job}/{uuid.uuid4().hex}.kv", payload.data)
         return replace(payload, data=np.empty(0, np.uint8), file=name)
 
     def fetch(self, payload: KVPayload) -> KVPayload:
@@ -68,9 +65,7 @@ class PayloadStore:
 
     def put_block(self, key: str, data: np.ndarray) -> None:
         """A shared block's bytes (pipeline/kv/blocks.py), in this job's folder."""
-        self.fs.makedirs(f"{self.root}/{self.job}/blocks", exist_ok=True)
-        with self.fs.open(self._path(f"{self.job}/blocks/{key}.kv"), "wb") as f:
-            f.write(memoryview(data))
+        self._write(f"{self.job}/blocks/{key}.kv", data)
 
     def fetch_block(self, folder: str | None, key: str) -> np.ndarray | None:
         """A shared block's bytes from the job folder `folder`; None when it cannot be read (or
@@ -96,6 +91,13 @@ class PayloadStore:
         """This job's folder, with whatever a crashed run of it left behind."""
         if self.fs.exists(f"{self.root}/{self.job}"):
             self.fs.rm(f"{self.root}/{self.job}", recursive=True)
+
+    def _write(self, name: str, data: np.ndarray) -> str:
+        path = self._path(name)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            f.write(memoryview(data))
+        return name
 
     def _path(self, name: str) -> str:
         if not _NAME.fullmatch(name or ""):

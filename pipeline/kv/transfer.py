@@ -107,7 +107,6 @@ class Upload:
     ):
         self.dtype, self.codec, self._copies = dtype, codec, copies
         self.shapes = [shape for _, shape in pieces]
-        self.shape = (*self.shapes[0][:2], sum(s[2] for s in self.shapes), *self.shapes[0][3:])
         sizes = [data.size for data, _ in pieces]
         self.nbytes = sum(sizes)
         self._offsets = np.cumsum([0, *sizes]).tolist()
