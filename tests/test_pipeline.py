@@ -28,7 +28,6 @@ from pipeline.job.run import commit, run
 from pipeline.kv import payload
 from pipeline.kv.payload import KVPayload
 from tests.conftest import job_config
-from tests.s3 import Bucket
 
 pytestmark = pytest.mark.slow
 
@@ -234,24 +233,6 @@ def _metric_sinks() -> set[str]:
     return {
         a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvrelay-metrics")
     }
-
-
-# pipeline/job/graph.py hands WriteFragments a URL of the fragments folder: given the
-# protocol-stripped path ("bucket/out/_fragments"), the workers wrote their fragments to local
-# disk and committing them on S3 failed.
-def test_a_job_on_s3_generates_the_same(ray_cluster, s3: Bucket, few_prompts, disaggregated):
-    """Input, output and KV payload files in a bucket (kv.transport=storage): the same tokens as
-    the local run with KV in the object store, every payload found (none recomputed), and the
-    payload files gone once their rows are committed."""
-    clean, _ = disaggregated
-    root, fs = f"{s3.url}/whole", s3.fs()
-    fs.put(str(few_prompts), f"{root}/prompts/prompts.parquet")
-    kv = ["kv.transport=storage", f"kv.storage_path={root}/kv"]
-    metrics = run(job_config(*_overrides(f"{root}/prompts", f"{root}/out"), "output.shard_rows=8", *kv))
-    assert _tokens_by_id(read_output(f"{root}/out")) == {k: clean[k] for k in TAMPERED}
-    assert metrics.kv_bytes_moved == 46_080 * sum(FEW) and metrics.kv_recomputed_rows == 0
-    assert set(s3.parts(f"{root}/out")) == {f"part-{i:06d}.parquet" for i in range(-(-len(FEW) // 8))}
-    assert fs.exists(f"{root}/out/_SUCCESS") and fs.find(f"{root}/kv") == []
 
 
 def test_every_parquet_reader_opens_a_finished_output(ray_cluster, disaggregated_run):

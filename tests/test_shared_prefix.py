@@ -2,7 +2,8 @@
 store and through files: conversations with one long system prompt (the chat template's
 header included), conversations with none, and conversations whose system prompt shares only
 its first part, ending inside a block. Every row generates what colocated generates, and the
-KV that moves is each row's own blocks plus each shared block once."""
+KV that moves is each row's own blocks plus each shared block once. Through files, the files
+are in a bucket, found (none recomputed) and gone once their rows are committed."""
 
 from collections import Counter
 
@@ -17,6 +18,7 @@ from pipeline.job.run import run
 from pipeline.kv.blocks import block_hashes
 from pipeline.stages.tokenize import PromptEncoder
 from tests.conftest import job_config
+from tests.s3 import Bucket
 
 pytestmark = pytest.mark.slow
 
@@ -82,21 +84,26 @@ def _expected_blocks(model, path) -> tuple[int, int, int]:
     "transport",
     [
         [],
-        # Through files, with a decode engine cache too small to keep the shared prefix for
-        # the run (0.1 GiB: 18 blocks of 128 tokens) and a block cache that keeps no block.
+        # Through files in a bucket, with a decode engine cache too small to keep the shared
+        # prefix for the run (0.1 GiB: 18 blocks of 128 tokens) and a block cache that keeps
+        # no block.
         ["kv.transport=storage", "engine.kv_cache_gib=0.1", "kv.block_cache_gib=0.001"],
     ],
     ids=["object_store", "storage_evicting"],
 )
 def test_shared_blocks_travel_once_and_tokens_equal_colocated(
-    ray_cluster, model, conversations, colocated, transport, tmp_path
+    ray_cluster, s3: Bucket, model, conversations, colocated, transport, tmp_path
 ):
-    output = tmp_path / "out"
-    storage = [f"kv.storage_path={tmp_path / 'kv'}"] if transport else []
-    metrics = run(job_config("mode=disaggregated", *_overrides(conversations, output), *transport, *storage))
+    output, storage = tmp_path / "out", f"{s3.url}/{tmp_path.name}/kv"
+    metrics = run(
+        job_config("mode=disaggregated", *_overrides(conversations, output), *transport, f"kv.storage_path={storage}")
+    )
     assert _tokens_by_id(output) == colocated
     tokens, referenced, stored = _expected_blocks(model, conversations)
     block = model.kv_bytes_per_token * BLOCK_TOKENS
     assert (metrics.kv_blocks_referenced, metrics.kv_blocks_stored) == (referenced, stored)
     assert metrics.kv_bytes_moved == model.kv_bytes_per_token * tokens - (referenced - stored) * block
     assert metrics.kv_bytes_saved == (referenced - stored) * block
+    assert metrics.kv_recomputed_rows == 0
+    if transport:
+        assert s3.fs().find(storage) == []
