@@ -77,6 +77,9 @@ class InputConfig:
     sampling_column: str = "sampling_params"
     overlong: Overlong = Overlong.error
     duplicate_ids: DuplicateIds = DuplicateIds.error
+    # Within each shard, the engines take the rows ordered by their prompts, so that rows sharing
+    # a prefix share batches and workers (the output keeps input order); false: input order.
+    order_by_prefix: bool = True
 
     @property
     def source_column(self) -> str:

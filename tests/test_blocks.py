@@ -78,12 +78,13 @@ def test_the_decode_cache_fetches_a_block_once_while_it_holds_it(tmp_path):
     cache = BlockCache(FileBlocks(store), capacity=2500)  # two of the three blocks
     k0, k1, k2 = blocks
     found, fetched = cache.get({k0, k1}, "0" * 16)
-    assert {k: v.tolist() for k, v in found.items()} == {k: blocks[k].tolist() for k in (k0, k1)} and fetched == 2000
-    assert cache.get({k0}, "0" * 16)[1] == 0  # held: now the most recently used
-    assert cache.get({k2}, "0" * 16)[1] == 1000  # k1, least recently used, goes
-    assert cache.get({k0, k2}, "0" * 16)[1] == 0
-    assert cache.get({k1}, "0" * 16)[1] == 1000
-    assert cache.get({"f" * 48}, "0" * 16) == ({}, 0)  # a block the store lacks
+    assert {k: v.tolist() for k, v in found.items()} == {k: blocks[k].tolist() for k in (k0, k1)}
+    assert set(fetched) == {k0, k1}
+    assert cache.get({k0}, "0" * 16)[1] == {}  # held: now the most recently used
+    assert set(cache.get({k2}, "0" * 16)[1]) == {k2}  # k1, least recently used, goes
+    assert cache.get({k0, k2}, "0" * 16)[1] == {}
+    assert set(cache.get({k1}, "0" * 16)[1]) == {k1}
+    assert cache.get({"f" * 48}, "0" * 16) == ({}, {})  # a block the store lacks
 
 
 @pytest.fixture

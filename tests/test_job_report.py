@@ -54,6 +54,7 @@ METRICS = {
     "kv_bytes_moved": 6 * 2**20,
     "kv_blocks_referenced": 40,
     "kv_blocks_stored": 4,
+    "kv_blocks_fetched": 4,
     "kv_bytes_saved": 36 * 2**20,
     "kv_recomputed_rows": 2,
     "kv_bytes_per_prompt_token": 46_080.0,
@@ -98,7 +99,9 @@ def test_report_states_pools_bottleneck_errors_and_kv(written):
     assert "| decode | node1:101 | 2 | 140.0 | 5 | 0 | 154 |" in report
     assert "- `kv_corrupt`: 2\n- `empty_prompt`: 1\n" in report
     assert "- KV moved: 6.0 MiB, 46080 B per prompt token" in report
-    assert "- shared prefixes: rows named 40 shared KV blocks, 4 stored once; 36.0 MiB did not move" in report
+    assert (
+        "- shared prefixes: rows named 40 shared KV blocks, 4 stored, 4 fetched by decode workers; 36.0 MiB did not move"
+    ) in report
     assert "- handoff: 3.0 s, 5.0% of the prefill pool's busy time" in report
     assert "- prefill recomputed by the decode pool: 2 rows" in report
     assert "![rows through each stage and output tokens/s over time](_report.png)" in report

@@ -21,6 +21,7 @@ import ray
 from pipeline.columns import ERROR, INTERNAL, ROW, ErrorKind, row_error
 from pipeline.config import DuplicateIds, InputConfig
 from pipeline.errors import JobError
+from pipeline.io.prefix_order import order_by_prefix
 from pipeline.io.storage import NOT_ROWS, filesystem
 
 UNIT = "unit"
@@ -202,9 +203,9 @@ class PromptSource:
                 units.append(ReadUnit(shard.path, tuple(range(first, last + 1)), int(bounds[first]), (shard,)))
         return units
 
-    def reader(self, shards: list[Shard], sink_name: str | None = None) -> "ShardReader":
+    def reader(self, shards: list[Shard], sink_name: str | None = None, order_by: str | None = None) -> "ShardReader":
         units = self.units(shards)
-        return ShardReader(self.arrow_fs, self.cfg.id_column, self.has_ids, dict(enumerate(units)), sink_name)
+        return ShardReader(self.arrow_fs, self.cfg.id_column, self.has_ids, dict(enumerate(units)), sink_name, order_by)
 
 
 def _skipped(parts: list[str]) -> bool:
@@ -214,13 +215,15 @@ def _skipped(parts: list[str]) -> bool:
 @dataclass(frozen=True)
 class ShardReader:
     """Runs in Ray read tasks, fed batches of read-unit numbers: each shard's rows with their
-    job-wide row number, id and known errors, one table per shard."""
+    job-wide row number, id and known errors, one table per shard, ordered by the prompts of
+    column `order_by` if given (pipeline/io/prefix_order.py)."""
 
     filesystem: pyarrow.fs.FileSystem
     id_column: str
     has_ids: bool
     units: dict[int, ReadUnit]
     sink_name: str | None = None  # where to count the rows decoded
+    order_by: str | None = None
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for i in batch.column(UNIT).to_pylist():
@@ -258,5 +261,7 @@ class ShardReader:
         known = dict(shard.errors)
         errors = pa.array([known.get(int(r)) for r in rows], pa.string()) if known else pa.nulls(len(rows), pa.string())
         if ERROR in table.column_names:  # a prefill dataset: its rows' errors stand
-            return table.set_column(table.schema.get_field_index(ERROR), ERROR, pc.coalesce(table[ERROR], errors))
-        return table.append_column(ERROR, errors)
+            table = table.set_column(table.schema.get_field_index(ERROR), ERROR, pc.coalesce(table[ERROR], errors))
+        else:
+            table = table.append_column(ERROR, errors)
+        return order_by_prefix(table, self.order_by) if self.order_by else table

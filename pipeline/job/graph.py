@@ -144,9 +144,11 @@ def build_dataset(
     cluster: ClusterConfig,
     sink_name: str,
     kv_row_bytes: float,
+    order_by: str | None = None,
 ) -> ray.data.Dataset:
     """The rows of `shards` through `stages`, written as fragments by the workers: the dataset's
-    own rows are the fragments' names and row numbers."""
+    own rows are the fragments' names and row numbers. Each shard's rows go in the order of the
+    prompts of column `order_by`, if given."""
     # The process's context: set for every job, so that no job inherits an earlier one's limits.
     context = ray.data.DataContext.get_current()
     budget = cluster.object_store_budget_gib
@@ -154,7 +156,7 @@ def build_dataset(
         object_store_memory=budget * 2**30 if budget is not None else None
     )
     context.output_backpressure_guard_release_interval_s = cluster.backpressure_release_s
-    reader = source.reader(shards, sink_name)
+    reader = source.reader(shards, sink_name, order_by)
     ds = ray.data.from_items([{UNIT: i} for i in reader.units], override_num_blocks=len(reader.units))
     ds = ds.map_batches(reader, batch_size=1, batch_format="pyarrow", num_cpus=cluster.io_num_cpus)
     # The cut is an op of its own that reserves a whole CPU while it runs (Ray Data offers no

@@ -25,10 +25,11 @@ class BatchReport:
     kv_bytes: int = 0
     kv_tokens: int = 0
     kv_recomputed: int = 0
-    # Shared prefixes (pipeline/kv/blocks.py): blocks rows named, blocks stored, and the bytes of
-    # named blocks a decode worker did not fetch (it held them).
+    # Shared prefixes (pipeline/kv/blocks.py): blocks rows named, blocks stored, blocks a decode
+    # worker fetched, and the bytes of named blocks a decode worker did not fetch (it held them).
     kv_blocks_referenced: int = 0
     kv_blocks_stored: int = 0
+    kv_blocks_fetched: int = 0
     kv_bytes_saved: int = 0
     # Times the engine preempted one of the batch's requests (its cache ran short): the request
     # lost its blocks, and computed or loaded its KV again when it resumed. Counted by the KV

@@ -89,9 +89,12 @@ class JobMetrics:
     late_duplicate_rows: int = 0  # rows a retried batch wrote again after their shard committed
     driver_bytes_received: int = 0  # what the driver took from the dataset: fragment names and row numbers
     # Shared prefixes (kv.shared_block_tokens): the shared blocks rows referenced, the distinct
-    # ones stored, and the KV bytes that did not move because a decode worker held the block.
+    # ones stored (once per prefill worker that stored one), the fetches of decode workers (once
+    # per worker while it holds the block), and the KV bytes that did not move because a decode
+    # worker held the block.
     kv_blocks_referenced: int = 0
     kv_blocks_stored: int = 0
+    kv_blocks_fetched: int = 0
     kv_bytes_saved: int = 0
 
     def to_json(self) -> str:

@@ -107,7 +107,8 @@ def _kv_lines(m: JobMetrics) -> list[str]:
         if m.kv_blocks_referenced:
             lines.append(
                 f"- shared prefixes: rows named {m.kv_blocks_referenced} shared KV blocks, {m.kv_blocks_stored} "
-                f"stored once; {m.kv_bytes_saved / 2**20:.1f} MiB did not move"
+                f"stored, {m.kv_blocks_fetched} fetched by decode workers; {m.kv_bytes_saved / 2**20:.1f} MiB "
+                "did not move"
             )
         share = m.kv_handoff_share_of_prefill
         lines.append(

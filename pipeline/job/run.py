@@ -82,7 +82,14 @@ def run(cfg: JobConfig) -> JobMetrics:
                 ledger = ShardLedger(output, todo, removes)
                 with peak:
                     ds = build_dataset(
-                        source, todo, graph, output, cfg.cluster, sink_name, kv_row_bytes(cfg, source, model)
+                        source,
+                        todo,
+                        graph,
+                        output,
+                        cfg.cluster,
+                        sink_name,
+                        kv_row_bytes(cfg, source, model),
+                        needs(cfg)[0] if cfg.input.order_by_prefix else None,
                     )
                     commit(ds, ledger, sum(s.num_rows for s in todo))
                 totals, timeline, counts, clock_zero = ray.get(
@@ -131,6 +138,7 @@ def run(cfg: JobConfig) -> JobMetrics:
                 driver_bytes_received=ledger.bytes_received if ledger else 0,
                 kv_blocks_referenced=moved.kv_blocks_referenced,
                 kv_blocks_stored=totals.get("prefill", StageTotals()).work.kv_blocks_stored,
+                kv_blocks_fetched=totals.get("decode", StageTotals()).work.kv_blocks_fetched,
                 kv_bytes_saved=moved.kv_bytes_saved,
                 object_store_peak_bytes=peak.peak,
                 nodes={node.id: node.resources for node in nodes},  # where stages.*.per_worker ran
@@ -199,6 +207,7 @@ def _window(timeline: list[BatchPoint], clock_offset: float) -> tuple[float | No
 
 
 def needs(cfg: JobConfig) -> tuple[str, ...]:
+    """The input columns the job reads, its prompts' first."""
     if cfg.phase is Phase.decode:  # a prefill dataset
         return (PROMPT_TOKENS, GENERATED_TOKENS, NUM_INPUT_TOKENS, FINISH_REASON, KV_PAYLOAD)
     return (cfg.input.source_column,)

@@ -245,8 +245,10 @@ class BlockCache:
         self.nbytes = 0
         self._blocks: OrderedDict[BlockKey, np.ndarray] = OrderedDict()
 
-    def get(self, keys: set[BlockKey], folder: str | None) -> tuple[dict[BlockKey, np.ndarray], int]:
-        """The blocks of `keys` it holds or could fetch, and the bytes fetched."""
+    def get(
+        self, keys: set[BlockKey], folder: str | None
+    ) -> tuple[dict[BlockKey, np.ndarray], dict[BlockKey, np.ndarray]]:
+        """The blocks of `keys` it holds or could fetch, and those of them it fetched."""
         missing = [key for key in keys if key not in self._blocks]
         fetched = self.store.fetch(missing, folder) if missing else {}
         for key, data in fetched.items():
@@ -258,7 +260,7 @@ class BlockCache:
         while self.nbytes > self.capacity and self._blocks:
             _, evicted = self._blocks.popitem(last=False)
             self.nbytes -= evicted.nbytes
-        return found, sum(data.nbytes for data in fetched.values())
+        return found, fetched
 
 
 def block_store(store: PayloadStore | None, registry: str | None) -> BlockStore | None:

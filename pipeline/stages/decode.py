@@ -127,9 +127,10 @@ class Decode(EngineStage):
         found, fetched = {}, 0
         for folder in {p.folder for p in named}:  # one per prefill job
             keys = {key for p in named if p.folder == folder for key in keys_of(p)}
-            blocks, nbytes = self.block_cache.get(keys, folder)
+            blocks, new = self.block_cache.get(keys, folder)
             found.update(blocks)
-            fetched += nbytes
+            fetched += sum(data.nbytes for data in new.values())
+            report.kv_blocks_fetched += len(new)
         referenced = sum(len(p.blocks) * p.block_nbytes for p in named)
         report.kv_bytes += fetched
         report.kv_bytes_saved += max(referenced - fetched, 0)
