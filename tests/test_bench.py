@@ -320,15 +320,21 @@ def test_rss_sampler_sums_the_process_tree():
     assert tree_rss(psutil.Process()) < own + (100 << 20)
 
 
-def test_shared_prefix_workload_shares_its_first_tokens_and_no_more(tmp_path, model):
-    settings = SharedPrefixSettings(rows=32)
+@pytest.mark.parametrize("prefixes", [1, 3])
+def test_shared_prefix_workload_shares_its_first_tokens_and_no_more(tmp_path, model, prefixes):
+    """Row i begins with text i % prefixes: rows of one text share its tokens, rows of two do not."""
+    settings = SharedPrefixSettings(rows=30, prefixes=prefixes)
     cfg = job_config()
     encoder = PromptEncoder(model, cfg.input, cfg.sampling.max_tokens)
-    write_workload(tmp_path / "prompts.parquet", settings, encoder)
+    common = write_workload(tmp_path / "prompts.parquet", settings, encoder)
     prompts = pq.read_table(tmp_path / "prompts.parquet").column("prompt")
     tokens, errors = encoder.encode_all(prompt_values(prompts), [None] * len(prompts))
-    shared = len(os.path.commonprefix(tokens))
-    assert errors == [None] * settings.rows
-    assert shared >= settings.shared_tokens
-    assert all(settings.unique_tokens_min <= len(t) - shared <= settings.unique_tokens_max for t in tokens)
-    assert len(set(map(tuple, tokens))) == settings.rows
+    assert errors == [None] * settings.rows and len(set(map(tuple, tokens))) == settings.rows
+    groups = [tokens[k::prefixes] for k in range(prefixes)]
+    assert len(os.path.commonprefix(groups[0])) == common
+    for group in groups:
+        shared = len(os.path.commonprefix(group))
+        assert shared >= settings.shared_tokens
+        assert all(settings.unique_tokens_min <= len(t) - shared <= settings.unique_tokens_max for t in group)
+    if prefixes > 1:
+        assert len(os.path.commonprefix([g[0] for g in groups])) < settings.shared_tokens // 2

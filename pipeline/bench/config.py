@@ -62,6 +62,9 @@ class SharedPrefixSettings:
     shared_tokens: int = 1000
     unique_tokens_min: int = 50
     unique_tokens_max: int = 150
+    # Different shared texts, row i taking text i % prefixes: interleaved, so that with several
+    # workers a pool's blocks of rows hold every text unless rows are ordered by prefix.
+    prefixes: int = 1
     seed: int = 0
 
 

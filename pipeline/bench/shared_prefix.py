@@ -2,11 +2,13 @@
 once per decode worker, saves against every row carrying all its KV. One workload (every prompt
 the same ~1,000 tokens of instructions and reports, then 50 to 150 tokens of its own, as a
 system prompt or a document asked many questions) runs colocated, disaggregated with
-kv.shared_block_tokens=0, and disaggregated with sharing on. Per run: the KV bytes moved and
-their multiple of sharing's, the shared blocks referenced and stored, the bytes that did not
-move, the handoff's share of prefill, output tokens/s against colocated's, the object store's
-peak, and the share of rows whose tokens equal colocated's: sharing must change what moves,
-never what is generated."""
+kv.shared_block_tokens=0, and disaggregated with sharing on, rows ordered by prefix (the
+default) and in input order. Per run: the KV bytes moved and their multiple of sharing's, the
+shared blocks referenced, stored and fetched, the bytes that did not move, the handoff's share
+of prefill, output tokens/s against colocated's, the object store's peak, and the share of rows
+whose tokens equal colocated's: sharing must change what moves, never what is generated. With
+several shared texts (shared_prefix.prefixes) and pools of several workers, the last two runs
+show what ordering rows by prefix saves."""
 
 import json
 import os
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 MIB = 2**20
 INSTRUCTION = "Read the reports below, then answer the question that follows them.\n\n"
 COLOCATED, UNSHARED, SHARED = "colocated", "disaggregated-unshared", "disaggregated-shared"
+SHARED_INPUT_ORDER = "disaggregated-shared-input-order"
 
 
 def one_token_words(tokenizer: "PreTrainedTokenizerBase") -> list[str]:
@@ -60,12 +63,12 @@ def template_edges(encoder: PromptEncoder, shared: str, words: list[str]) -> tup
 
 
 def write_workload(path: Path, settings: SharedPrefixSettings, encoder: PromptEncoder) -> int:
-    """settings.rows prompts, one shared text then words of their own, as a Parquet file (id,
-    prompt); returns how many tokens every row begins with."""
+    """settings.rows prompts, one of settings.prefixes shared texts then words of their own, as
+    a Parquet file (id, prompt); returns how many tokens the rows of the first text begin with."""
     rng = random.Random(settings.seed)
     words = one_token_words(encoder.tokenizer)
-    shared = shared_text(rng, settings.shared_tokens, encoder.tokenizer)
-    common, closing = template_edges(encoder, shared, words)
+    texts = [shared_text(rng, settings.shared_tokens, encoder.tokenizer) for _ in range(settings.prefixes)]
+    common, closing = template_edges(encoder, texts[0], words)
 
     def own_words() -> str:
         # A row's own tokens are its words and the template's closing. Dozens of words, each
@@ -73,7 +76,7 @@ def write_workload(path: Path, settings: SharedPrefixSettings, encoder: PromptEn
         count = rng.randint(settings.unique_tokens_min, settings.unique_tokens_max) - closing
         return "".join(f" {w}" for w in rng.choices(words, k=count))
 
-    prompts = [shared + own_words() for _ in range(settings.rows)]
+    prompts = [texts[i % len(texts)] + own_words() for i in range(settings.rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
     ids = [f"shared-prefix-{i:05d}" for i in range(settings.rows)]
     pq.write_table(pa.table({ID: ids, "prompt": prompts}), path)
@@ -84,12 +87,13 @@ def colocated(one: JobConfig) -> None:
     one.mode = Mode.colocated
 
 
-def disaggregated(block_tokens: int, files: Path) -> Callable[[JobConfig], None]:
+def disaggregated(block_tokens: int, files: Path, ordered: bool = True) -> Callable[[JobConfig], None]:
     """mode=disaggregated, KV moved in blocks of `block_tokens` (0: each row all its own), in
-    files under `files` with kv.transport=storage."""
+    files under `files` with kv.transport=storage; rows ordered by prefix, or in input order."""
 
     def change(one: JobConfig) -> None:
         one.mode = Mode.disaggregated
+        one.input.order_by_prefix = ordered
         one.kv.shared_block_tokens = block_tokens
         if one.kv.transport is Transport.storage:
             one.kv.storage_path = str(files)
@@ -112,6 +116,7 @@ def run_row(name: str, runs: dict[str, JobMetrics], tokens: dict[str, dict[str, 
         else None,
         "kv_blocks_referenced": metrics.kv_blocks_referenced,
         "kv_blocks_stored": metrics.kv_blocks_stored,
+        "kv_blocks_fetched": metrics.kv_blocks_fetched,
         "kv_mib_saved": round(metrics.kv_bytes_saved / MIB, 1),
         "kv_handoff_share_of_prefill": metrics.kv_handoff_share_of_prefill,
         "output_tokens_per_s_processing": round(steady(metrics), 2),
@@ -136,12 +141,16 @@ def shared_prefix(cfg: SharedPrefixConfig) -> list[dict]:
     root, settings = Path(cfg.output.path), cfg.shared_prefix
     encoder = PromptEncoder(resolve_model(cfg.model, cfg.engine.device), cfg.input, cfg.sampling.max_tokens)
     common = write_workload(Path(cfg.input.path), settings, encoder)
-    print(f"{settings.rows} rows, each beginning with the same {common} tokens; KV by {cfg.kv.transport.value}")
+    print(
+        f"{settings.rows} rows, each beginning with one of {settings.prefixes} texts of ~{common} tokens; "
+        f"KV by {cfg.kv.transport.value}; {cfg.pools.prefill.size} prefill and {cfg.pools.decode.size} decode workers"
+    )
     files = Path(cfg.kv.storage_path or root / "kv-files")
     changes = {
         COLOCATED: colocated,
         UNSHARED: disaggregated(0, files / UNSHARED),
         SHARED: disaggregated(cfg.kv.shared_block_tokens, files / SHARED),
+        SHARED_INPUT_ORDER: disaggregated(cfg.kv.shared_block_tokens, files / SHARED_INPUT_ORDER, ordered=False),
     }
     runs = {name: job(cfg, name, cfg.input.path, root, change) for name, change in changes.items()}
     tokens = {name: output_tokens(root / name) for name in runs}
@@ -149,7 +158,10 @@ def shared_prefix(cfg: SharedPrefixConfig) -> list[dict]:
     for row in rows:
         print(json.dumps(row))
     (root / "shared_prefix.json").write_text(
-        json.dumps({"rows": settings.rows, "shared_prefix_tokens": common, "runs": rows}, indent=2)
+        json.dumps(
+            {"rows": settings.rows, "prefixes": settings.prefixes, "shared_prefix_tokens": common, "runs": rows},
+            indent=2,
+        )
     )
     print(markdown(rows))
     return rows
