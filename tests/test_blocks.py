@@ -19,7 +19,9 @@ from pipeline.kv.blocks import (
     block_key,
     salt,
 )
+from pipeline.kv.payload import KVPayload, PayloadLost, checksum
 from pipeline.kv.store import PayloadStore
+from pipeline.stages.decode import shared_of
 
 SALT = salt("bd177de378b0fff7", "float32", "none", 4)
 PREFIX = list(range(100, 108))  # two whole blocks of 4
@@ -73,7 +75,8 @@ def test_a_batch_supplies_each_shared_block_once_and_saves_no_stored_block(tmp_p
 
 def test_the_decode_cache_fetches_a_block_once_while_it_holds_it(tmp_path):
     store = PayloadStore(str(tmp_path), "0" * 16)
-    blocks = {f"{k:048x}": np.full(1000, k, np.uint8) for k in range(3)}
+    contents = [np.full(1000, k, np.uint8) for k in range(3)]
+    blocks = {block_key(bytes([k]) * 16, checksum(data)): data for k, data in enumerate(contents)}
     FileBlocks(store).put(blocks, Counter(blocks))
     cache = BlockCache(FileBlocks(store), capacity=2500)  # two of the three blocks
     k0, k1, k2 = blocks
@@ -85,6 +88,23 @@ def test_the_decode_cache_fetches_a_block_once_while_it_holds_it(tmp_path):
     assert cache.get({k0, k2}, "0" * 16)[1] == {}
     assert set(cache.get({k1}, "0" * 16)[1]) == {k1}
     assert cache.get({"f" * 48}, "0" * 16) == ({}, {})  # a block the store lacks
+    assert not cache.corrupt
+
+
+def test_the_decode_cache_checks_a_block_once_as_it_fetches_it(tmp_path, model):
+    """A block whose bytes are not those its key names is neither kept nor returned: rows that
+    name it are kv_corrupt. One that is sound is checked once, not for each row."""
+    store = PayloadStore(str(tmp_path), "0" * 16)
+    data = np.arange(1000, dtype=np.uint8)
+    good, bad = block_key(b"g" * 16, checksum(data)), block_key(b"b" * 16, checksum(data) ^ 1)
+    FileBlocks(store).put({good: data, bad: data}, Counter([good, bad]))
+    cache = BlockCache(FileBlocks(store), capacity=1 << 20)
+    found, fetched = cache.get({good, bad}, "0" * 16)
+    assert set(found) == set(fetched) == {good} and cache.corrupt == {bad}
+    shape = (model.layers, 2, 5, model.kv_heads, model.head_dim)  # one shared block of 4, one own token
+    p = KVPayload.of(np.zeros(0, np.uint8), shape, model, "none", 4, [b"b" * 16], [checksum(data) ^ 1])
+    with pytest.raises(PayloadLost, match="^kv_corrupt: KV block .* fails its checksum"):
+        shared_of(p, found, cache.corrupt)
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ prefix up to the block's end, as vLLM's prefix cache names its blocks. The prefi
 (`PrefixTracker`) takes a block as shared when another row of the batch, or an earlier row of
 the same worker, has it too: rows then name it instead of carrying it, and it is stored once,
 under its hash and the checksum of the copy stored (a `BlockKey`), in a `BlockStore`. The
-decode side (`BlockCache`) fetches a block once while its cache holds it; its engine then loads
-only the tokens its own prefix cache lacks (pipeline/kv/transfer.py Upload).
+decode side (`BlockCache`) fetches a block once while its cache holds it, and checks it against
+its key's checksum then, once, not for every row that names it; its engine then loads only the
+tokens its own prefix cache lacks (pipeline/kv/transfer.py Upload).
 
 Stores: `ObjectBlocks` keeps blocks in Ray's object store, owned by one actor of the job that
 counts the rows in flight that name each and frees a block when the last is decoded;
@@ -29,6 +30,7 @@ import ray
 import xxhash
 
 from pipeline.kv.payload import KVPayload
+from pipeline.kv.payload import checksum as stored_checksum
 from pipeline.kv.store import PayloadStore
 
 BlockKey = str  # a block's hash and its stored copy's checksum, in hex
@@ -36,6 +38,11 @@ BlockKey = str  # a block's hash and its stored copy's checksum, in hex
 
 def block_key(block_hash: bytes, checksum: int) -> BlockKey:
     return f"{block_hash.hex()}{checksum:016x}"
+
+
+def sound(key: BlockKey, data: np.ndarray) -> bool:
+    """Whether `data` are the bytes stored under `key`."""
+    return stored_checksum(data) == int(key[-16:], 16)
 
 
 def keys_of(payload: KVPayload) -> list[BlockKey]:
@@ -237,20 +244,24 @@ class FileBlocks(BlockStore):
 
 class BlockCache:
     """Decode side: the shared blocks a worker fetched, most recently used kept, up to
-    `capacity` bytes."""
+    `capacity` bytes. A block is checked against its key's checksum as it is fetched: one that
+    fails is not kept, and its key is in `corrupt`."""
 
     def __init__(self, store: BlockStore, capacity: int):
         self.store = store
         self.capacity = capacity
         self.nbytes = 0
         self._blocks: OrderedDict[BlockKey, np.ndarray] = OrderedDict()
+        self.corrupt: set[BlockKey] = set()
 
     def get(
         self, keys: set[BlockKey], folder: str | None
     ) -> tuple[dict[BlockKey, np.ndarray], dict[BlockKey, np.ndarray]]:
-        """The blocks of `keys` it holds or could fetch, and those of them it fetched."""
+        """The sound blocks of `keys` it holds or could fetch, and those of them it fetched."""
         missing = [key for key in keys if key not in self._blocks]
         fetched = self.store.fetch(missing, folder) if missing else {}
+        self.corrupt.update(key for key, data in fetched.items() if not sound(key, data))
+        fetched = {key: data for key, data in fetched.items() if key not in self.corrupt}
         for key, data in fetched.items():
             self._blocks[key] = data
             self.nbytes += data.nbytes

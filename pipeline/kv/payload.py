@@ -184,15 +184,19 @@ class KVPayload:
 
     def decode(self, model: ResolvedModel, num_tokens: int, shared: Sequence[np.ndarray] = ()) -> torch.Tensor:
         """The KV for a prompt of `num_tokens` on `model`, in host memory, or why this payload
-        is not it; `shared`: the bytes of its shared blocks (`verify_shared`)."""
+        is not it; `shared`: the bytes of its shared blocks, checked (`check_shared`)."""
         self.verify(model, num_tokens)
         return self.upload(None, shared).to_device(0)[0]
 
-    def verify_shared(self, shared: Sequence[np.ndarray]) -> None:
-        """Refuses bytes that are not its shared blocks, as fetched."""
-        for h, expected, data in zip(self.blocks, self.block_checksums, shared, strict=True):
-            if data.size != self.block_nbytes or checksum(data) != expected:
-                raise PayloadLost(ErrorKind.kv_corrupt, f"KV block {h.hex()} fails its size or checksum")
+    def check_shared(self, shared: Sequence[np.ndarray]) -> None:
+        """Refuses shared blocks of another size than its own make. Their bytes are checked
+        against `block_checksums` once per worker, as they are fetched (pipeline/kv/blocks.py
+        BlockCache), not for every row that names them."""
+        for h, data in zip(self.blocks, shared, strict=True):
+            if data.size != self.block_nbytes:
+                raise PayloadLost(
+                    ErrorKind.kv_corrupt, f"KV block {h.hex()} has {data.size} bytes, not {self.block_nbytes}"
+                )
 
     def upload(self, copies: DeviceCopies | None, shared: Sequence[np.ndarray] = ()) -> Upload:
         """Its KV on the way to an engine's cache (a verified payload, its shared blocks'

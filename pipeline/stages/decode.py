@@ -76,7 +76,7 @@ class Decode(EngineStage):
             try:
                 with handoff.timed():
                     loaded = load(payloads[i], self.model, len(prompts[i]), self.store)
-                    shared = shared_of(loaded, blocks)
+                    shared = shared_of(loaded, blocks, self.block_cache.corrupt)
                     kv = loaded.upload(handoff.copies, shared)
             except PayloadError as error:
                 if isinstance(error, PayloadLost) and self.kv.on_load_failure is OnLoadFailure.recompute:
@@ -137,14 +137,17 @@ class Decode(EngineStage):
         return found
 
 
-def shared_of(p: KVPayload, blocks: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The bytes of the payload's shared blocks, verified."""
+def shared_of(p: KVPayload, blocks: dict[str, np.ndarray], corrupt: set[str]) -> list[np.ndarray]:
+    """The bytes of the payload's shared blocks (fetched and checked by the block cache), or
+    why there are none: a block it could not fetch, or fetched under another checksum."""
     keys = keys_of(p)
-    missing = [key for key in keys if key not in blocks]
-    if missing:
-        raise PayloadLost(ErrorKind.kv_missing, f"KV block {missing[0]} is missing from the job's block store")
+    for key in keys:
+        if key in corrupt:
+            raise PayloadLost(ErrorKind.kv_corrupt, f"KV block {key} fails its checksum")
+        if key not in blocks:
+            raise PayloadLost(ErrorKind.kv_missing, f"KV block {key} is missing from the job's block store")
     shared = [blocks[key] for key in keys]
-    p.verify_shared(shared)
+    p.check_shared(shared)
     return shared
 
 
