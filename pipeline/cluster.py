@@ -82,6 +82,14 @@ class Node(NamedTuple):
     labels: dict[str, str]
 
 
+def on_driver_node() -> dict:
+    """Options for a job's own actors (its metrics sink, its shared-block registry): on the
+    driver's node, they go only with the job, never with a worker node (a reclaimed spot node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 def alive_nodes() -> list[Node]:
     """The cluster's alive nodes, from ray.nodes(), without Ray's per-node markers
     (`node:<ip>`) and memory figures, which no pool asks for."""

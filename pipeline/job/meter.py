@@ -14,6 +14,7 @@ from typing import AsyncIterator, Collection, Iterator, NamedTuple
 
 import ray
 
+from pipeline.cluster import on_driver_node
 from pipeline.job.metrics import WorkerMetrics
 
 
@@ -135,7 +136,7 @@ MetricsSink = ray.remote(num_cpus=0)(StageTally)
 def start_sink() -> tuple[str, ray.actor.ActorHandle]:
     """A fresh sink and the name stages find it by; it lives as long as the handle."""
     name = f"kvrelay-metrics-{uuid.uuid4().hex[:8]}"
-    return name, MetricsSink.options(name=name).remote()
+    return name, MetricsSink.options(name=name, **on_driver_node()).remote()
 
 
 class BusyClock:

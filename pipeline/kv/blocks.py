@@ -29,6 +29,7 @@ import numpy as np
 import ray
 import xxhash
 
+from pipeline.cluster import on_driver_node
 from pipeline.kv.payload import KVPayload
 from pipeline.kv.payload import checksum as stored_checksum
 from pipeline.kv.store import PayloadStore
@@ -185,9 +186,10 @@ class BlockRegistry:
 
 
 def start_registry() -> tuple[str, ray.actor.ActorHandle]:
-    """A fresh registry and the name stages find it by; it lives as long as the handle."""
+    """A fresh registry and the name stages find it by; it lives as long as the handle, on the
+    driver's node: the blocks it owns would go with it."""
     name = f"kvrelay-blocks-{uuid.uuid4().hex[:8]}"
-    return name, ray.remote(num_cpus=0)(BlockRegistry).options(name=name).remote()
+    return name, ray.remote(num_cpus=0)(BlockRegistry).options(name=name, **on_driver_node()).remote()
 
 
 class ObjectBlocks(BlockStore):
