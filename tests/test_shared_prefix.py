@@ -130,9 +130,10 @@ def teams(tmp_path_factory):
 
 def test_rows_sharing_a_prefix_reach_the_same_workers(ray_cluster, model, teams, tmp_path):
     """Two prefill and two decode workers taking blocks of eight rows: ordered by prompt, each
-    team's rows make one block, so each shared block is stored by one prefill worker and
-    fetched by one decode worker, the bytes of one worker each. (In input order every block
-    holds every team, and each worker that gets one stores or fetches every team's blocks.)"""
+    team's rows make one block, so each shared block is stored by one batch, on one prefill
+    worker, and fetched by one decode worker: the bytes of one worker each. (In input order
+    every block holds every team, and every batch stores, and every decode worker fetches,
+    every team's blocks: 24 stores and 16 fetches here.)"""
     pools = [f"pools.{p}.{k}" for p in ("prefill", "decode") for k in ("size=2", "batch_size=8", "num_cpus=0.2")]
     metrics = run(
         job_config("mode=disaggregated", *_overrides(teams, tmp_path / "out"), *pools, "engine.kv_cache_gib=0.25")

@@ -65,6 +65,9 @@ class SharedPrefixSettings:
     # Different shared texts, row i taking text i % prefixes: interleaved, so that with several
     # workers a pool's blocks of rows hold every text unless rows are ordered by prefix.
     prefixes: int = 1
+    # The lifetime pair: this many rows over this many texts, then 10 times both.
+    lifetime_rows: int = 64
+    lifetime_prefixes: int = 4
     seed: int = 0
 
 

@@ -41,6 +41,14 @@ def repeated(path: str, repeat: int, target: Path) -> str:
     return str(target)
 
 
+def small_batches(one: JobConfig) -> None:
+    """Batches of SCALE_BATCH rows, so that even the smaller dataset of a 1x/10x pair spans
+    many: the object store's peak then shows what backpressure and lifetimes let pile up, not
+    the size of one batch's KV."""
+    for pool in (one.pools.tokenize, one.pools.prefill, one.pools.decode, one.pools.detokenize):
+        pool.batch_size = SCALE_BATCH
+
+
 def job(cfg: JobConfig, name: str, path: str, root: Path, *changes) -> JobMetrics:
     one = copy.deepcopy(cfg)
     one.input.path, one.output.path, one.output.overwrite = path, str(root / name), True
@@ -92,14 +100,15 @@ def kv_bench(cfg: JobConfig) -> dict:
         # Repeated prompts must cost what new ones do: computed again, and carrying all their KV.
         j.engine.enable_prefix_caching = False
         j.kv.shared_block_tokens = 0
-        # Small batches, so even the smaller dataset spans many: the peak then shows what
-        # backpressure lets pile up, not the size of one batch's KV.
-        for pool in (j.pools.tokenize, j.pools.prefill, j.pools.decode, j.pools.detokenize):
-            pool.batch_size = SCALE_BATCH
 
     peaks = {
         times: job(
-            cfg, f"scale-{times}x", repeated(prompts, times, root / f"scale-{times}.parquet"), root, steady
+            cfg,
+            f"scale-{times}x",
+            repeated(prompts, times, root / f"scale-{times}.parquet"),
+            root,
+            steady,
+            small_batches,
         ).object_store_peak_bytes
         for times in (1, SCALE)
     }

@@ -8,11 +8,17 @@ shared blocks referenced, stored and fetched, the bytes that did not move, the h
 of prefill, output tokens/s against colocated's, the object store's peak, and the share of rows
 whose tokens equal colocated's: sharing must change what moves, never what is generated. With
 several shared texts (shared_prefix.prefixes) and pools of several workers, the last two runs
-show what ordering rows by prefix saves."""
+show what ordering rows by prefix saves.
+
+Then the lifetime of shared blocks: the object store's peak with sharing on for a dataset of
+shared_prefix.lifetime_rows rows over lifetime_prefixes texts and for 10 times both (batches of
+8, as pipeline/bench/kv_handoff.py's 1x/10x pair): a block held past its last row would grow
+it with the dataset."""
 
 import json
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -20,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.bench.config import SharedPrefixConfig, SharedPrefixSettings
-from pipeline.bench.kv_handoff import agreement, job, output_tokens
+from pipeline.bench.kv_handoff import SCALE, agreement, job, output_tokens, small_batches
 from pipeline.bench.sample import QUESTIONS, SENTENCES
 from pipeline.columns import ID
 from pipeline.config import JobConfig, Mode, Transport
@@ -157,11 +163,44 @@ def shared_prefix(cfg: SharedPrefixConfig) -> list[dict]:
     rows = [run_row(name, runs, tokens) for name in runs]
     for row in rows:
         print(json.dumps(row))
+    print(markdown(rows))
+    scale = lifetime(cfg, encoder, files)
     (root / "shared_prefix.json").write_text(
         json.dumps(
-            {"rows": settings.rows, "prefixes": settings.prefixes, "shared_prefix_tokens": common, "runs": rows},
+            {
+                "rows": settings.rows,
+                "prefixes": settings.prefixes,
+                "shared_prefix_tokens": common,
+                "runs": rows,
+                "lifetime": scale,
+            },
             indent=2,
         )
     )
-    print(markdown(rows))
     return rows
+
+
+def lifetime(cfg: SharedPrefixConfig, encoder: PromptEncoder, files: Path) -> dict:
+    """The object store's peak with shared blocks, for the lifetime dataset and SCALE times it
+    (as many rows a text); prints one line and returns the figures."""
+    root, settings, runs = Path(cfg.output.path), cfg.shared_prefix, {}
+    for times in (1, SCALE):
+        scaled = replace(settings, rows=settings.lifetime_rows * times, prefixes=settings.lifetime_prefixes * times)
+        path = root / f"lifetime-{times}x.parquet"
+        write_workload(path, scaled, encoder)
+        name = f"lifetime-{times}x"
+        sharing = disaggregated(cfg.kv.shared_block_tokens, files / name)
+        runs[times] = job(cfg, name, str(path), root, sharing, small_batches)
+    peaks = {times: m.object_store_peak_bytes for times, m in runs.items()}
+    growth = peaks[SCALE] / peaks[1] - 1
+    print(
+        f"object-store peak with shared blocks, budget {cfg.cluster.object_store_budget_gib or 'Ray Data default'} "
+        f"GiB: {settings.lifetime_rows} rows over {settings.lifetime_prefixes} texts {peaks[1] / MIB:.0f} MiB, "
+        f"{SCALE}x {peaks[SCALE] / MIB:.0f} MiB ({growth:+.1%})"
+    )
+    return {
+        "peak_bytes": peaks,
+        "growth": round(growth, 4),
+        "kv_blocks_stored": {times: m.kv_blocks_stored for times, m in runs.items()},
+        "kv_mib_moved": {times: round(m.kv_bytes_moved / MIB, 1) for times, m in runs.items()},
+    }
