@@ -16,15 +16,9 @@ from transformers import AutoTokenizer
 
 from pipeline.bench.sample import SENTENCES
 from pipeline.columns import KV_PAYLOAD, with_columns
-from pipeline.config import PoolConfig
-from pipeline.io.commit import ShardLedger
-from pipeline.io.output import OutputTarget
-from pipeline.io.source import PromptSource
 from pipeline.io.storage import read_output
-from pipeline.job.graph import Stage, build_dataset, build_stages, kv_row_bytes
-from pipeline.job.meter import start_sink
 from pipeline.job.metrics import ShardCounts
-from pipeline.job.run import commit, run
+from pipeline.job.run import run
 from pipeline.kv import payload
 from pipeline.kv.payload import KVPayload
 from tests.conftest import job_config
@@ -36,6 +30,7 @@ pytestmark = pytest.mark.slow
 AROUND = {m + d for m in (16, 32, 64, 128, 192, 256, 384, 512) for d in (-1, 0, 1)}
 LENGTHS = sorted(AROUND | {1, 2, 3, 4, 5, 8, 12, 47, 90, 100, 150, 230, 300, 420, 450})
 MAX_TOKENS = 16
+FEW = [n for n in LENGTHS if 16 <= n <= 300]  # enough KV to matter, quick to prefill
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +50,10 @@ def prompts(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def few_prompts(prompts, tmp_path_factory):
-    """The prompts of 16 to 300 tokens: enough KV to matter, quick to prefill."""
+    """The prompts of FEW's lengths."""
     table = pq.read_table(prompts)
     path = tmp_path_factory.mktemp("few") / "prompts.parquet"
-    pq.write_table(table.filter(pa.array([16 <= len(p) <= 300 for p in table.column("prompt").to_pylist()])), path)
+    pq.write_table(table.filter(pa.array([len(p) in FEW for p in table.column("prompt").to_pylist()])), path)
     return path
 
 
@@ -75,8 +70,10 @@ def colocated(ray_cluster, prompts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def disaggregated_run(ray_cluster, prompts, tmp_path_factory):
+    """Engine caches of 0.1 GiB (18 blocks of 128 tokens), where a batch of the prompts needs
+    dozens: the decode engine preempts requests, and each loads its KV again when it resumes."""
     output = tmp_path_factory.mktemp("disaggregated")
-    return output, run(job_config("mode=disaggregated", *_overrides(prompts, output)))
+    return output, run(job_config("mode=disaggregated", *_overrides(prompts, output), "engine.kv_cache_gib=0.1"))
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +88,12 @@ def _tokens_by_id(table: pa.Table) -> dict[str, list[int]]:
 
 
 def test_disaggregated_tokens_equal_colocated(colocated, disaggregated):
-    tokens, _ = disaggregated
+    tokens, metrics = disaggregated
     assert set(tokens) == set(colocated) == {f"p{n}" for n in LENGTHS}
     different = [k for k in colocated if tokens[k] != colocated[k]]
     assert not different, f"{len(different)} of {len(colocated)} rows differ: {different}"
     assert all(len(t) == MAX_TOKENS or t[-1] == 2 for t in tokens.values())
+    assert metrics.preemptions > 0
 
 
 def test_engine_pools_run_on_their_own_cores(disaggregated):
@@ -112,58 +110,45 @@ def test_kv_bytes_per_prompt_token_match_the_model_geometry(disaggregated, model
     assert metrics.kv_bytes_moved == model.kv_bytes_per_token * sum(LENGTHS)
 
 
-class Tamper:
-    """Between prefill and decode, by row: replaces the KV with noise (under a valid checksum),
-    damages its bytes, drops it, or labels it as another model's."""
-
-    def __init__(self, actions: dict[str, str], model):
-        self.actions = actions
-        self.model = model
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        payloads = payload.from_column(batch)
-        for i, row_id in enumerate(batch.column("id").to_pylist()):
-            p, action = payloads[i], self.actions.get(row_id)
-            if p is None or action is None:
-                continue
-            if action == "noise":
-                kv = p.decode(self.model, p.num_tokens)
-                payloads[i] = KVPayload.encode(torch.randn_like(kv), self.model, p.codec)
-            elif action == "damage":
-                data = p.data.copy()
-                data[::997] ^= 0xFF
-                payloads[i] = dataclasses.replace(p, data=data)
-            elif action == "drop":
-                payloads[i] = None
-            elif action == "foreign":
-                payloads[i] = dataclasses.replace(p, fingerprint="0000000000000000")
-        return with_columns(batch, **{KV_PAYLOAD: payload.to_column(payloads)})
+@pytest.fixture(scope="module")
+def prefilled(ray_cluster, few_prompts, tmp_path_factory):
+    """jobs.prefill with the KV inline in the dataset (kv.transport=object_store)."""
+    output = tmp_path_factory.mktemp("prefilled")
+    return output, run(job_config("phase=prefill", *_overrides(few_prompts, output)))
 
 
-FEW = [n for n in LENGTHS if 16 <= n <= 300]
+def test_a_prefill_dataset_with_inline_kv_is_written_by_the_workers(prefilled):
+    """Every payload is written where it was computed; the driver receives fragment names and
+    row numbers, a few dozen bytes a row."""
+    output, metrics = prefilled
+    dataset = read_output(str(output))
+    data = pa.concat_arrays([c.field("data") for c in dataset.column(KV_PAYLOAD).chunks])
+    assert dataset.num_rows == len(FEW) and data.null_count == 0
+    assert metrics.kv_bytes_moved == 46_080 * sum(FEW)
+    assert 0 < metrics.driver_bytes_received < metrics.kv_bytes_moved / 10_000
+
+
 TAMPERED = {f"p{n}": ("noise", "damage", "drop", "foreign", None)[k % 5] for k, n in enumerate(FEW)}
 
 
-def _tampered_run(model, prompts, output, *overrides: str) -> tuple[pa.Table, dict]:
-    """The disaggregated graph with a Tamper stage before decode, committed into `output`."""
-    cfg = job_config("mode=disaggregated", *_overrides(prompts, output), *overrides)
-    source = PromptSource(cfg.input, cfg.output.shard_rows, (cfg.input.prompt_column,))
-    sink_name, sink = start_sink()
-    stages = build_stages(cfg, model, source.schema.names, sink_name, None)
-    at = [s.name for s in stages].index("decode")
-    tamper = Stage("tamper", Tamper, PoolConfig(num_cpus=0), {"actions": TAMPERED, "model": model})
-    target = OutputTarget(cfg.output, {"job": "tampered"})
-    target.inspect()
-    lease, _ = target.claim()
-    with lease:
-        graph = [*stages[:at], tamper, *stages[at:]]
-        ds = build_dataset(
-            source, source.shards, graph, target, cfg.cluster, sink_name, kv_row_bytes(cfg, source, model)
-        )
-        commit(ds, ShardLedger(target, source.shards, None), source.num_rows)
-    stage_metrics = ray.get(sink.stages.remote())
-    ray.kill(sink)
-    return read_output(str(output)), stage_metrics
+def _tamper(model, prefilled, path) -> None:
+    """The prefill dataset with each row's KV as TAMPERED says: replaced by noise (under a valid
+    checksum), its bytes damaged, dropped, or labelled as another model's."""
+    table = read_output(str(prefilled))
+    payloads = payload.from_column(table)
+    for i, row_id in enumerate(table.column("id").to_pylist()):
+        p, action = payloads[i], TAMPERED[row_id]
+        if action == "noise":
+            payloads[i] = KVPayload.encode(torch.randn_like(p.decode(model, p.num_tokens)), model, p.codec)
+        elif action == "damage":
+            data = p.data.copy()
+            data[::997] ^= 0xFF
+            payloads[i] = dataclasses.replace(p, data=data)
+        elif action == "drop":
+            payloads[i] = None
+        elif action == "foreign":
+            payloads[i] = dataclasses.replace(p, fingerprint="0000000000000000")
+    pq.write_table(with_columns(table, **{KV_PAYLOAD: payload.to_column(payloads)}), path)
 
 
 def _fate(table: pa.Table, clean: dict, action: str | None) -> list:
@@ -171,13 +156,16 @@ def _fate(table: pa.Table, clean: dict, action: str | None) -> list:
     return [(by_id[k]["generated_tokens"] == clean[k], by_id[k]["error"]) for k, a in TAMPERED.items() if a == action]
 
 
-def test_tampered_payloads_are_refused_and_the_rest_complete(ray_cluster, model, few_prompts, disaggregated, tmp_path):
-    """kv.on_load_failure=error: damaged or missing KV and another model's KV are row errors;
-    noise under a valid checksum changes the output (decode really uses the payload); the
-    other rows are untouched. (With recompute, the default, lost payloads are prefilled again:
-    test_crafted_prefill_rows_fail_alone_and_the_rest_decode.)"""
+def test_tampered_payloads_are_refused_and_the_rest_complete(ray_cluster, model, prefilled, disaggregated, tmp_path):
+    """jobs.decode with kv.on_load_failure=error on the prefill dataset, tampered: damaged or
+    missing KV and another model's KV are row errors; noise under a valid checksum changes the
+    output (decode really uses the payload); the other rows are untouched. (With recompute, the
+    default, lost payloads are prefilled again: test_crafted_prefill_rows_fail_alone_and_the_rest_decode.)"""
     clean, _ = disaggregated
-    table, _ = _tampered_run(model, few_prompts, tmp_path / "out", "kv.on_load_failure=error")
+    _tamper(model, prefilled[0], tmp_path / "tampered.parquet")
+    out = tmp_path / "out"
+    run(job_config("phase=decode", *_overrides(tmp_path / "tampered.parquet", out), "kv.on_load_failure=error"))
+    table = read_output(str(out))
     assert table.num_rows == len(FEW)
     noise = _fate(table, clean, "noise")
     assert sum(same for same, _ in noise) <= 1 and all(error is None for _, error in noise), noise
@@ -252,30 +240,6 @@ def test_every_parquet_reader_opens_a_finished_output(ray_cluster, disaggregated
         "duckdb": [row[0] for row in duckdb.sql(f"select id from read_parquet('{output}/*.parquet')").fetchall()],
     }
     assert {reader: sorted(got) for reader, got in ids.items()} == dict.fromkeys(ids, expected)
-
-
-def test_a_prefill_dataset_with_inline_kv_is_written_by_the_workers(ray_cluster, few_prompts, tmp_path):
-    """jobs.prefill with the KV inline in the dataset: every payload is written where it was
-    computed; the driver receives fragment names and row numbers, a few dozen bytes a row."""
-    metrics = run(job_config("phase=prefill", *_overrides(few_prompts, tmp_path / "out")))
-    dataset = read_output(str(tmp_path / "out"))
-    data = pa.concat_arrays([c.field("data") for c in dataset.column(KV_PAYLOAD).chunks])
-    assert dataset.num_rows == len(FEW) and data.null_count == 0
-    assert metrics.kv_bytes_moved == 46_080 * sum(FEW)
-    assert 0 < metrics.driver_bytes_received < metrics.kv_bytes_moved / 10_000
-
-
-def test_preempted_requests_load_their_kv_again(ray_cluster, few_prompts, colocated, tmp_path):
-    """A cache of 18 blocks of 128 tokens (0.1 GiB) per engine, where the prompts need 41 by
-    their last token with 32 generated (the longest, 300 + 32 tokens, still fits): the decode
-    engine preempts requests, and each loads its KV again when it resumes. Greedy, so each
-    completion begins with colocated's, which generated MAX_TOKENS."""
-    output = tmp_path / "out"
-    overrides = [*_overrides(few_prompts, output), "sampling.max_tokens=32", "engine.kv_cache_gib=0.1"]
-    metrics = run(job_config("mode=disaggregated", *overrides))
-    tokens = _tokens_by_id(read_output(str(output)))
-    assert {k: t[:MAX_TOKENS] for k, t in tokens.items()} == {f"p{n}": colocated[f"p{n}"] for n in FEW}
-    assert metrics.preemptions > 0
 
 
 def _prefilled_dataset(model, prompts, colocated, path) -> dict[str, str | None]:
