@@ -77,8 +77,8 @@ class InputConfig:
     sampling_column: str = "sampling_params"
     overlong: Overlong = Overlong.error
     duplicate_ids: DuplicateIds = DuplicateIds.error
-    # Within each shard, the engines take the rows ordered by their prompts, so that rows sharing
-    # a prefix share batches and workers (the output keeps input order); false: input order.
+    # Within each shard, rows whose prompts begin alike go to the engines together, so that they
+    # share batches and workers; other rows, and the output, keep input order. false: input order.
     order_by_prefix: bool = True
 
     @property

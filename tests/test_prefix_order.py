@@ -1,15 +1,18 @@
-"""Rows sharing a prompt prefix go to the engines together: each shard's rows ordered by their
-prompts (text, token ids or conversations), stably, every row kept, shards never mixed."""
+"""Rows sharing a prompt prefix go to the engines together: in each shard, the rows whose
+prompts (text, token ids or conversations) begin with the same bytes are grouped where the first
+of them was, sorted among themselves; every other row keeps its input order; no row is lost and
+shards never mix."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.columns import ROW
-from pipeline.io.prefix_order import order_by_prefix
+from pipeline.io.prefix_order import GROUP_BYTES, order_by_prefix
 from pipeline.io.source import UNIT, PromptSource
 from tests.conftest import job_config
 
 TURN = pa.struct([("role", pa.string()), ("content", pa.string())])
+A, B = "a" * GROUP_BYTES, "b" * GROUP_BYTES  # long enough to begin alike
 
 
 def _order(values: list, type: pa.DataType) -> list[int]:
@@ -17,34 +20,38 @@ def _order(values: list, type: pa.DataType) -> list[int]:
     return order_by_prefix(table, "prompt").column("n").to_pylist()
 
 
-def test_text_sorts_by_its_bytes_equal_prompts_in_input_order():
-    assert _order(["b", "ab", None, "aa", "b", "a"], pa.string()) == [5, 3, 1, 0, 4, 2]
-    assert _order([b"\xff", b"a"], pa.binary()) == [1, 0]
+def test_rows_that_begin_alike_go_together_where_the_first_was():
+    prompts = [A + "x", "solo", B + "y", A + "b", None, B + "a", "also solo", "solo"]
+    assert _order(prompts, pa.string()) == [3, 0, 1, 7, 5, 2, 4, 6]
+    assert _order(["z", "y", "x"], pa.string()) == [0, 1, 2]  # nothing shared: input order
+    assert _order([b"\xff" + A.encode(), b"a", b"\xff" + A.encode()], pa.binary()) == [0, 2, 1]
 
 
-def test_token_ids_sort_as_numbers_common_leading_ids_together():
-    prompts = [[5, 300, 2], [5, 1], None, [5, 300, 1], [70000], [5, 300], [256]]
-    assert _order(prompts, pa.list_(pa.int32())) == [2, 1, 5, 3, 0, 6, 4]
+def test_token_ids_group_by_their_first_block_and_sort_as_numbers():
+    shared = list(range(1000, 1000 + GROUP_BYTES // 4))  # GROUP_BYTES of int32 ids
+    prompts = [[*shared, 256], [7, 8], [*shared, 5], None, [7, 9]]
+    # Within the group 5 before 256: little-endian bytes would put 256 (00 01 ..) first.
+    assert _order(prompts, pa.list_(pa.int32())) == [2, 0, 1, 3, 4]
 
 
-def test_conversations_sort_by_turns_roles_included():
+def test_conversations_group_by_turns_roles_included():
     def conversation(*turns):
         return [{"role": r, "content": c} for r, c in turns]
 
     prompts = [
         conversation(("user", "b")),
-        conversation(("system", "S"), ("user", "x")),
+        conversation(("system", A), ("user", "x")),
         None,
-        conversation(("system", "S"), ("user", "a")),
+        conversation(("system", A), ("user", "a")),
         conversation(("user", "a")),
-        conversation(("user", "S")),  # the same text as another row's system turn, not its prefix
+        conversation(("user", A)),  # the same text as the system turns, in another role
     ]
     table = pa.table({"prompt": pa.array(prompts, pa.list_(TURN)), "n": range(len(prompts))})
-    assert order_by_prefix(table.slice(1), "prompt").column("n").to_pylist() == [3, 1, 5, 4, 2]
+    assert order_by_prefix(table.slice(1), "prompt").column("n").to_pylist() == [3, 1, 2, 4, 5]
 
 
 def test_the_reader_orders_each_shard_and_keeps_its_rows(tmp_path):
-    prompts = [f"{'AB'[i % 2]} question {i}" for i in range(10)]
+    prompts = [f"{(A, B)[i % 2]} question {i}" for i in range(10)]
     pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in.parquet", row_group_size=3)
     cfg = job_config(f"input.path={tmp_path}")
     source = PromptSource(cfg.input, 4, ("prompt",))

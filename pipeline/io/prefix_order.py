@@ -1,29 +1,40 @@
 """Rows that share a prompt prefix, next to each other. The engines take a shard's rows in
 blocks of consecutive rows and Ray Data hands each block to any worker of a pool, so rows
-sorted by their prompt share blocks, and with them workers: a shared prefix is computed,
-stored and fetched by as few workers as its rows need (pipeline/kv/blocks.py), and the
-engines' prefix caches hit. The commit puts every shard back in input order
-(pipeline/io/commit.py)."""
+grouped by their prompt's beginning share blocks, and with them workers: a shared prefix is
+computed, stored and fetched by as few workers as its rows need (pipeline/kv/blocks.py), and
+the engines' prefix caches hit. Rows that begin like no other keep their input order: sorting
+them would only put prompts of one kind (and length) together, and the prefill and decode pools
+would take turns waiting on each other's long batches. The commit puts every shard back in
+input order (pipeline/io/commit.py)."""
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# Rows whose prompts begin with the same GROUP_BYTES bytes go together: about one shared block
+# (kv.shared_block_tokens, 64) of token ids, or of English text.
+GROUP_BYTES = 256
 # Between a turn's role and its content, and between turns: bytes no text holds.
 _ROLE_END, _TURN_END = "\x01", "\x00"
 
 
 def order_by_prefix(table: pa.Table, column: str) -> pa.Table:
-    """`table` sorted by `column` (text, token ids or a conversation), stable: rows whose
-    prompts begin alike end up together, equal prompts in input order."""
+    """`table` with the rows whose prompts (text, token ids or conversations in `column`) begin
+    alike together, where the first of them was, sorted by prompt among themselves, so the
+    longest shared prefixes are next to each other; every other row in input order."""
     if table.num_rows < 2:
         return table
-    return table.take(pc.sort_indices(prefix_keys(table.column(column).combine_chunks())))
+    keys = pc.fill_null(prefix_keys(table.column(column).combine_chunks()), b"")
+    # Group numbers by first appearance: a group sits where its first row was.
+    groups = pc.dictionary_encode(pc.binary_slice(keys, 0, GROUP_BYTES)).indices.to_numpy()
+    rank = np.empty(len(keys), np.int64)
+    rank[pc.sort_indices(keys).to_numpy()] = np.arange(len(keys))
+    return table.take(np.lexsort((rank, groups)))
 
 
 def prefix_keys(prompts: pa.Array) -> pa.Array:
-    """A byte string per prompt that sorts as the prompt's prefix: two prompts that begin with
-    the same text, token ids or turns have keys that begin with the same bytes."""
+    """A byte string per prompt that sorts as the prompt: two prompts that begin with the same
+    text, token ids or turns have keys that begin with the same bytes."""
     if pa.types.is_dictionary(prompts.type):
         prompts = prompts.cast(prompts.type.value_type)
     if pa.types.is_list(prompts.type) or pa.types.is_large_list(prompts.type):
@@ -32,9 +43,10 @@ def prefix_keys(prompts: pa.Array) -> pa.Array:
             turns = pc.binary_join_element_wise(
                 pc.fill_null(values.field("role"), ""), pc.fill_null(values.field("content"), ""), _ROLE_END
             )
-            return pc.binary_join(type(prompts).from_arrays(prompts.offsets, turns, mask=prompts.is_null()), _TURN_END)
+            conversations = type(prompts).from_arrays(prompts.offsets, turns, mask=prompts.is_null())
+            return pc.binary_join(conversations, _TURN_END).cast(pa.large_binary())
         return _token_keys(prompts)
-    return prompts.cast(pa.large_binary()) if pa.types.is_large_string(prompts.type) else prompts.cast(pa.binary())
+    return prompts.cast(pa.large_binary())
 
 
 def _token_keys(prompts: pa.Array) -> pa.Array:
