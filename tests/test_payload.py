@@ -4,6 +4,7 @@ prefill dataset's rows as the decode stage reads them: every field of the payloa
 column the stage uses, crafted, ends in a row error of a named kind or in the same KV."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -13,9 +14,12 @@ import torch
 
 from pipeline.columns import GENERATED_TOKENS, KV_PAYLOAD, PROMPT_TOKENS
 from pipeline.config import Codec
+from pipeline.job.meter import BatchReport
 from pipeline.kv import payload
+from pipeline.kv.blocks import BlockCache, Fetched, FileBlocks, block_key
 from pipeline.kv.payload import TYPE, KVPayload, PayloadError, PayloadLost, PayloadMismatch
-from pipeline.stages.decode import check_prefilled, load, shared_of
+from pipeline.kv.store import PayloadStore
+from pipeline.stages.decode import Decode, check_prefilled, checked, load, shared_of
 
 
 def _kv(model, tokens: int, dtype=torch.float32, seed=0) -> torch.Tensor:
@@ -111,7 +115,7 @@ def _outcome(table: pa.Table, model) -> str | torch.Tensor:
     (p,) = payload.from_column(table)
     try:
         loaded = load(p, model, TOKENS, None)
-        return loaded.upload(None, shared_of(loaded, {}, set())).to_device(0)[0]
+        return loaded.upload(None, shared_of(loaded, Fetched({}, {}, set()))).to_device(0)[0]
     except PayloadError as error:
         return str(error).split(":", 1)[0]
 
@@ -130,8 +134,10 @@ def _crafted(p: KVPayload) -> list[tuple[str, dict[str, pa.Array], str]]:
     return [
         ("format", {"format": pa.array([1], pa.int16())}, "kv_mismatch"),
         ("format", {"format": pa.array([None], pa.int16())}, "kv_corrupt"),
+        ("format", {"format": pa.array([70000], pa.int32())}, "kv_mismatch"),  # beyond the field's type
         ("fingerprint", {"fingerprint": pa.array(["0123456789abcdef"])}, "kv_mismatch"),
         ("fingerprint", {"fingerprint": pa.array([None], pa.string())}, "kv_corrupt"),
+        ("fingerprint", {"fingerprint": pa.array([b"\xff"], pa.binary()).view(pa.string())}, "kv_mismatch"),
         ("dtype", {"dtype": pa.array(["float16"])}, "kv_mismatch"),
         ("dtype", {"dtype": pa.array(["complex256"])}, "kv_mismatch"),
         ("dtype", {"dtype": pa.array([None], pa.string())}, "kv_corrupt"),
@@ -145,6 +151,7 @@ def _crafted(p: KVPayload) -> list[tuple[str, dict[str, pa.Array], str]]:
         ("shape", {"shape": pa.array([[shape[0], None, *shape[2:]]], pa.list_(pa.int32()))}, "kv_corrupt"),
         ("checksum", {"checksum": pa.array([p.checksum ^ 1], pa.uint64())}, "kv_corrupt"),
         ("checksum", {"checksum": pa.array([None], pa.uint64())}, "kv_corrupt"),
+        ("checksum", {"checksum": pa.array([-1], pa.int64())}, "kv_mismatch"),
         ("data", _other_bytes(p, p.data[:-4]), "kv_corrupt"),
         ("data", _other_bytes(p, np.concatenate([p.data, p.data[:4]])), "kv_corrupt"),
         ("data", {"data": pa.array([None], pa.large_binary())}, "kv_corrupt"),
@@ -160,6 +167,24 @@ def _crafted(p: KVPayload) -> list[tuple[str, dict[str, pa.Array], str]]:
         ("blocks", {"blocks": pa.array([None], BLOCKS)}, "kv_corrupt"),
         ("blocks", {"blocks": pa.array([[None]], BLOCKS), "block_checksums": pa.array([[1]], SUMS)}, "kv_corrupt"),
         ("block_checksums", {"block_checksums": pa.array([[1]], SUMS)}, "kv_corrupt"),  # for no block
+        (
+            "blocks",  # a hash of another length than its format's
+            {
+                "block_tokens": pa.array([4], pa.int32()),
+                "blocks": pa.array([[b"h" * 15]], pa.list_(pa.binary(15))),
+                "block_checksums": pa.array([[1]], SUMS),
+            },
+            "kv_corrupt",
+        ),
+        (
+            "blocks",  # a million blocks of one token for a prompt of nine
+            {
+                "block_tokens": pa.array([1], pa.int32()),
+                "blocks": pa.array([[b"h" * 32] * 1_000_000], BLOCKS),
+                "block_checksums": pa.array([[1] * 1_000_000], SUMS),
+            },
+            "kv_mismatch",
+        ),
         ("block_checksums", {"block_checksums": pa.array([None], SUMS)}, "kv_corrupt"),
     ]
 
@@ -176,6 +201,25 @@ def test_every_crafted_payload_field_is_a_row_error_of_its_kind(model, tmp_path)
     assert got == [(field, kind) for field, _, kind in cases]
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("format", pa.array([70000], pa.int32())),
+        ("checksum", pa.array([-1], pa.decimal128(20, 0))),  # wide enough for the good rows' too
+        ("fingerprint", pa.array([b"\xff"], pa.binary()).view(pa.string())),
+    ],
+)
+def test_a_value_that_does_not_fit_fails_its_row_alone(model, tmp_path, field, value):
+    """A format, checksum or text no kvrelay type holds, in one row of a chunk: the rows beside
+    it are read as they are."""
+    good = KVPayload.encode(_kv(model, TOKENS), model, "none")
+    bad = _struct(good, **{field: value})
+    column = pa.concat_arrays([_struct(good).cast(bad.type), bad, _struct(good).cast(bad.type)])
+    first, crafted, last = payload.from_column(_written(column, tmp_path))
+    assert isinstance(crafted, PayloadMismatch) and str(crafted).startswith("kv_mismatch: KV payload")
+    assert torch.equal(first.decode(model, TOKENS), last.decode(model, TOKENS))
+
+
 def test_a_payload_names_its_shared_blocks_and_carries_the_rest(model, tmp_path):
     """Blocks named by content round-trip through Parquet; with their bytes the KV is the
     prompt's, without them the row's KV is missing, with bytes of another size it is corrupt
@@ -184,7 +228,7 @@ def test_a_payload_names_its_shared_blocks_and_carries_the_rest(model, tmp_path)
     whole = KVPayload.encode(kv, model, "none", block_tokens=4)
     size = whole.block_nbytes
     blocks = [whole.data[:size], whole.data[size : 2 * size]]
-    hashes, sums = [b"a" * 16, b"b" * 16], [payload.checksum(b) for b in blocks]
+    hashes, sums = [b"a" * 32, b"b" * 32], [payload.checksum(b) for b in blocks]
     shared = KVPayload.of(whole.data[2 * size :], whole.shape, model, "none", 4, hashes, sums)
     assert shared.shared_tokens == 8 and shared.own_shape[2] == 1 and shared.data.size == shared.nbytes
     (read,) = payload.from_column(_written(payload.to_column([shared]), tmp_path))
@@ -194,6 +238,48 @@ def test_a_payload_names_its_shared_blocks_and_carries_the_rest(model, tmp_path)
     assert _outcome(_written(payload.to_column([shared]), tmp_path), model) == "kv_missing"
     with pytest.raises(PayloadLost, match="^kv_corrupt: KV block"):
         read.check_shared([blocks[0], blocks[1][:-1]])
+
+
+def test_a_format_3_payload_is_still_read(model, tmp_path):
+    """Format 3 named shared blocks by 16-byte hashes, in a column of fixed-size binary."""
+    kv = _kv(model, TOKENS)
+    whole = KVPayload.encode(kv, model, "none", block_tokens=4)
+    block = whole.data[: whole.block_nbytes]
+    old = dataclasses.replace(
+        KVPayload.of(
+            whole.data[whole.block_nbytes :], whole.shape, model, "none", 4, [b"a" * 16], [payload.checksum(block)]
+        ),
+        format=3,
+    )
+    column = _struct(old, blocks=pa.array([[b"a" * 16]], pa.list_(pa.binary(16))))
+    (read,) = payload.from_column(_written(column, tmp_path))
+    assert read.format == 3 and read.blocks == (b"a" * 16,)
+    assert torch.equal(read.decode(model, TOKENS, [block]), kv)
+    with pytest.raises(PayloadLost, match="shared blocks and their checksums do not match"):
+        dataclasses.replace(read, format=4).check(model, TOKENS)  # format 4 names blocks by 32 bytes
+
+
+def test_a_payload_is_checked_before_any_block_it_names_is_fetched(model, tmp_path):
+    """A row naming a codec or dtype of a newer or foreign writer, or more blocks than its
+    prompt has, is its own error; the blocks it names are never asked for."""
+    store = PayloadStore(str(tmp_path), "0" * 16)
+    fetches = []
+    blocks = FileBlocks(store)
+    blocks.fetch = lambda keys, folder: fetches.append(keys) or {}
+    decode = SimpleNamespace(shared_blocks=blocks, block_cache=BlockCache(blocks, 1 << 20))
+    whole = KVPayload.encode(_kv(model, TOKENS), model, "none", block_tokens=4)
+    named = KVPayload.of(whole.data[whole.block_nbytes :], whole.shape, model, "none", 4, [b"a" * 32], [1])
+    crafted = [
+        dataclasses.replace(named, codec="zstd-9"),
+        dataclasses.replace(named, dtype="float8_e8m0fnu"),
+        dataclasses.replace(named, block_tokens=1, blocks=(b"a" * 32,) * 10**6, block_checksums=(1,) * 10**6),
+    ]
+    checked_ = [checked(p, model, TOKENS) for p in crafted]
+    assert all(isinstance(p, PayloadMismatch) for p in checked_)
+    Decode.fetch_shared(decode, checked_, BatchReport())
+    assert fetches == []
+    Decode.fetch_shared(decode, [checked(named, model, TOKENS)], BatchReport())
+    assert fetches == [[block_key(b"a" * 32, 1)]]
 
 
 def test_payload_columns_that_hold_the_same_values_are_read(model, tmp_path):

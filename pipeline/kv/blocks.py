@@ -6,7 +6,9 @@ not once per row.
 A prompt's KV moves in blocks of kv.shared_block_tokens tokens (pipeline/kv/codec.py Blocked).
 Each whole block is named by a content hash of its parent block's hash and its own tokens,
 salted with the model, cache dtype, codec and block size, so that a hash names the whole
-prefix up to the block's end, as vLLM's prefix cache names its blocks. The prefill side
+prefix up to the block's end, as vLLM's prefix cache names its blocks. The hash is SHA-256, as
+vLLM's: rows of many users meet in one batch, and a prompt crafted to collide with another's
+prefix under a fast hash would hand its KV to that prompt. The prefill side
 (`PrefixTracker`) takes a block as shared when another row of the batch, or an earlier row of
 the same worker, has it too: rows then name it instead of carrying it, and it is stored once,
 under its hash and the checksum of the copy stored (a `BlockKey`), in a `BlockStore`. The
@@ -19,6 +21,7 @@ counts the rows in flight that name each and frees a block when the last is deco
 `FileBlocks` (kv.transport=storage) writes them as files beside the rows' own payload files,
 removed with the job's folder."""
 
+import hashlib
 import uuid
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
@@ -27,7 +30,6 @@ from typing import Sequence
 
 import numpy as np
 import ray
-import xxhash
 
 from pipeline.cluster import on_driver_node
 from pipeline.kv.payload import KVPayload
@@ -35,6 +37,9 @@ from pipeline.kv.payload import checksum as stored_checksum
 from pipeline.kv.store import PayloadStore
 
 BlockKey = str  # a block's hash and its stored copy's checksum, in hex
+# Per block, the rows (job-wide row numbers) in flight that name it: a row counts once however
+# often a retried batch names it again or gives it back.
+Holders = dict[BlockKey, set[int]]
 
 
 def block_key(block_hash: bytes, checksum: int) -> BlockKey:
@@ -52,7 +57,7 @@ def keys_of(payload: KVPayload) -> list[BlockKey]:
 
 def salt(fingerprint: str, dtype: str, codec: str, block_tokens: int) -> bytes:
     """What a block's KV depends on besides its tokens."""
-    return xxhash.xxh3_128_digest(f"{fingerprint}/{dtype}/{codec}/{block_tokens}".encode())
+    return hashlib.sha256(f"{fingerprint}/{dtype}/{codec}/{block_tokens}".encode()).digest()
 
 
 def block_hashes(prompt: Sequence[int], block_tokens: int, salt: bytes) -> list[bytes]:
@@ -62,7 +67,7 @@ def block_hashes(prompt: Sequence[int], block_tokens: int, salt: bytes) -> list[
     ids = np.asarray(prompt[: whole * block_tokens], np.int64).reshape(whole, block_tokens)
     hashes, parent = [], salt
     for block in ids:
-        parent = xxhash.xxh3_128_digest(parent + block.tobytes())
+        parent = hashlib.sha256(parent + block.tobytes()).digest()
         hashes.append(parent)
     return hashes
 
@@ -93,13 +98,19 @@ class PrefixTracker:
         self.published: dict[bytes, int] = {}
         self._seen: OrderedDict[bytes, None] = OrderedDict()
 
-    def plan(self, chains: dict[int, list[bytes]], store: "BlockStore") -> BatchShares:
-        """What a batch's prompts (each row's block hashes) share, before its KV is computed:
-        the blocks this worker stored that the store still holds are counted as used there;
+    def plan(self, chains: dict[int, list[bytes]], numbers: list[int], store: "BlockStore") -> BatchShares:
+        """What a batch's prompts (each row's block hashes, by its index in the batch) share,
+        before its KV is computed: the blocks this worker stored that the store still holds
+        are held there for the rows that name them (`numbers`: each row's job-wide number);
         the rest are supplied by the batch."""
         named = {i: chain[:k] for (i, chain), k in zip(chains.items(), self.shared(list(chains.values())))}
         known = {h: block_key(h, self.published[h]) for hashes in named.values() for h in hashes if h in self.published}
-        held = store.hold(Counter(known[h] for hashes in named.values() for h in hashes if h in known))
+        holders: Holders = {}
+        for i, hashes in named.items():
+            for h in hashes:
+                if h in known:
+                    holders.setdefault(known[h], set()).add(numbers[i])
+        held = store.hold(holders)
         self.forget([h for h, key in known.items() if key not in held])
         supplier: dict[bytes, int] = {}
         for i, hashes in named.items():
@@ -136,12 +147,12 @@ class BlockStore(ABC):
     """Where shared blocks are while rows that name them are in flight."""
 
     @abstractmethod
-    def hold(self, uses: Counter[BlockKey]) -> set[BlockKey]:
-        """Of the blocks named, those the store holds; each one's uses are counted."""
+    def hold(self, holders: Holders) -> set[BlockKey]:
+        """Of the blocks named, those the store holds, each now held for its rows too."""
 
     @abstractmethod
-    def put(self, blocks: dict[BlockKey, np.ndarray], uses: Counter[BlockKey]) -> None:
-        """Stores new blocks, with the uses of each."""
+    def put(self, blocks: dict[BlockKey, np.ndarray], holders: Holders) -> None:
+        """Stores new blocks, held for the rows that name them."""
 
     @abstractmethod
     def fetch(self, keys: list[BlockKey], folder: str | None) -> dict[BlockKey, np.ndarray]:
@@ -149,40 +160,49 @@ class BlockStore(ABC):
         payload file folder the rows came with (kv.transport=storage)."""
 
     @abstractmethod
-    def release(self, uses: Counter[BlockKey]) -> None:
-        """Rows that named these blocks are decoded."""
+    def release(self, rows: list[int]) -> None:
+        """These rows are done with their blocks (decoded, or left without a payload): a block
+        no row holds any more goes. Giving a row back twice changes nothing."""
 
 
 class BlockRegistry:
     """The Ray actor that owns the job's shared blocks in the object store: each is freed when
-    the rows that name it have all been decoded."""
+    every row that names it is done with it."""
 
     def __init__(self) -> None:
         self._refs: dict[BlockKey, list[ray.ObjectRef]] = {}  # in a list: passed on, not resolved
-        self._uses: Counter[BlockKey] = Counter()
+        self._holders: Holders = {}
+        self._held_by: dict[int, set[BlockKey]] = {}  # row -> the blocks it holds
 
-    def hold(self, uses: Counter[BlockKey]) -> set[BlockKey]:
-        held = {key for key in uses if key in self._refs}
-        self._uses.update({key: uses[key] for key in held})
+    def hold(self, holders: Holders) -> set[BlockKey]:
+        held = {key for key in holders if key in self._refs}
+        self._hold({key: holders[key] for key in held})
         return held
 
-    def add(self, blocks: dict[BlockKey, np.ndarray], uses: Counter[BlockKey]) -> None:
+    def add(self, blocks: dict[BlockKey, np.ndarray], holders: Holders) -> None:
         """Put here, so that this actor owns them (Ray 2.56 took `ray.put`'s `_owner` away):
-        a block outlives the prefill worker that computed it."""
+        a block outlives the prefill worker that computed it. A block no row holds is not kept."""
         for key, data in blocks.items():
-            if key not in self._refs:  # another prefill worker's copy may have come first
+            if key not in self._refs and holders.get(key):  # another worker's copy may have come first
                 self._refs[key] = [ray.put(data)]
-        self._uses.update(uses)
+        self.hold(holders)
 
     def refs(self, keys: list[BlockKey]) -> dict[BlockKey, list[ray.ObjectRef]]:
         return {key: self._refs[key] for key in keys if key in self._refs}
 
-    def release(self, uses: Counter[BlockKey]) -> None:
-        for key, n in uses.items():
-            self._uses[key] -= n
-            if self._uses[key] <= 0:
-                del self._uses[key]
-                self._refs.pop(key, None)
+    def release(self, rows: list[int]) -> None:
+        for row in rows:
+            for key in self._held_by.pop(row, ()):
+                self._holders[key].discard(row)
+                if not self._holders[key]:
+                    del self._holders[key]
+                    self._refs.pop(key, None)
+
+    def _hold(self, holders: Holders) -> None:
+        for key, rows in holders.items():
+            self._holders.setdefault(key, set()).update(rows)
+            for row in rows:
+                self._held_by.setdefault(row, set()).add(key)
 
 
 def start_registry() -> tuple[str, ray.actor.ActorHandle]:
@@ -196,13 +216,13 @@ class ObjectBlocks(BlockStore):
     def __init__(self, registry_name: str):
         self.registry = ray.get_actor(registry_name)
 
-    def hold(self, uses: Counter[BlockKey]) -> set[BlockKey]:
-        return ray.get(self.registry.hold.remote(uses)) if uses else set()
+    def hold(self, holders: Holders) -> set[BlockKey]:
+        return ray.get(self.registry.hold.remote(holders)) if holders else set()
 
-    def put(self, blocks: dict[BlockKey, np.ndarray], uses: Counter[BlockKey]) -> None:
+    def put(self, blocks: dict[BlockKey, np.ndarray], holders: Holders) -> None:
         # Waited for: the rows naming these blocks leave the batch next, and a decode worker
         # may ask for them at once.
-        ray.get(self.registry.add.remote(blocks, uses))
+        ray.get(self.registry.add.remote(blocks, holders))
 
     def fetch(self, keys: list[BlockKey], folder: str | None) -> dict[BlockKey, np.ndarray]:
         refs = ray.get(self.registry.refs.remote(keys)) if keys else {}
@@ -210,9 +230,9 @@ class ObjectBlocks(BlockStore):
         # Copied out of the object store, so that a block the registry frees is freed.
         return {key: np.array(value) for key, value in zip(refs, values)}
 
-    def release(self, uses: Counter[BlockKey]) -> None:
-        if uses:
-            self.registry.release.remote(uses)
+    def release(self, rows: list[int]) -> None:
+        if rows:
+            self.registry.release.remote(rows)
 
 
 class FileBlocks(BlockStore):
@@ -224,10 +244,10 @@ class FileBlocks(BlockStore):
         self.store = store
         self._written: set[BlockKey] = set()
 
-    def hold(self, uses: Counter[BlockKey]) -> set[BlockKey]:
-        return {key for key in uses if key in self._written}
+    def hold(self, holders: Holders) -> set[BlockKey]:
+        return {key for key in holders if key in self._written}
 
-    def put(self, blocks: dict[BlockKey, np.ndarray], uses: Counter[BlockKey]) -> None:
+    def put(self, blocks: dict[BlockKey, np.ndarray], holders: Holders) -> None:
         for key, data in blocks.items():
             self.store.put_block(key, data)
             self._written.add(key)
@@ -240,30 +260,37 @@ class FileBlocks(BlockStore):
                 found[key] = data
         return found
 
-    def release(self, uses: Counter[BlockKey]) -> None:
+    def release(self, rows: list[int]) -> None:
         return  # files go with the job's folder
+
+
+@dataclass
+class Fetched:
+    """What a block cache gives for a batch: the sound blocks it holds or fetched, those of them
+    it fetched now, and the keys whose bytes failed their checksum."""
+
+    found: dict[BlockKey, np.ndarray]
+    new: dict[BlockKey, np.ndarray]
+    corrupt: set[BlockKey]
 
 
 class BlockCache:
     """Decode side: the shared blocks a worker fetched, most recently used kept, up to
     `capacity` bytes. A block is checked against its key's checksum as it is fetched: one that
-    fails is not kept, and its key is in `corrupt`."""
+    fails is not kept, and is fetched again for the next batch that names it (a block stored
+    while it was read may be whole by then)."""
 
     def __init__(self, store: BlockStore, capacity: int):
         self.store = store
         self.capacity = capacity
         self.nbytes = 0
         self._blocks: OrderedDict[BlockKey, np.ndarray] = OrderedDict()
-        self.corrupt: set[BlockKey] = set()
 
-    def get(
-        self, keys: set[BlockKey], folder: str | None
-    ) -> tuple[dict[BlockKey, np.ndarray], dict[BlockKey, np.ndarray]]:
-        """The sound blocks of `keys` it holds or could fetch, and those of them it fetched."""
+    def get(self, keys: set[BlockKey], folder: str | None) -> Fetched:
         missing = [key for key in keys if key not in self._blocks]
         fetched = self.store.fetch(missing, folder) if missing else {}
-        self.corrupt.update(key for key, data in fetched.items() if not sound(key, data))
-        fetched = {key: data for key, data in fetched.items() if key not in self.corrupt}
+        corrupt = {key for key, data in fetched.items() if not sound(key, data)}
+        fetched = {key: data for key, data in fetched.items() if key not in corrupt}
         for key, data in fetched.items():
             self._blocks[key] = data
             self.nbytes += data.nbytes
@@ -273,7 +300,7 @@ class BlockCache:
         while self.nbytes > self.capacity and self._blocks:
             _, evicted = self._blocks.popitem(last=False)
             self.nbytes -= evicted.nbytes
-        return found, fetched
+        return Fetched(found, fetched, corrupt)
 
 
 def block_store(store: PayloadStore | None, registry: str | None) -> BlockStore | None:

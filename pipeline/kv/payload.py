@@ -8,7 +8,9 @@ shape and an XXH3-64 checksum of the encoded bytes and their block size (a hash 
 CRC32 here, and the check runs over every byte on both sides). The first `len(blocks)` blocks
 may be shared with other prompts: then the payload names them (their content hash and checksum;
 pipeline.kv.blocks) and carries only the blocks after them. The carried bytes are inline, or in
-a file named by `file` (pipeline.kv.store)."""
+a file named by `file` (pipeline.kv.store).
+
+Format 4 names shared blocks by SHA-256 (32 bytes); format 3, still read, by XXH3-128 (16)."""
 
 import itertools
 from collections.abc import Sequence
@@ -24,8 +26,9 @@ from pipeline.engine.model import ResolvedModel
 from pipeline.kv.codec import CODECS, Codec, codec
 from pipeline.kv.transfer import DeviceCopies, Upload
 
-FORMAT = 3
-HASH_BYTES = 16
+FORMAT = 4
+# The formats this kvrelay reads, and the length of the block hashes of each.
+HASH_BYTES = {3: 16, 4: 32}
 TYPE = pa.struct(
     [
         ("format", pa.int16()),
@@ -37,7 +40,7 @@ TYPE = pa.struct(
         ("data", pa.large_binary()),
         ("file", pa.string()),
         ("block_tokens", pa.int32()),
-        ("blocks", pa.list_(pa.binary(HASH_BYTES))),
+        ("blocks", pa.list_(pa.binary())),
         ("block_checksums", pa.list_(pa.uint64())),
     ]
 )
@@ -142,9 +145,10 @@ class KVPayload:
     def check(self, model: ResolvedModel, num_tokens: int) -> None:
         """Refuses a payload that is not the KV of a prompt of `num_tokens` on `model` by what
         it says of itself, before any of its bytes are read."""
-        if self.format != FORMAT:
+        if self.format not in HASH_BYTES:
             raise PayloadMismatch(
-                ErrorKind.kv_mismatch, f"KV payload format {self.format}; this kvrelay reads {FORMAT}"
+                ErrorKind.kv_mismatch,
+                f"KV payload format {self.format}; this kvrelay reads {', '.join(map(str, HASH_BYTES))}",
             )
         if self.fingerprint != model.fingerprint:
             raise PayloadMismatch(
@@ -167,7 +171,7 @@ class KVPayload:
                 f"KV payload names {len(self.blocks)} shared blocks of {self.block_tokens} tokens for a prompt "
                 f"of {num_tokens}",
             )
-        if len(self.block_checksums) != len(self.blocks) or any(len(h) != HASH_BYTES for h in self.blocks):
+        if len(self.block_checksums) != len(self.blocks) or any(len(h) != HASH_BYTES[self.format] for h in self.blocks):
             raise PayloadLost(ErrorKind.kv_corrupt, "KV payload's shared blocks and their checksums do not match")
 
     def verify(self, model: ResolvedModel, num_tokens: int) -> None:
@@ -249,23 +253,38 @@ def from_column(table: pa.Table) -> list["KVPayload | PayloadError | None"]:
     payloads: list[KVPayload | PayloadError | None] = []
     for chunk in table.column(KV_PAYLOAD).chunks:
         try:
-            fields = _fields(chunk)
-        except PayloadMismatch as error:
-            payloads.extend([error] * len(chunk))
-            continue
-        has_data = fields["data"].is_valid().to_pylist()
-        data = _views(fields.pop("data"))
-        meta = [dict(zip(fields, values)) for values in zip(*(f.to_pylist() for f in fields.values()))]
-        for valid, row, view, has in zip(chunk.is_valid().to_pylist(), meta, data, has_data):
-            payloads.append(_payload(row, view if has else None) if valid else None)
+            payloads += _read(chunk)
+        except PayloadMismatch:  # a value that does not fit kvrelay's types fails its own row alone
+            payloads += [_read_row(chunk.slice(i, 1)) for i in range(len(chunk))]
     return payloads
+
+
+def _read_row(row: pa.Array) -> "KVPayload | PayloadError | None":
+    try:
+        return _read(row)[0]
+    except PayloadMismatch as error:
+        return error
+
+
+def _read(chunk: pa.Array) -> list["KVPayload | PayloadError | None"]:
+    fields = _fields(chunk)
+    has_data = fields["data"].is_valid().to_pylist()
+    data = _views(fields.pop("data"))
+    try:
+        meta = [dict(zip(fields, values)) for values in zip(*(f.to_pylist() for f in fields.values()))]
+    except UnicodeDecodeError:
+        raise PayloadMismatch(ErrorKind.kv_mismatch, "KV payload holds text that is not valid UTF-8") from None
+    return [
+        _payload(row, view if has else None) if valid else None
+        for valid, row, view, has in zip(chunk.is_valid().to_pylist(), meta, data, has_data)
+    ]
 
 
 def _fields(chunk: pa.Array) -> dict[str, pa.Array]:
     """The struct's fields by name, in TYPE's types. A dataset written or edited by other tools
     (Spark writes `binary`, a rebuilt struct may order its fields differently, integers may be
     wider) holds the same values: those are read, since refusing them would fail every row of a
-    good dataset. What cannot be read losslessly as TYPE fails every row of the column, saying so."""
+    good dataset. What cannot be read losslessly as TYPE is refused, saying so."""
     refused = PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload column is {chunk.type}; kvrelay reads {TYPE}")
     if not pa.types.is_struct(chunk.type):
         raise refused

@@ -6,7 +6,11 @@ Names come from data (a prefill dataset may come from anywhere), so only names o
 kvrelay writes are accepted: a file can never be read or removed outside the root.
 
 Shared storage fails now and then (a throttled or dropped request, a timeout): a read is tried
-again a few times, waiting longer each time, before its row is given up as lost."""
+again a few times, waiting longer each time, before its row is given up as lost.
+
+A job folder is one job's: its rows' payload files and, under `blocks/`, the shared blocks they
+name. A prefill dataset's folder outlives the prefill job, and its blocks go only once no payload
+file in it is left to name them (`remove_spent_blocks`)."""
 
 import re
 import time
@@ -22,7 +26,9 @@ from pipeline.kv.payload import KVPayload, PayloadLost, PayloadMismatch
 
 T = TypeVar("T")
 
-_NAME = re.compile(r"[0-9a-f]{16}/([0-9a-f]{32}|blocks/[0-9a-f]{48})\.kv")
+# A payload file, or a shared block: its hash (SHA-256; XXH3-128 in payload format 3) and checksum.
+_NAME = re.compile(r"[0-9a-f]{16}/([0-9a-f]{32}|blocks/([0-9a-f]{64}|[0-9a-f]{32})[0-9a-f]{16})\.kv")
+_ASIDE = ".partial-"  # a block being written, renamed into place once whole
 RETRIES = 3  # tries after the first
 BACKOFF_S = 0.1  # the wait before the first retry, doubled before each next
 # Errors that the same call will meet again: not retried. fsspec's object stores raise these for
@@ -64,8 +70,16 @@ class PayloadStore:
         return replace(payload, data=np.frombuffer(data, np.uint8))
 
     def put_block(self, key: str, data: np.ndarray) -> None:
-        """A shared block's bytes (pipeline/kv/blocks.py), in this job's folder."""
-        self._write(f"{self.job}/blocks/{key}.kv", data)
+        """A shared block's bytes (pipeline/kv/blocks.py), in this job's folder. Decode workers
+        may be reading a block while another prefill worker stores it too: a block in place is
+        left as it is (its name is its content), and a new one is written aside and renamed, so
+        that no reader ever sees part of one."""
+        path = self._path(f"{self.job}/blocks/{key}.kv")
+        if self.fs.exists(path):
+            return
+        aside = f"{path}{_ASIDE}{uuid.uuid4().hex}"
+        self._write_path(aside, data)
+        self.fs.mv(aside, path)
 
     def fetch_block(self, folder: str | None, key: str) -> np.ndarray | None:
         """A shared block's bytes from the job folder `folder`; None when it cannot be read (or
@@ -80,12 +94,20 @@ class PayloadStore:
             if self.fs.exists(path):
                 self.fs.rm_file(path)
 
-    def remove_blocks(self, names: list[str | None]) -> None:
-        """The shared blocks of the job folders these payload files are in (a decode job's
-        input, once every row of it is decoded)."""
-        for folder in {name.split("/")[0] for name in names if name and _NAME.fullmatch(name)}:
-            if self.fs.exists(f"{self.root}/{folder}/blocks"):
-                self.fs.rm(f"{self.root}/{folder}/blocks", recursive=True)
+    def remove_spent_blocks(self, names: list[str | None]) -> list[str]:
+        """The job folders these payload files are in, with their shared blocks, where no
+        payload file is left: every row that could name a block is decoded and its file
+        removed. A folder that still holds one (a row not decoded yet, or one whose payload
+        failed its checks) keeps its blocks. Returns the folders removed."""
+        self.fs.invalidate_cache()  # the commit tasks removed files: a cached listing (s3fs) is stale
+        removed = []
+        for folder in sorted({name.split("/")[0] for name in names if name and _NAME.fullmatch(name)}):
+            path = f"{self.root}/{folder}"
+            entries = self.fs.ls(path, detail=False) if self.fs.isdir(path) else []
+            if entries and not any(entry.rstrip("/").endswith(".kv") for entry in entries):
+                self.fs.rm(path, recursive=True)
+                removed.append(folder)
+        return removed
 
     def remove_job(self) -> None:
         """This job's folder, with whatever a crashed run of it left behind."""
@@ -93,11 +115,13 @@ class PayloadStore:
             self.fs.rm(f"{self.root}/{self.job}", recursive=True)
 
     def _write(self, name: str, data: np.ndarray) -> str:
-        path = self._path(name)
+        self._write_path(self._path(name), data)
+        return name
+
+    def _write_path(self, path: str, data: np.ndarray) -> None:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(path, "wb") as f:
             f.write(memoryview(data))
-        return name
 
     def _path(self, name: str) -> str:
         if not _NAME.fullmatch(name or ""):

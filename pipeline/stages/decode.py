@@ -10,7 +10,6 @@ batch, and a payload that does not match its prompt would give wrong tokens sile
 
 import logging
 import uuid
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from pipeline.columns import (
     KV_PAYLOAD,
     NUM_INPUT_TOKENS,
     PROMPT_TOKENS,
+    ROW,
     TOKEN_LIST,
     ErrorKind,
     row_error,
@@ -34,7 +34,7 @@ from pipeline.engine.model import ResolvedModel
 from pipeline.engine.sampling import with_kv_key
 from pipeline.job.meter import BatchReport
 from pipeline.kv import handoff, payload
-from pipeline.kv.blocks import BlockCache, keys_of
+from pipeline.kv.blocks import BlockCache, Fetched, keys_of
 from pipeline.kv.payload import KVPayload, PayloadError, PayloadLost, PayloadMismatch
 from pipeline.kv.store import PayloadStore
 from pipeline.stages.engine_stage import EngineStage
@@ -60,14 +60,16 @@ class Decode(EngineStage):
         first = batch.column(GENERATED_TOKENS).to_pylist()
         errors = batch.column(ERROR).to_pylist()
         num_input = batch.column(NUM_INPUT_TOKENS).to_pylist()
+        numbers = batch.column(ROW).to_pylist()
         with handoff.timed():
             payloads = payload.from_column(batch) if rows else []
         files: list[str | None] = [None] * batch.num_rows  # to remove once the row is committed
         for i in rows:
             errors[i] = check_prefilled(prompts[i], first[i], self.vocab_size, self.model.max_model_len)
         requests = self.requests(batch, [i for i in rows if errors[i] is None], prompts, errors)
-        # Every row that names shared blocks gives them back once decoded, whatever became of it.
-        uses = Counter(key for i in rows if isinstance(p := payloads[i], KVPayload) for key in keys_of(p))
+        # A payload is checked against the engine before anything it names is fetched.
+        for i in requests:
+            payloads[i] = checked(payloads[i], self.model, len(prompts[i]))
         with handoff.timed():
             blocks = self.fetch_shared([payloads[i] for i in requests], report)
         keys: dict[int, str | None] = {}  # row -> handoff key; None: the engine prefills the prompt itself
@@ -76,7 +78,7 @@ class Decode(EngineStage):
             try:
                 with handoff.timed():
                     loaded = load(payloads[i], self.model, len(prompts[i]), self.store)
-                    shared = shared_of(loaded, blocks, self.block_cache.corrupt)
+                    shared = shared_of(loaded, blocks)
                     kv = loaded.upload(handoff.copies, shared)
             except PayloadError as error:
                 if isinstance(error, PayloadLost) and self.kv.on_load_failure is OnLoadFailure.recompute:
@@ -101,8 +103,10 @@ class Decode(EngineStage):
             for key in keys.values():
                 if key:
                     handoff.withdraw(key)
-            if self.shared_blocks:
-                self.shared_blocks.release(uses)
+        # The rows are done with their shared blocks, whatever became of them (a batch that
+        # failed keeps them for its retry).
+        if self.shared_blocks:
+            self.shared_blocks.release([numbers[i] for i in rows])
         report.rows = len(keys)
         report.kv_recomputed = sum(key is None for key in keys.values())
         report.kv_handoff_seconds = handoff.seconds.take()
@@ -118,37 +122,50 @@ class Decode(EngineStage):
         )
         return batch.drop_columns([KV_PAYLOAD])
 
-    def fetch_shared(self, payloads: list, report: BatchReport) -> dict[str, np.ndarray]:
+    def fetch_shared(self, payloads: list, report: BatchReport) -> Fetched:
         """The shared blocks the batch's payloads name, from the block cache (fetching those
         it lacks); the bytes fetched count as moved, the rest as saved."""
         named = [p for p in payloads if isinstance(p, KVPayload) and p.blocks]
+        batch = Fetched({}, {}, set())
         if not named or not self.shared_blocks:
-            return {}
-        found, fetched = {}, 0
+            return batch
         for folder in {p.folder for p in named}:  # one per prefill job
-            keys = {key for p in named if p.folder == folder for key in keys_of(p)}
-            blocks, new = self.block_cache.get(keys, folder)
-            found.update(blocks)
-            fetched += sum(data.nbytes for data in new.values())
-            report.kv_blocks_fetched += len(new)
+            got = self.block_cache.get({key for p in named if p.folder == folder for key in keys_of(p)}, folder)
+            batch.found.update(got.found)
+            batch.new.update(got.new)
+            batch.corrupt.update(got.corrupt)
+        fetched = sum(data.nbytes for data in batch.new.values())
         referenced = sum(len(p.blocks) * p.block_nbytes for p in named)
+        report.kv_blocks_fetched += len(batch.new)
         report.kv_bytes += fetched
         report.kv_bytes_saved += max(referenced - fetched, 0)
-        return found
+        return batch
 
 
-def shared_of(p: KVPayload, blocks: dict[str, np.ndarray], corrupt: set[str]) -> list[np.ndarray]:
+def shared_of(p: KVPayload, blocks: Fetched) -> list[np.ndarray]:
     """The bytes of the payload's shared blocks (fetched and checked by the block cache), or
     why there are none: a block it could not fetch, or fetched under another checksum."""
     keys = keys_of(p)
     for key in keys:
-        if key in corrupt:
+        if key in blocks.corrupt:
             raise PayloadLost(ErrorKind.kv_corrupt, f"KV block {key} fails its checksum")
-        if key not in blocks:
+        if key not in blocks.found:
             raise PayloadLost(ErrorKind.kv_missing, f"KV block {key} is missing from the job's block store")
-    shared = [blocks[key] for key in keys]
+    shared = [blocks.found[key] for key in keys]
     p.check_shared(shared)
     return shared
+
+
+def checked(
+    p: KVPayload | PayloadError | None, model: ResolvedModel, num_tokens: int
+) -> KVPayload | PayloadError | None:
+    """The payload if what it says of itself fits a prompt of `num_tokens` on `model`, else why not."""
+    if isinstance(p, KVPayload):
+        try:
+            p.check(model, num_tokens)
+        except PayloadError as error:
+            return error
+    return p
 
 
 def load(

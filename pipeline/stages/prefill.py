@@ -5,20 +5,19 @@ and named (pipeline/kv/blocks.py). Every token of the completion is the decode e
 there as the row asks, so a seeded row draws the same tokens as in one engine."""
 
 import uuid
-from collections import Counter
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.columns import ERROR, GENERATED_TOKENS, KV_PAYLOAD, TOKEN_LIST, ErrorKind, row_error, with_columns
+from pipeline.columns import ERROR, GENERATED_TOKENS, KV_PAYLOAD, ROW, TOKEN_LIST, ErrorKind, row_error, with_columns
 from pipeline.config import Transport
 from pipeline.engine.build import PRODUCER
 from pipeline.engine.loop import RequestRefused
 from pipeline.job.meter import BatchReport
 from pipeline.kv import handoff, payload
-from pipeline.kv.blocks import BatchShares, PrefixTracker, block_hashes, block_key, keys_of, salt
+from pipeline.kv.blocks import BatchShares, Holders, PrefixTracker, block_hashes, block_key, keys_of, salt
 from pipeline.kv.codec import codec
 from pipeline.kv.payload import KVPayload, checksum
 from pipeline.stages.engine_stage import EngineStage
@@ -39,30 +38,24 @@ class Prefill(EngineStage):
         self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport
     ) -> pa.Table:
         errors = batch.column(ERROR).to_pylist()
+        numbers = batch.column(ROW).to_pylist()
         # A row's sampling is the decode engine's to apply, from the first token on; a bad value
         # is refused here, before the row's KV is computed.
         keys = {i: uuid.uuid4().hex for i in self.requests(batch, rows, prompts, errors)}
         shares = BatchShares({}, {}, {})
         if self.sharing:
             chains = {i: block_hashes(prompts[i], self.block_tokens, self.salt) for i in keys}
-            shares = self.tracker.plan(chains, self.shared_blocks)
-        # The engine saves a row's KV from the first block it must carry or supply.
-        starts = {i: shares.save_from(i) * self.block_tokens for i in keys}
-        outputs = await self.generate(
-            [prompts[i] for i in keys], [self.sampling.prefill(key, starts[i]) for i, key in keys.items()]
-        )
-        tokens: list = [None] * batch.num_rows
-        saved: dict[int, np.ndarray] = {}
-        for (i, key), out in zip(keys.items(), outputs):
-            if isinstance(out, RequestRefused):
-                errors[i] = row_error(ErrorKind.engine_refused, out.reason)
-                continue
-            tokens[i] = list(out.outputs[0].token_ids)
-            with handoff.timed():
-                saved[i] = handoff.take_saved(key).result()
-            report.kv_tokens += len(prompts[i])
+            shares = self.tracker.plan(chains, numbers, self.shared_blocks)
+        try:
+            tokens, payloads = await self.prefill(keys, prompts, numbers, shares, errors, report)
+        except BaseException:
+            # The batch is redone elsewhere, holding its blocks anew.
+            self.give_back(shares, numbers, keys)
+            raise
+        # Rows that name blocks but carry no payload (refused by the engine, or their blocks'
+        # supplier was) never reach decode.
+        self.give_back(shares, numbers, [i for i in keys if payloads[i] is None])
         with handoff.timed():
-            payloads = self.payloads(saved, prompts, shares, report)
             column = payload.to_column(payloads)
         report.rows = len(rows)
         report.input_tokens = sum(len(prompts[i]) for i in rows)
@@ -78,8 +71,48 @@ class Prefill(EngineStage):
             },
         )
 
+    async def prefill(
+        self,
+        keys: dict[int, str],
+        prompts: list[list[int]],
+        numbers: list[int],
+        shares: BatchShares,
+        errors: list[str | None],
+        report: BatchReport,
+    ) -> tuple[list, list[KVPayload | None]]:
+        """Runs the requests (`keys`: row -> handoff key): each row's first token and payload."""
+        # The engine saves a row's KV from the first block it must carry or supply.
+        starts = {i: shares.save_from(i) * self.block_tokens for i in keys}
+        outputs = await self.generate(
+            [prompts[i] for i in keys], [self.sampling.prefill(key, starts[i]) for i, key in keys.items()]
+        )
+        tokens: list = [None] * len(prompts)
+        saved: dict[int, np.ndarray] = {}
+        for (i, key), out in zip(keys.items(), outputs):
+            if isinstance(out, RequestRefused):
+                errors[i] = row_error(ErrorKind.engine_refused, out.reason)
+                continue
+            tokens[i] = list(out.outputs[0].token_ids)
+            with handoff.timed():
+                saved[i] = handoff.take_saved(key).result()
+            report.kv_tokens += len(prompts[i])
+        with handoff.timed():
+            payloads = self.payloads(saved, prompts, numbers, shares, report)
+        return tokens, payloads
+
+    def give_back(self, shares: BatchShares, numbers: list[int], rows: Iterable[int]) -> None:
+        """The blocks these rows hold (`rows`: indices in the batch) are not theirs any more."""
+        named = [numbers[i] for i in rows if shares.named.get(i)]
+        if named:
+            self.shared_blocks.release(named)
+
     def payloads(
-        self, saved: dict[int, np.ndarray], prompts: list[list[int]], shares: BatchShares, report: BatchReport
+        self,
+        saved: dict[int, np.ndarray],
+        prompts: list[list[int]],
+        numbers: list[int],
+        shares: BatchShares,
+        report: BatchReport,
     ) -> list[KVPayload | None]:
         """Each row's payload from the KV its engine saved: naming the shared blocks, carrying
         the rest. The shared blocks this batch supplies are stored, each from its supplier's KV."""
@@ -111,8 +144,9 @@ class Prefill(EngineStage):
             report.kv_bytes += p.data.nbytes
             report.kv_blocks_referenced += len(hashes)
         if fresh:
-            uses = Counter(key for p in payloads if p is not None for key in keys_of(p) if key in fresh)
-            self.shared_blocks.put(fresh, uses)
+            named = {numbers[i]: set(keys_of(p)) for i, p in enumerate(payloads) if p is not None}
+            holders: Holders = {key: {row for row, keys in named.items() if key in keys} for key in fresh}
+            self.shared_blocks.put(fresh, holders)
         report.kv_blocks_stored += len(fresh)
         report.kv_bytes += sum(copy.nbytes for copy in fresh.values())
         return payloads
