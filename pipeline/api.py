@@ -17,9 +17,11 @@ only a job does: exactly-once output and resume, input checks that read the whol
 and duplicate ids), metrics and the report, and kv.transport=storage (its files go as rows
 commit). Rows are numbered in the order they reach kvrelay, so rows seeded from `sampling.seed`
 draw the same samples on a rerun when the Dataset keeps its order
-(`DataContext.execution_options.preserve_order`).
+(`DataContext.execution_options.preserve_order`). No number is given twice, even when Ray
+restarts the numbering worker (a batch it redoes gets new numbers).
 """
 
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 from ray.data import ActorPoolStrategy
 
-from pipeline.cluster import start_ray
+from pipeline.cluster import on_driver_node, start_ray
 from pipeline.columns import ERROR, INTERNAL, ROW
 from pipeline.config import JobConfig, Phase, Transport, register
 from pipeline.engine.model import resolve_model
@@ -74,39 +76,57 @@ def process(ds: ray.data.Dataset, cfg: JobConfig) -> ray.data.Dataset:
     check_job(cfg, paths=False)
     schema = pa.schema(zip(ds.schema().names, ds.schema().types))
     check_columns(schema, needs(cfg), reserved(cfg))
-    model = resolve_model(cfg.model, cfg.engine.device)
+    model = resolve_model(cfg.model, cfg.engine)
     check_handoff(cfg, model)
     sampling = RowSampling.of(cfg.sampling, cfg.input.sampling_column, schema)
     if not ray.is_initialized():
         start_ray(cfg.cluster)
     sink_name, sink = start_sink()
     stages = build_stages(cfg, model, schema.names, sink_name, None, sampling)
-    has_ids = cfg.input.id_column in schema.names
-    ds = ds.map_batches(
-        Numbered,
-        fn_constructor_kwargs=dict(id_column=None if has_ids else cfg.input.id_column),
-        batch_format="pyarrow",
-        batch_size=None,
-        compute=ActorPoolStrategy(size=1),  # one count over the whole Dataset
-        num_cpus=0,
-    )
+    ds = numbered(ds, None if cfg.input.id_column in schema.names else cfg.input.id_column)
     for stage in stages:
         ds = stage.apply(ds, stage.actors.batch_size)
     # The stages report to the sink, which lives as long as a handle to it: the Dataset's own.
     return ds.map_batches(_without_internal, fn_kwargs=dict(sink=sink), batch_format="pyarrow", batch_size=None)
 
 
-class Numbered:
-    """Numbers rows in the order they come, gives them the empty error column the stages
-    fill, and ids where the input has none (their numbers)."""
+def numbered(ds: ray.data.Dataset, id_column: str | None) -> ray.data.Dataset:
+    """`ds` with its rows numbered in the order they come (and ids where the input has none,
+    in `id_column`). The count lives in an actor of its own on the driver's node, which the
+    Dataset holds: a numbering worker that Ray restarts goes on from it."""
+    name = f"kvrelay-rows-{uuid.uuid4().hex[:8]}"
+    counter = ray.remote(num_cpus=0)(RowCounter).options(name=name, **on_driver_node()).remote()
+    return ds.map_batches(
+        Numbered,
+        fn_constructor_kwargs=dict(counter=counter, id_column=id_column),
+        batch_format="pyarrow",
+        batch_size=None,
+        compute=ActorPoolStrategy(size=1),  # one worker: numbers in the order batches come
+        num_cpus=0,
+    )
 
-    def __init__(self, id_column: str | None):
-        self.id_column = id_column
+
+class RowCounter:
+    def __init__(self) -> None:
         self.next = 0
 
+    def take(self, rows: int) -> int:
+        """The first of `rows` numbers no one has had (the next number, for none)."""
+        self.next += rows
+        return self.next - rows
+
+
+class Numbered:
+    """Numbers rows, gives them the empty error column the stages fill, and ids where the input
+    has none (their numbers)."""
+
+    def __init__(self, counter: ray.actor.ActorHandle, id_column: str | None):
+        self.counter = counter
+        self.id_column = id_column
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = pa.array(np.arange(self.next, self.next + batch.num_rows, dtype=np.int64))
-        self.next += batch.num_rows
+        first = ray.get(self.counter.take.remote(batch.num_rows))
+        rows = pa.array(np.arange(first, first + batch.num_rows, dtype=np.int64))
         batch = batch.append_column(ROW, rows).append_column(ERROR, pa.nulls(batch.num_rows, pa.string()))
         return batch.append_column(self.id_column, rows) if self.id_column else batch
 

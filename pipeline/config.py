@@ -215,9 +215,14 @@ class KVConfig:
     codec: Codec = Codec.none
     transport: Transport = Transport.object_store
     # kv.transport=storage: an fsspec URL every prefill and decode worker can reach (local
-    # NVMe, /dev/shm, s3://...). A file is removed once its row is committed, unless kept.
+    # NVMe, /dev/shm, s3://...).
     storage_path: Optional[str] = None
-    keep_files: bool = False
+    # What becomes of the payload files. None: a job that makes and decodes its own removes
+    # each once its row is committed; a prefill dataset's are kept when a decode job reads
+    # them, so that it can be decoded again (other sampling, a retry, a part first).
+    # false: a decode job removes each row's file once its row is committed, and a prefill
+    # job's shared blocks once none of its payload files is left. true: none is removed.
+    keep_files: Optional[bool] = None
     on_load_failure: OnLoadFailure = OnLoadFailure.recompute
     # Shared prompt prefixes travel once (pipeline/kv/blocks.py): KV moves in blocks of this many
     # tokens, and a whole block that rows share is stored once, by content, and fetched by a

@@ -14,8 +14,16 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
+import ray.data
+from ray.data import ActorPoolStrategy
 
+from pipeline.errors import JobUnfinished
+from pipeline.io.lease import OutputLease
+from pipeline.io.output import OutputTarget
 from pipeline.io.storage import read_output
+from pipeline.job.cli import cause
+from tests.conftest import job_config
 from tests.s3 import Bucket
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,3 +184,53 @@ def test_a_job_that_fails_while_running_exits_3_with_its_cause_and_log(tmp_path)
     log = Path(line.rsplit("(traceback: ", 1)[1].rstrip(")"))
     assert "Traceback" in log.read_text()
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def _fail_in_a_task(batch):
+    raise pa.ArrowNotImplementedError("Function 'binary_join_element_wise' has no kernel matching input types")
+
+
+class _FailInAnActor:
+    def __call__(self, batch):
+        raise OverflowError("the repetition number is too large")
+
+
+@pytest.mark.parametrize(
+    "fn, options, line",
+    [
+        (
+            _fail_in_a_task,
+            {},
+            "pyarrow.lib.ArrowNotImplementedError: Function 'binary_join_element_wise' has no kernel matching input types",
+        ),
+        (_FailInAnActor, {"compute": ActorPoolStrategy(size=1)}, "OverflowError: the repetition number is too large"),
+    ],
+    ids=["task", "actor"],
+)
+def test_the_one_line_cause_names_the_root_error_not_rays_wrapper(ray_cluster, fn, options, line):
+    with pytest.raises(Exception) as failed:
+        ray.data.range(2).map_batches(fn, batch_format="pyarrow", **options).materialize()
+    assert cause(failed.value) == line
+
+
+def test_a_local_error_is_named_with_its_message():
+    assert cause(JobUnfinished("the output holds 5 rows of the input's 6; rerun to finish")) == (
+        "JobUnfinished: the output holds 5 rows of the input's 6; rerun to finish"
+    )
+
+
+@pytest.mark.slow  # a subprocess that imports the pipeline and starts Ray
+def test_a_run_that_a_rerun_gets_past_exits_3(tmp_path):
+    """Another run holds the output: nothing to fix in the command, run it again later."""
+    pq.write_table(pa.table({"prompt": ["What is 2 + 2?"]}), tmp_path / "in.parquet")
+    overrides = (f"input.path={tmp_path}/in.parquet", f"output.path={tmp_path}/out", "mode=colocated")
+    cfg = job_config(*overrides)
+    output = OutputTarget(cfg.output, {})
+    lease = OutputLease(output.fs, output.root, output.url).acquire()  # a live run of this process
+    try:
+        done = generate(*overrides, timeout=300)
+    finally:
+        lease.release()
+    assert done.returncode == 3, done.stderr[-2000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("kvrelay: failed: ")]
+    assert line.startswith("kvrelay: failed: JobUnfinished: output.path") and "is in use by another run" in line

@@ -9,14 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.io.commit import ShardLedger, commit_shard
+from pipeline.io.commit import commit_shard
 from pipeline.io.storage import read_output
 from pipeline.job import meter
 from pipeline.job.meter import BatchPoint, BatchReport, StageTally
 from pipeline.job.metrics import JobMetrics, WorkerMetrics
 from pipeline.job.report import output_rate, write_plot, write_report
 from pipeline.job.run import commit
-from tests.test_output import SHARDS, claimed, rows, writer
+from tests.test_output import SHARDS, claimed, ledger_of, rows, writer
 
 
 def stage(busy: float, rows: int, input_tokens: int, output_tokens: int, workers: int = 1, size: int = 0) -> dict:
@@ -220,5 +220,5 @@ class Batches:
 def test_progress_bar_shows_rows_committed_and_output_tokens_per_second(tmp_path, capsys, ray_cluster):
     out, _ = claimed(tmp_path / "out")
     write = writer(out)
-    commit(Batches(write(rows(0, 1, 2)), write(rows(3, 4))), ShardLedger(out, SHARDS, None), 5)
+    commit(Batches(write(rows(0, 1, 2)), write(rows(3, 4))), ledger_of(out), 5)
     assert re.search(r"committed: 100%.* 5/5 .*, [\d.]+ output tok/s\]", capsys.readouterr().err)

@@ -7,6 +7,7 @@ import dataclasses
 import time
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,9 +15,13 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.columns import KV_PAYLOAD
+from pipeline.config import OutputConfig
+from pipeline.io.output import OutputTarget
+from pipeline.job.run import payload_store, removes_files
 from pipeline.kv import payload
 from pipeline.kv.payload import KVPayload, PayloadLost, PayloadMismatch
 from pipeline.kv.store import BACKOFF_S, RETRIES, PayloadStore
+from tests.conftest import job_config
 
 JOB = "0123456789abcdef"
 
@@ -85,6 +90,42 @@ def test_remove_job_takes_the_whole_folder(model, store, tmp_path):
     store.remove_job()
     assert not (tmp_path / "kv" / JOB).exists()
     assert (tmp_path / "kv" / kept.file).exists()
+
+
+def test_a_folders_blocks_go_only_once_no_payload_file_is_left_to_name_them(model, store, tmp_path):
+    """A decode of part of a prefill dataset removes its rows' files (kv.keep_files=false) but
+    leaves the shared blocks the rest still names; the decode that removes the last file takes
+    the blocks too. A folder that holds a row's file (one that failed its checks) keeps them."""
+    rows = [store.put(_payload(model)).file for _ in range(3)]
+    store.put_block("a" * 80, np.zeros(8, np.uint8))
+    other = PayloadStore(f"file://{tmp_path}/kv", "fedcba9876543210")
+    kept = other.put(_payload(model)).file
+    other.put_block("b" * 80, np.zeros(8, np.uint8))
+    store.remove(rows[:1])  # part 0 decoded
+    assert store.remove_spent_blocks([*rows[:1], kept]) == []
+    assert (tmp_path / "kv" / JOB / "blocks").exists() and (tmp_path / "kv" / kept).exists()
+    store.remove(rows[1:])  # the rest decoded
+    assert store.remove_spent_blocks(rows) == [JOB] and not (tmp_path / "kv" / JOB).exists()
+    assert (tmp_path / "kv" / "fedcba9876543210" / "blocks").exists()
+
+
+def test_kv_files_are_kept_unless_a_job_made_them_or_is_told_to_remove_them():
+    def removes(*overrides: str) -> bool:
+        return removes_files(job_config(*overrides))
+
+    assert removes() and not removes("kv.keep_files=true")  # a job that makes and decodes its own
+    assert not removes("phase=prefill") and not removes("phase=prefill", "kv.keep_files=false")
+    assert not removes("phase=decode") and removes("phase=decode", "kv.keep_files=false")
+
+
+def test_two_jobs_alike_but_for_their_output_have_folders_of_their_own(tmp_path):
+    cfg = job_config("kv.transport=storage", f"kv.storage_path={tmp_path}/kv")
+    job = {"phase": "prefill", "input": {"digest": "abc"}}
+    folders = {
+        payload_store(cfg, job, OutputTarget(OutputConfig(path=str(tmp_path / out)), job)).job for out in ("a", "b")
+    }
+    again = payload_store(cfg, job, OutputTarget(OutputConfig(path=f"file://{tmp_path}/a"), job)).job
+    assert len(folders) == 2 and again in folders
 
 
 class FlakyFileSystem(LocalFileSystem):

@@ -5,10 +5,12 @@ shards never mix."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.columns import ROW
 from pipeline.io.prefix_order import GROUP_BYTES, order_by_prefix
 from pipeline.io.source import UNIT, PromptSource
+from pipeline.stages.tokenize import PromptEncoder, prompt_values
 from tests.conftest import job_config
 
 TURN = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -59,3 +61,38 @@ def test_the_reader_orders_each_shard_and_keeps_its_rows(tmp_path):
     shards = list(reader(pa.table({UNIT: list(reader.units)})))
     assert [t.column(ROW).to_pylist() for t in shards] == [[0, 2, 1, 3], [4, 6, 5, 7], [8, 9]]
     assert all(t.column("prompt").to_pylist() == [prompts[r] for r in t.column(ROW).to_pylist()] for t in shards)
+
+
+TURNS = [
+    [{"role": "user", "content": A + "x"}],
+    [{"role": "user", "content": "solo"}],
+    [{"role": "user", "content": A}],
+]
+LARGE_TURN = pa.struct([("role", pa.large_string()), ("content", pa.large_string())])
+
+
+@pytest.mark.parametrize(
+    "column, values, kind, error",
+    [
+        ("messages", TURNS, pa.large_list(LARGE_TURN), None),
+        ("prompt", [A + "x", "solo", A], pa.string_view(), None),
+        ("messages", [[{"content": A}]] * 3, pa.list_(pa.struct([("content", pa.string())])), "invalid_messages"),
+        ("prompt", [1, 2, 1], pa.int64(), "not_text"),
+        ("prompt", [[A], ["solo"], [A]], pa.list_(pa.string()), "invalid_token_ids"),
+    ],
+    ids=["polars-conversations", "string-view", "turns-without-role", "integers", "string-lists"],
+)
+def test_prompts_of_any_type_are_read_and_get_their_rows_errors(model, tmp_path, column, values, kind, error):
+    """The reader (ordering by prefix, as by default) never fails on a prompt column that
+    tokenize takes or refuses row by row; view types (Polars, DuckDB) are read as large types,
+    which every later stage can take, sort and concatenate."""
+    carried = pa.array(["a", "b", "c"], pa.string_view())
+    pq.write_table(pa.table({column: pa.array(values, kind), "note": carried}), tmp_path / "in.parquet")
+    cfg = job_config(f"input.path={tmp_path}", *(["input.messages_column=messages"] if column == "messages" else []))
+    source = PromptSource(cfg.input, 10, (column,))
+    reader = source.reader(source.shards, order_by=column)
+    (table,) = reader(pa.table({UNIT: list(reader.units)}))
+    assert sorted(table.column(ROW).to_pylist()) == [0, 1, 2] and table.column("note").type == pa.large_string()
+    assert table.take([2, 0, 1]).num_rows == 3  # as the commit puts rows back in order
+    _, got = PromptEncoder(model, cfg.input, 16).encode_all(prompt_values(table.column(column)), [None] * 3)
+    assert [e and e.split(":")[0] for e in got] == [error] * 3

@@ -117,9 +117,9 @@ def colocated(ray_cluster, workload, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def split(ray_cluster, workload, tmp_path_factory):
-    """A prefill job writes a prefill dataset with its KV in files (kv.transport=storage); a
-    decode job, run later from that dataset alone, loads them and, with kv.keep_files, leaves
-    them for the n=3 decode job below."""
+    """A prefill job writes a prefill dataset with its KV in files (kv.transport=storage), in
+    two parts; a decode job, run later from that dataset alone, loads them and leaves them as
+    they are (a prefill dataset may be decoded again: the n=3 decode job below)."""
     prefilled, out, storage = (tmp_path_factory.mktemp(name) for name in ("prefilled", "decoded", "kv"))
     prefill = run_job(
         _config(
@@ -128,6 +128,7 @@ def split(ray_cluster, workload, tmp_path_factory):
             f"output.path={prefilled}",
             "kv.transport=storage",
             f"kv.storage_path={storage}",
+            f"output.shard_rows={len(ROWS) // 2}",
         )
     )
     assert set(prefill.stages) == {"tokenize", "prefill"}
@@ -145,7 +146,6 @@ def split(ray_cluster, workload, tmp_path_factory):
             f"input.path={prefilled}",
             f"output.path={out}",
             f"kv.storage_path={storage}",
-            "kv.keep_files=true",
         )
     )
     assert set(decoded.stages) == {"decode", "detokenize"}
@@ -226,17 +226,21 @@ def test_process_runs_the_stages_in_a_ray_data_pipeline_of_ones_own(ray_cluster,
 
 
 def test_n_completions_come_from_one_payload(ray_cluster, workload, split, tmp_path):
-    """The prefill dataset decoded again with sampling.n=3 (and a temperature for rows without
-    their own): each row's KV moves once for its three samples, which one engine draws alike,
+    """The prefill dataset decoded again, with sampling.n=3 (and a temperature for rows without
+    their own), told to remove its KV files and to fail a row rather than recompute it: every
+    row's KV is still there (the first decode kept it) and moves once for its three samples,
+    which one engine draws alike,
     sample i is seeded seed + i (so a row with its own seed and temperature gets its n=1
     completion first), structured output holds for every finished sample, and every completion
     column holds a list of three."""
     prefilled, storage, files, one, rows = split
     out, three_samples = tmp_path / "three", ("sampling.n=3", "sampling.temperature=1.0")
     decode = ("phase=decode", f"input.path={prefilled}", f"output.path={out}", f"kv.storage_path={storage}")
-    three = run_job(_config(*decode, *three_samples))
-    assert three.kv_bytes_moved == one.kv_bytes_moved > 0
-    # The payload files go once their rows are committed, the shared blocks once every row is.
+    removing = ("kv.keep_files=false", "kv.on_load_failure=error")
+    three = run_job(_config(*decode, *three_samples, *removing))
+    assert three.kv_bytes_moved == one.kv_bytes_moved > 0 and three.kv_recomputed_rows == 0
+    assert three.rows_errored == len(ERRORS)
+    # The payload files go once their rows are committed, the shared blocks once no file is left.
     assert not any(f.exists() for f in files)
     got = {r["id"]: r for r in read_output(str(out)).to_pylist()}
     colocated = process(ray.data.read_parquet(str(workload)), _config("mode=colocated", *three_samples))

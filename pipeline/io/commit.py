@@ -14,6 +14,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.columns import INTERNAL, KV_FILE, ROW
+from pipeline.io.lease import OutputLease
 from pipeline.io.output import OutputTarget, ShardStats, read_stats, write_part
 from pipeline.io.source import Shard
 from pipeline.io.storage import filesystem
@@ -24,23 +25,28 @@ if TYPE_CHECKING:  # a commit task imports the payload code (and torch) only whe
 
 
 def commit_shard(url: str, part: str, shard: Shard, fragments: list[str], store: "PayloadStore | None") -> ShardStats:
-    """The shard's fragments -> its part, on a worker (`commit_shards`). Idempotent: a retry
-    finds the part in place and only clears up."""
+    """The shard's fragments -> its part, on a worker (`commit_shards`); the rows' payload files
+    go once the part holds the rows. Idempotent: a retry finds the part in place and only clears
+    up."""
     fs, arrow_fs, _ = filesystem(url)
-    if fs.exists(part):
+    fragments = [path for path in fragments if fs.exists(path)]  # a retry's: some may be gone
+    written = fs.exists(part)
+    table = None
+    if fragments and (store or not written):
+        table = pa.concat_tables([read_fragment(fs, path) for path in fragments], promote_options="permissive")
+    if written:
         stats = read_stats(arrow_fs, part)
     else:
-        table = pa.concat_tables([read_fragment(fs, path) for path in fragments], promote_options="permissive")
         rows, first = np.unique(table.column(ROW).to_numpy(), return_index=True)
         if len(rows) != shard.num_rows or rows[0] != shard.first_row:
             raise RuntimeError(f"shard {shard.index}: fragments hold {len(rows)} of its {shard.num_rows} rows")
         table = table.take(pa.array(first))  # one copy of each row, in input order
-        if store and KV_FILE in table.column_names:  # the rows' payload files go once they are committed
-            store.remove(table.column(KV_FILE).to_pylist())
-        table = table.drop_columns([c for c in table.column_names if c.startswith(INTERNAL)])
-        stats = ShardStats.of(table)
-        write_part(arrow_fs, part, table, stats)
-    fs.rm([path for path in fragments if fs.exists(path)])
+        committed = table.drop_columns([c for c in table.column_names if c.startswith(INTERNAL)])
+        stats = ShardStats.of(committed)
+        write_part(arrow_fs, part, committed, stats)
+    if store and table is not None and KV_FILE in table.column_names:
+        store.remove(table.column(KV_FILE).to_pylist())
+    fs.rm(fragments)
     return stats
 
 
@@ -59,10 +65,11 @@ class _Pending:
 
 
 class ShardLedger:
-    """Driver side: fed the write stage's fragment rows; starts a commit task per complete shard."""
+    """Driver side: fed the write stage's fragment rows; starts a commit task per complete shard,
+    while this run holds the output's lease."""
 
-    def __init__(self, output: OutputTarget, shards: list[Shard], store: "PayloadStore | None"):
-        self.output, self.store = output, store
+    def __init__(self, output: OutputTarget, shards: list[Shard], store: "PayloadStore | None", lease: OutputLease):
+        self.output, self.store, self.lease = output, store, lease
         self.pending = {s.index: _Pending(s, np.zeros(s.num_rows, bool), []) for s in shards}
         self.committing: dict[ray.ObjectRef, list[Shard]] = {}
         self.stats = ShardStats()
@@ -90,6 +97,7 @@ class ShardLedger:
                 del self.pending[shard]
                 complete.append(entry)
         if complete:
+            self.lease.check()
             commits = [(self.output.part(e.shard.index), e.shard, e.fragments) for e in complete]
             self.committing[self._commit.remote(self.output.url, commits, self.store)] = [e.shard for e in complete]
 

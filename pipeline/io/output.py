@@ -33,14 +33,13 @@ from pipeline.columns import ERROR, GENERATED_TOKENS, NUM_INPUT_TOKENS, error_ki
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
 from pipeline.io.lease import LEASE, OutputLease
-from pipeline.io.storage import METRICS, REPORT, REPORT_PLOT, filesystem
+from pipeline.io.storage import IN_FLIGHT, METRICS, REPORT, REPORT_PLOT, filesystem
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_kvrelay_job.json"
 SUCCESS = "_SUCCESS"
 FRAGMENTS = "_fragments"
-IN_FLIGHT = "_tmp."
 STATS_KEY = b"kvrelay.shard"  # a part's counts, in its Parquet footer
 _GROUP_BYTES = 128 << 20
 _PART = re.compile(r"part-(\d{6,})\.parquet")
@@ -166,6 +165,11 @@ class OutputTarget:
             lease.release()
             raise
         return lease, done
+
+    @property
+    def location(self) -> str:
+        """The output's URL as its filesystem resolves it (a relative local path made whole)."""
+        return self.fs.unstrip_protocol(self.root)
 
     def part(self, shard: int) -> str:
         return f"{self.root}/{part_name(shard)}"

@@ -5,7 +5,12 @@ computed, stored and fetched by as few workers as its rows need (pipeline/kv/blo
 the engines' prefix caches hit. Rows that begin like no other keep their input order: sorting
 them would only put prompts of one kind (and length) together, and the prefill and decode pools
 would take turns waiting on each other's long batches. The commit puts every shard back in
-input order (pipeline/io/commit.py)."""
+input order (pipeline/io/commit.py).
+
+A prompt column of a type no prompt has (numbers, structs without a role) is left in input
+order: ordering is an optimisation, and tokenize gives such rows their errors."""
+
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +20,9 @@ import pyarrow.compute as pc
 # (kv.shared_block_tokens, 64) of token ids, or of English text.
 GROUP_BYTES = 256
 # Between a turn's role and its content, and between turns: bytes no text holds.
-_ROLE_END, _TURN_END = "\x01", "\x00"
+_ROLE_END, _TURN_END = pa.scalar("\x01", pa.large_string()), pa.scalar("\x00", pa.large_string())
+
+log = logging.getLogger(__name__)
 
 
 def order_by_prefix(table: pa.Table, column: str) -> pa.Table:
@@ -24,7 +31,11 @@ def order_by_prefix(table: pa.Table, column: str) -> pa.Table:
     longest shared prefixes are next to each other; every other row in input order."""
     if table.num_rows < 2:
         return table
-    keys = pc.fill_null(prefix_keys(table.column(column).combine_chunks()), b"")
+    try:
+        keys = pc.fill_null(prefix_keys(table.column(column).combine_chunks()), b"")
+    except (pa.ArrowException, KeyError) as error:
+        log.debug("prompts of type %s are not ordered by prefix: %s", table.schema.field(column).type, error)
+        return table
     # Group numbers by first appearance: a group sits where its first row was.
     groups = pc.dictionary_encode(pc.binary_slice(keys, 0, GROUP_BYTES)).indices.to_numpy()
     if np.all(groups[1:] > groups[:-1]):  # no two rows begin alike: nothing moves, nothing is copied
@@ -42,9 +53,8 @@ def prefix_keys(prompts: pa.Array) -> pa.Array:
     if pa.types.is_list(prompts.type) or pa.types.is_large_list(prompts.type):
         values = prompts.values
         if pa.types.is_struct(values.type):  # a conversation: role and content of each turn
-            turns = pc.binary_join_element_wise(
-                pc.fill_null(values.field("role"), ""), pc.fill_null(values.field("content"), ""), _ROLE_END
-            )
+            role, content = (pc.fill_null(values.field(f).cast(pa.large_string()), "") for f in ("role", "content"))
+            turns = pc.binary_join_element_wise(role, content, _ROLE_END)
             conversations = type(prompts).from_arrays(prompts.offsets, turns, mask=prompts.is_null())
             return pc.binary_join(conversations, _TURN_END).cast(pa.large_binary())
         return _token_keys(prompts)

@@ -89,7 +89,8 @@ class PromptSource:
         self.fs, self.arrow_fs, self.root = filesystem(cfg.path)
         if not self.fs.exists(self.root):
             raise JobError(f"input.path {cfg.path} does not exist")
-        self.files, self.schema = self._inspect(self.root)
+        self.files, read_schema = self._inspect(self.root)
+        self.schema = without_views(read_schema)  # what every stage sees
         self.num_rows = sum(f.num_rows for f in self.files)
         if self.num_rows == 0:
             raise JobError(f"input.path {cfg.path} has no rows")
@@ -205,11 +206,38 @@ class PromptSource:
 
     def reader(self, shards: list[Shard], sink_name: str | None = None, order_by: str | None = None) -> "ShardReader":
         units = self.units(shards)
-        return ShardReader(self.arrow_fs, self.cfg.id_column, self.has_ids, dict(enumerate(units)), sink_name, order_by)
+        return ShardReader(
+            self.arrow_fs, self.cfg.id_column, self.has_ids, dict(enumerate(units)), self.schema, sink_name, order_by
+        )
 
 
 def _skipped(parts: list[str]) -> bool:
     return any(part.startswith(NOT_ROWS) for part in parts)
+
+
+def without_views(schema: pa.Schema) -> pa.Schema:
+    """The schema with Arrow's view types (string_view, binary_view: Polars and DuckDB write
+    them) as the large types that hold the same values: pyarrow cannot yet take, sort or
+    concatenate views, which the pipeline does with every column it carries."""
+    return pa.schema([f.with_type(_plain(f.type)) for f in schema], metadata=schema.metadata)
+
+
+def _plain(kind: pa.DataType) -> pa.DataType:
+    if kind == pa.string_view():
+        return pa.large_string()
+    if kind == pa.binary_view():
+        return pa.large_binary()
+    if pa.types.is_struct(kind):
+        return pa.struct([f.with_type(_plain(f.type)) for f in kind])
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_plain(kind.value_type)))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_plain(kind.value_type)))
+    if pa.types.is_map(kind):
+        return pa.map_(
+            kind.key_field.with_type(_plain(kind.key_type)), kind.item_field.with_type(_plain(kind.item_type))
+        )
+    return kind
 
 
 @dataclass(frozen=True)
@@ -222,6 +250,7 @@ class ShardReader:
     id_column: str
     has_ids: bool
     units: dict[int, ReadUnit]
+    schema: pa.Schema  # the rows' types as every stage sees them (`without_views`)
     sink_name: str | None = None  # where to count the rows decoded
     order_by: str | None = None
 
@@ -254,6 +283,8 @@ class ShardReader:
             ray.get_actor(self.sink_name).count.remote("input_rows_decoded", offset - unit.start)
 
     def _rows(self, shard: Shard, table: pa.Table) -> pa.Table:
+        if table.schema != self.schema:
+            table = table.cast(self.schema)
         rows = np.arange(shard.first_row, shard.first_row + shard.num_rows, dtype=np.int64)
         table = table.append_column(ROW, pa.array(rows))
         if not self.has_ids:

@@ -6,6 +6,7 @@ import pyarrow.dataset
 import pyarrow.fs
 
 METRICS = "_metrics.json"
+IN_FLIGHT = "_tmp."  # a file written aside, moved into place once whole
 REPORT = "_report.md"
 REPORT_PLOT = "_report.png"
 # Name prefixes never read as rows: hidden and underscore files, and what a job writes beside its rows

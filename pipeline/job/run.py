@@ -32,7 +32,7 @@ from pipeline.columns import (
 from pipeline.config import ENGINE_POOLS, JobConfig, Phase
 from pipeline.engine.model import ResolvedModel, resolve_model
 from pipeline.engine.sampling import RowSampling
-from pipeline.errors import JobError
+from pipeline.errors import JobUnfinished
 from pipeline.io.commit import ShardLedger
 from pipeline.io.output import OutputTarget
 from pipeline.io.source import PromptSource
@@ -54,13 +54,14 @@ def run(cfg: JobConfig) -> JobMetrics:
     started, started_at = time.perf_counter(), time.time()
     check_job(cfg)
     source = PromptSource(cfg.input, cfg.output.shard_rows, needs(cfg), reserved(cfg))
-    model = resolve_model(cfg.model, cfg.engine.device)
+    model = resolve_model(cfg.model, cfg.engine)
     check_handoff(cfg, model)
     sampling = RowSampling.of(cfg.sampling, cfg.input.sampling_column, source.schema)
     job = identity(cfg, source, model)
     output = OutputTarget(cfg.output, job)
     done = output.inspect()
-    store = PayloadStore(cfg.kv.storage_path, _digest(job)) if cfg.kv.storage_path else None
+    store = payload_store(cfg, job, output)
+    removes = store if store and removes_files(cfg) else None
     totals, timeline, counts, peak, nodes, clock_zero = {}, [], {}, ObjectStorePeak(), [], started_at
     local, sink, registry, graph = None, None, None, []
     try:
@@ -77,9 +78,7 @@ def run(cfg: JobConfig) -> JobMetrics:
             todo = [s for s in source.shards if s.index not in done]
             ledger = None
             if todo:
-                # A payload file goes once its row is committed (in a prefill dataset, it is kept).
-                removes = store if not cfg.kv.keep_files and cfg.phase is not Phase.prefill else None
-                ledger = ShardLedger(output, todo, removes)
+                ledger = ShardLedger(output, todo, removes, lease)
                 with peak:
                     ds = build_dataset(
                         source,
@@ -95,16 +94,15 @@ def run(cfg: JobConfig) -> JobMetrics:
                 totals, timeline, counts, clock_zero = ray.get(
                     [sink.stages.remote(), sink.timeline.remote(), sink.counts.remote(), sink.started.remote()]
                 )
-            if store and not cfg.kv.keep_files and cfg.phase is Phase.generate:
-                store.remove_job()
+            if removes and cfg.phase is Phase.generate:
+                removes.remove_job()
             written = output.resumed + ledger.stats if ledger else output.resumed
             if written.rows != source.num_rows:
-                raise JobError(
+                raise JobUnfinished(
                     f"the output holds {written.rows} rows of the input's {source.num_rows}; rerun to finish"
                 )
-            if store and not cfg.kv.keep_files and cfg.phase is Phase.decode:
-                # Every row is decoded: no row still names a shared block.
-                store.remove_blocks(source.values(f"{KV_PAYLOAD}.file").to_pylist())
+            if removes and cfg.phase is Phase.decode:
+                removes.remove_spent_blocks(source.values(f"{KV_PAYLOAD}.file").to_pylist())
             stages = _stage_metrics(graph, totals)
             handoff = sum(s.kv_handoff_seconds for s in stages.values())
             moved = totals.get("decode", totals.get("prefill", StageTotals())).work
@@ -146,6 +144,7 @@ def run(cfg: JobConfig) -> JobMetrics:
             if timeline:  # a timeline means Ray ran
                 plot_url = output.fs.unstrip_protocol(f"{output.root}/{REPORT_PLOT}")
                 ray.get(ray.remote(write_plot).options(num_cpus=0).remote(plot_url, timeline))
+            lease.check()
             write_report(output, metrics, plotted=bool(timeline))  # before finish: _SUCCESS stays the last file
             output.finish(metrics.to_json())
     finally:
@@ -172,7 +171,7 @@ def commit(ds: ray.data.Dataset, ledger: ShardLedger, total_rows: int) -> None:
             progress.update(ledger.committed())
         progress.update(ledger.committed(wait=True))
     if ledger.missing():
-        raise JobError(f"the pipeline ended without every row of shards {ledger.missing()}; rerun to finish them")
+        raise JobUnfinished(f"the pipeline ended without every row of shards {ledger.missing()}; rerun to finish them")
 
 
 def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict:
@@ -204,6 +203,23 @@ def _window(timeline: list[BatchPoint], clock_offset: float) -> tuple[float | No
         return None, None
     start, end = window
     return round(clock_offset + start, 3), round(end - start, 3)
+
+
+def payload_store(cfg: JobConfig, job: dict, output: OutputTarget) -> PayloadStore | None:
+    """Where the job's payload files go (kv.storage_path): a folder of its own, named by the job
+    and its output, so that two jobs alike but for their output never share one, and a rerun
+    of a job finds its files."""
+    if not cfg.kv.storage_path:
+        return None
+    return PayloadStore(cfg.kv.storage_path, _digest({**job, "output": output.location}))
+
+
+def removes_files(cfg: JobConfig) -> bool:
+    """Whether payload files go once their rows are committed (kv.keep_files): a job's own, by
+    default; a prefill dataset's, only when a decode job is told to."""
+    if cfg.phase is Phase.prefill:
+        return False
+    return not cfg.kv.keep_files if cfg.kv.keep_files is not None else cfg.phase is Phase.generate
 
 
 def needs(cfg: JobConfig) -> tuple[str, ...]:
