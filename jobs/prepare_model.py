@@ -14,7 +14,7 @@ register()
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     engine: EngineConfig = OmegaConf.to_object(cfg.engine)
-    model = resolve_model(OmegaConf.to_object(cfg.model), engine.device)
+    model = resolve_model(OmegaConf.to_object(cfg.model), engine)
     print(f"model {cfg.model.name} ready at {model.path} (fingerprint {model.fingerprint})")
 
 

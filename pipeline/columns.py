@@ -3,6 +3,7 @@ each other; and the one way stages add columns to a batch (pyarrow in, pyarrow o
 input columns keep their exact types)."""
 
 from collections import Counter
+from dataclasses import dataclass
 from enum import Enum
 
 import pyarrow as pa
@@ -111,3 +112,30 @@ def generated_token_count(tokens: pa.ChunkedArray) -> int:
     if pa.types.is_list(tokens.type.value_type):
         tokens = pc.list_flatten(tokens)
     return int(pc.sum(pc.list_value_length(tokens)).as_py() or 0)
+
+
+@dataclass(frozen=True)
+class InvalidUTF8:
+    """A row's value that holds text which is not valid UTF-8 (Parquet does not check): that
+    row's error, not its batch's."""
+
+    reason: str
+
+    def error(self, what: str) -> str:
+        return row_error(ErrorKind.invalid_utf8, f"{what} is not valid UTF-8 ({self.reason})")
+
+
+def python_values(column: pa.ChunkedArray) -> list:
+    """The column as Python values, row by row where a row's text cannot be decoded: that row
+    is an InvalidUTF8."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        return [_python_value(value) for value in column]
+
+
+def _python_value(value: pa.Scalar) -> object:
+    try:
+        return value.as_py()
+    except UnicodeDecodeError as error:
+        return InvalidUTF8(f"{error.reason} at byte {error.start}")

@@ -24,7 +24,7 @@ def job_config(*overrides: str) -> JobConfig:
 @pytest.fixture(scope="session")
 def model() -> ResolvedModel:
     cfg = job_config()
-    return resolve_model(cfg.model, cfg.engine.device)
+    return resolve_model(cfg.model, cfg.engine)
 
 
 @pytest.fixture(scope="session")

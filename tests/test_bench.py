@@ -303,7 +303,7 @@ time.sleep(60)
 
 
 def test_rss_sampler_sums_the_process_tree():
-    own = psutil.Process().memory_info().rss
+    own = tree_rss(psutil.Process())  # with the session's Ray, where an earlier test started it
     child = subprocess.Popen([sys.executable, "-c", CHILD, "parent", CHILD], stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline() == b"ready\n"

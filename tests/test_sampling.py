@@ -1,6 +1,8 @@
 """Per-row sampling values: each key's bad values are refused naming the key, the job's seed
 gives each row its own, and a per-row column must be a struct of sampling keys."""
 
+import math
+import re
 from dataclasses import asdict
 
 import pyarrow as pa
@@ -10,15 +12,17 @@ from pipeline.columns import ROW
 from pipeline.config import SamplingConfig
 from pipeline.engine.sampling import KEYS, RowSampling, check, derived_seed
 from pipeline.errors import JobError
+from pipeline.job.validate import check_job
+from tests.conftest import job_config
 
 JOB = asdict(SamplingConfig())
 
 BAD = {
-    "max_tokens": (0, "max_tokens must be in [1, inf], not 0"),
-    "min_tokens": (-1, "min_tokens must be in [0, inf], not -1"),
+    "max_tokens": (0, "max_tokens must be in [1, 2147483647], not 0"),
+    "min_tokens": (-1, "min_tokens must be in [0, 2147483647], not -1"),
     "temperature": ("hot", "temperature must be a number"),
     "top_p": (0.0, "top_p must be in (0, 1], not 0"),
-    "top_k": (-2, "top_k must be in [-1, inf], not -2"),
+    "top_k": (-2, "top_k must be in [-1, 2147483647], not -2"),
     "min_p": (1.5, "min_p must be in [0, 1], not 1.5"),
     "seed": (1.5, "seed must be an integer"),
     "stop": ("END", "stop must be a list of strings"),
@@ -31,7 +35,7 @@ BAD = {
     "regex": ("[a-", "regex is not a regular expression"),
     "choice": ([], "choice must not be empty"),
     "logprobs": (21, "logprobs must be in [0, 20], not 21"),
-    "n": (0, "n must be in [1, inf], not 0"),
+    "n": (0, "n must be in [1, 128], not 0"),
 }
 
 
@@ -43,6 +47,53 @@ def test_every_key_has_its_bad_values():
 def test_a_bad_value_is_refused_naming_its_key(key):
     value, message = BAD[key]
     assert message in check({**JOB, key: value})
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "object"}
+    for _ in range(depth - 1):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("temperature", math.inf, "temperature must be a finite number, not inf"),
+        ("repetition_penalty", math.inf, "repetition_penalty must be a finite number, not inf"),
+        ("top_p", math.nan, "top_p must be a finite number, not nan"),
+        ("n", 129, "n must be in [1, 128], not 129"),
+        ("max_tokens", 10**30, "max_tokens must be in [1, 2147483647], not 100000000000000000000..."),
+        ("stop", ["."] * 65, "stop holds 65 strings; at most 64"),
+        ("stop_token_ids", [2**40], "stop_token_ids must be a list of token ids in [0, 2147483647]"),
+        ("regex", "a{4294967296}", "regex cannot be used (OverflowError: the repetition number is too large)"),
+        ("regex", "(" * 5000 + ")" * 5000, "regex cannot be used (RecursionError"),
+        ("json_schema", "[" * 5000 + "]" * 5000, "json_schema cannot be used (RecursionError"),
+        ("json_schema", _nested(40), "json_schema nests objects and arrays more than 64 deep"),
+        ("json_schema", " " * 70_000, "json_schema is 70000 characters long; at most 65536"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None,
+)
+def test_unbounded_values_and_values_that_break_their_check_are_refused(key, value, message):
+    """Each is its row's `invalid_sampling` (or, in sampling.*, exit 2), never an exception that
+    fails a batch and, on every rerun, the job."""
+    assert message in check({**JOB, key: value})
+
+
+def test_a_hostile_value_in_the_jobs_sampling_is_a_refusal(tmp_path):
+    with pytest.raises(JobError, match=re.escape("sampling.regex cannot be used (OverflowError")):
+        check_job(job_config("sampling.regex='a{4294967296}'", "input.path=in", "output.path=out"))
+
+
+def test_a_rows_sampling_that_is_not_valid_utf8_fails_that_row_alone():
+    kind = pa.struct([("stop", pa.list_(pa.string()))])
+    stops = pa.array([{"stop": [b"."]}, {"stop": [b"\xff"]}, None], pa.struct([("stop", pa.list_(pa.binary()))]))
+    batch = pa.table({"sampling_params": stops.view(kind), ROW: pa.array([0, 1, 2], pa.int64())})
+    values = RowSampling(SamplingConfig(), "sampling_params", ("stop",)).values(batch)
+    assert values[0]["stop"] == ["."] and values[2] == JOB
+    assert values[1].error("sampling_params") == (
+        "invalid_utf8: sampling_params is not valid UTF-8 (invalid start byte at byte 0)"
+    )
 
 
 def test_good_values_and_what_only_their_combination_refuses():

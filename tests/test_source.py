@@ -205,6 +205,6 @@ def test_every_setting_that_changes_the_output_is_in_the_job_identity(tmp_path, 
 
     def make(cfg: JobConfig) -> dict:
         source = PromptSource(cfg.input, cfg.output.shard_rows, ("prompt",))
-        return identity(cfg, source, resolve_model(cfg.model, cfg.engine.device))
+        return identity(cfg, source, resolve_model(cfg.model, cfg.engine))
 
     assert make(base) != make(changed)

@@ -57,6 +57,19 @@ def test_invalid_utf8_in_a_dictionary_encoded_column_spoils_only_its_row(encoder
     assert errors[1].startswith("invalid_utf8: ") and errors[0] is errors[2] is None and tokens[0] == tokens[2]
 
 
+def test_invalid_utf8_inside_a_conversation_spoils_only_its_row(model, tmp_path):
+    turns = pa.array(
+        [[{"role": "user", "content": b"fine"}], [{"role": "user", "content": b"\xff broken"}]],
+        pa.list_(pa.struct([("role", pa.string()), ("content", pa.binary())])),
+    )
+    messages = turns.view(pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))
+    pq.write_table(pa.table({"messages": messages}), tmp_path / "in.parquet")
+    values = prompt_values(pq.read_table(tmp_path / "in.parquet").column("messages"))
+    encoder = PromptEncoder(model, job_config("input.messages_column=messages").input, MAX_TOKENS)
+    tokens, errors = encoder.encode_all(values, [None, None])
+    assert errors == [None, "invalid_utf8: messages is not valid UTF-8 (invalid start byte at byte 0)"] and tokens[0]
+
+
 def test_a_batch_is_tokenized_as_each_prompt_alone(encoder):
     prompts = ["What is 2 + 2?", None, "Name a yellow fruit.", [5, 6, 7], ""]
     tokens, errors = encoder.encode_all(prompts, [None, None, None, None, None])

@@ -81,7 +81,7 @@ def kv_bench(cfg: JobConfig) -> dict:
     check_job(cfg)
     root = Path(cfg.output.path)
     root.mkdir(parents=True, exist_ok=True)
-    model = resolve_model(cfg.model, cfg.engine.device)
+    model = resolve_model(cfg.model, cfg.engine)
     start_ray(cfg.cluster)
     prompts = cfg.input.path
 

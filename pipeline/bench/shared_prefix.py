@@ -145,7 +145,7 @@ def shared_prefix(cfg: SharedPrefixConfig) -> list[dict]:
     """The workload through each run; writes shared_prefix.json into output.path and prints the
     table."""
     root, settings = Path(cfg.output.path), cfg.shared_prefix
-    encoder = PromptEncoder(resolve_model(cfg.model, cfg.engine.device), cfg.input, cfg.sampling.max_tokens)
+    encoder = PromptEncoder(resolve_model(cfg.model, cfg.engine), cfg.input, cfg.sampling.max_tokens)
     common = write_workload(Path(cfg.input.path), settings, encoder)
     print(
         f"{settings.rows} rows, each beginning with one of {settings.prefixes} texts of ~{common} tokens; "

@@ -41,7 +41,7 @@ def plain_vllm(cfg: JobConfig) -> dict:
 def _generate_all(cfg: JobConfig) -> dict:
     """One engine on every core, all prompts in one generate call."""
     started = time.perf_counter()
-    model = resolve_model(cfg.model, cfg.engine.device)
+    model = resolve_model(cfg.model, cfg.engine)
     encoder = PromptEncoder(model, cfg.input, cfg.sampling.max_tokens)
     prompts = [encoder.encode(p)[0] for p in pq.read_table(cfg.input.path).column(cfg.input.prompt_column).to_pylist()]
     prompts = [p for p in prompts if p]

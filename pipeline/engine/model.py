@@ -7,12 +7,13 @@ import json
 import logging
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from pipeline.cache import cache_dir
-from pipeline.config import Device, ModelConfig
+from pipeline.config import Device, EngineConfig, ModelConfig
 from pipeline.errors import JobError
 
 if TYPE_CHECKING:
@@ -51,17 +52,18 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: i
     return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
-def resolve_model(cfg: ModelConfig, device: Device) -> ResolvedModel:
+def resolve_model(cfg: ModelConfig, engine: EngineConfig) -> ResolvedModel:
     path = str(convert_bundled_gguf(cfg.bundled_gguf)) if cfg.bundled_gguf else cfg.checkpoint
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(path)
     text = hf.get_text_config()  # a multimodal model's language model (Gemma 3's text_config)
     heads = getattr(text, "num_attention_heads", 0)  # none in a state-space model
+    numeric = {key: engine.extra[key] for key in NUMERIC_ENGINE_ARGS if key in engine.extra}
     return ResolvedModel(
         path=path,
-        fingerprint=model_fingerprint(path),
-        dtype=cfg.dtype or default_dtype(hf, device),
+        fingerprint=model_fingerprint(path, numeric),
+        dtype=cfg.dtype or default_dtype(hf, engine.device),
         max_model_len=cfg.max_model_len,
         layers=text.num_hidden_layers,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
@@ -161,16 +163,88 @@ def convert_bundled_gguf(spec: str) -> Path:
     return target
 
 
-def model_fingerprint(path: str) -> str:
-    """Identifies architecture and weights without reading the weights: the config plus the
-    names and sizes of the weight files (for a hub id, the id itself)."""
-    digest = hashlib.sha256()
+# Files beside the weights whose bytes decide the tokens: the tokenizer, its chat template, and
+# the generation config (whose end-of-sequence ids the engine stops at).
+TOKEN_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# engine.extra keys that change what the engine computes from the same files.
+NUMERIC_ENGINE_ARGS = (
+    "quantization",
+    "kv_cache_dtype",
+    "hf_overrides",
+    "revision",
+    "code_revision",
+    "tokenizer",
+    "tokenizer_revision",
+    "tokenizer_mode",
+    "load_format",
+    "model_impl",
+    "generation_config",
+    "override_generation_config",
+)
+WEIGHT_SAMPLE_BYTES = 4096  # read of each tensor's start, or at each of WEIGHT_SAMPLES points of a file
+WEIGHT_SAMPLES = 64
+
+
+def model_fingerprint(path: str, engine_args: dict | None = None) -> str:
+    """Identifies what the engine computes with, so that neither a resumed job nor a decode
+    pool mixes two models: the config, the tokenizer and template files, the weights (each
+    safetensors header, and the first bytes of every tensor: a checkpoint fine-tuned in place
+    keeps its names and sizes, not its values) and the engine arguments that change the
+    numbers. A hub id is read from its cached snapshot, whose name is the revision."""
+    digest = hashlib.sha256(json.dumps(engine_args or {}, sort_keys=True, default=str).encode())
     local = Path(path)
-    if local.is_dir():
-        config = json.loads((local / "config.json").read_text())
-        digest.update(json.dumps(config, sort_keys=True).encode())
-        for weights in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
-            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-    else:
+    if not local.is_dir():
         digest.update(path.encode())
+        local = _hub_snapshot(path)
+        if local is None:
+            return digest.hexdigest()[:16]
+        digest.update(local.name.encode())  # the revision
+    config = json.loads((local / "config.json").read_text())
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for name in TOKEN_FILES:
+        if (local / name).is_file():
+            digest.update(name.encode() + hashlib.sha256((local / name).read_bytes()).digest())
+    for weights in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")) + sorted(local.glob("*.pt")):
+        digest.update(weights.name.encode())
+        with weights.open("rb") as f:
+            _weights_sample(f, weights.stat().st_size, weights.suffix == ".safetensors", digest)
     return digest.hexdigest()[:16]
+
+
+def _weights_sample(f: BinaryIO, size: int, safetensors: bool, digest: "hashlib._Hash") -> None:
+    """A safetensors file's header and each tensor's first bytes; of another file, its size and
+    bytes at evenly spaced points."""
+    digest.update(str(size).encode())
+    if safetensors:
+        (header_bytes,) = struct.unpack("<Q", f.read(8))
+        header = f.read(header_bytes)
+        digest.update(header)
+        starts = sorted(v["data_offsets"][0] for k, v in json.loads(header).items() if k != "__metadata__")
+        points = [8 + header_bytes + start for start in starts]
+    else:
+        points = [size * i // WEIGHT_SAMPLES for i in range(WEIGHT_SAMPLES)]
+    for point in points:
+        f.seek(point)
+        digest.update(f.read(WEIGHT_SAMPLE_BYTES))
+
+
+def _hub_snapshot(model_id: str) -> Path | None:
+    """The local snapshot folder of a hub model (its config fetched already), named by its revision."""
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(model_id, "config.json")
+    except OSError:
+        return None
+    return Path(config).parent if config else None

@@ -5,7 +5,10 @@ A row's values are the non-null fields of its `input.sampling_column` struct (an
 SamplingConfig's keys), carried with the row through every stage, so prefill and decode, or two
 split jobs, read the same. Values are checked here, so that a bad one is that row's error
 (`invalid_sampling`, naming the field) or, in the job's own config, a one-line refusal; what the
-engine still refuses is the row's error alone too (pipeline/engine/loop.py)."""
+engine still refuses is the row's error alone too (pipeline/engine/loop.py). Values are bounded
+(numbers finite, `n`, stop strings, patterns and schemas not without limit), and a value that
+breaks its own check (a pattern too large to compile, a schema nested too deep to parse) is its
+row's error like any other bad value."""
 
 import hashlib
 import json
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
 
-from pipeline.columns import ROW
+from pipeline.columns import ROW, InvalidUTF8, python_values
 from pipeline.config import SamplingConfig
 from pipeline.errors import JobError
 
@@ -26,20 +29,32 @@ if TYPE_CHECKING:
 KEYS = tuple(f.name for f in fields(SamplingConfig))
 STRUCTURED = ("json_schema", "regex", "choice")
 MAX_LOGPROBS = 20  # vLLM's default engine limit
+MAX_N = 128  # completions per prompt, as OpenAI's API allows
+MAX_INT = 2**31 - 1  # token counts and ids: what the engine's int32 tensors hold
+MAX_STRINGS = 64  # stop strings, and choices
+MAX_STRUCTURE_CHARS = 64 << 10  # a regular expression or a JSON schema's text
+MAX_SCHEMA_DEPTH = 64  # a JSON schema's nesting of objects and arrays
 
 
 def _number(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             return "must be a number"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, not {value}"
         if value < low or value > high or (low_open and value == low):
-            return f"must be in {'(' if low_open else '['}{low:g}, {high:g}], not {value:g}"
+            return f"must be in {'(' if low_open else '['}{_shown(low)}, {_shown(high)}], not {_shown(value)}"
         return None
 
     return check
 
 
-def _integer(low: int, high: float = math.inf) -> Callable[[Any], str | None]:
+def _shown(number: float) -> str:
+    shown = str(number) if isinstance(number, int) else f"{number:g}"
+    return shown if len(shown) <= 24 else f"{shown[:21]}..."
+
+
+def _integer(low: int, high: int = MAX_INT) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int):
             return "must be an integer"
@@ -48,10 +63,14 @@ def _integer(low: int, high: float = math.inf) -> Callable[[Any], str | None]:
     return check
 
 
-def _list_of(kind: type, what: str) -> Callable[[Any], str | None]:
+def _list_of(kind: type, what: str, most: int = MAX_STRINGS) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
             return f"must be a list of {what}"
+        if len(value) > most:
+            return f"holds {len(value)} {what}; at most {most}"
+        if kind is int and not all(0 <= v <= MAX_INT for v in value):
+            return f"must be a list of {what} in [0, {MAX_INT}]"
         return None
 
     return check
@@ -65,17 +84,35 @@ def schema(value: str | dict) -> dict:
 def _json_schema(value: Any) -> str | None:
     import jsonschema
 
+    if isinstance(value, str) and len(value) > MAX_STRUCTURE_CHARS:
+        return f"is {len(value)} characters long; at most {MAX_STRUCTURE_CHARS}"
     try:
         parsed = schema(value)
-        jsonschema.validators.validator_for(parsed).check_schema(parsed)
     except (TypeError, json.JSONDecodeError) as error:
         return f"is not JSON text or a mapping ({error})"
+    if depth(parsed) > MAX_SCHEMA_DEPTH:
+        return f"nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep"
+    try:
+        jsonschema.validators.validator_for(parsed).check_schema(parsed)
     except jsonschema.SchemaError as error:
         return f"is not a valid JSON schema ({error.message})"
     return None
 
 
+def depth(value: Any) -> int:
+    """How deep objects and arrays nest in a JSON value (counted without recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, level = todo.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            todo += [(v, level + 1) for v in (value.values() if isinstance(value, dict) else value)]
+    return deepest
+
+
 def _regex(value: Any) -> str | None:
+    if isinstance(value, str) and len(value) > MAX_STRUCTURE_CHARS:
+        return f"is {len(value)} characters long; at most {MAX_STRUCTURE_CHARS}"
     try:
         re.compile(value)
     except (TypeError, re.error) as error:
@@ -101,14 +138,20 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "regex": _regex,
     "choice": lambda v: _list_of(str, "strings")(v) or (None if v else "must not be empty"),
     "logprobs": _integer(0, MAX_LOGPROBS),
-    "n": _integer(1),
+    "n": _integer(1, MAX_N),
 }
 
 
 def check(values: dict[str, Any]) -> str | None:
     """What is wrong with a set of sampling values (the job's merged with a row's), or None."""
     for key, value in values.items():
-        if value is not None and (problem := CHECKS[key](value)):
+        if value is None:
+            continue
+        try:
+            problem = CHECKS[key](value)
+        except Exception as error:  # a value that breaks its check (re's OverflowError, a RecursionError)
+            problem = f"cannot be used ({type(error).__name__}: {error})"
+        if problem:
             return f"{key} {problem}"
     if values["min_tokens"] > values["max_tokens"]:
         return f"min_tokens ({values['min_tokens']}) must not exceed max_tokens ({values['max_tokens']})"
@@ -157,16 +200,17 @@ class RowSampling:
         """Whether rows may have several completions: then every row's are a list."""
         return self.job.n > 1 or "n" in self.row_keys
 
-    def values(self, batch: pa.Table) -> list[dict[str, Any]]:
-        """Per row, the job's values with the row's own over them; a job-wide seed becomes
-        each row's own, derived from its row number."""
-        if self.column in batch.column_names:
-            own = [{k: v for k, v in (r or {}).items() if v is not None} for r in batch.column(self.column).to_pylist()]
-        else:
-            own = [{} for _ in range(batch.num_rows)]
+    def values(self, batch: pa.Table) -> list[dict[str, Any] | InvalidUTF8]:
+        """Per row, the job's values with the row's own over them (or why its own cannot be
+        read); a job-wide seed becomes each row's own, derived from its row number."""
+        own = python_values(batch.column(self.column)) if self.column in batch.column_names else [{}] * batch.num_rows
         base = asdict(self.job)
-        rows = []
-        for values, number in zip(own, batch.column(ROW).to_pylist()):
+        rows: list[dict[str, Any] | InvalidUTF8] = []
+        for row, number in zip(own, batch.column(ROW).to_pylist()):
+            if isinstance(row, InvalidUTF8):
+                rows.append(row)
+                continue
+            values = {k: v for k, v in (row or {}).items() if v is not None}
             if "seed" not in values and self.job.seed is not None:
                 values["seed"] = derived_seed(self.job.seed, number)
             rows.append({**base, **values})

@@ -22,6 +22,7 @@ from pipeline.columns import (
     PROMPT_TOKENS,
     TOKEN_LIST,
     ErrorKind,
+    InvalidUTF8,
     pending,
     row_error,
     with_columns,
@@ -78,12 +79,15 @@ class EngineStage:
         values = self.sampling.values(batch)
         requests = {}
         for i in rows:
+            if isinstance(values[i], InvalidUTF8):
+                errors[i] = values[i].error(self.sampling.column)
+                continue
             problem = check(values[i])
             if problem is None:
                 budget = min(values[i]["max_tokens"], self.model.max_model_len - len(prompts[i]))
                 try:
                     requests[i] = self.sampling.params(values[i], budget)
-                except ValueError as error:
+                except Exception as error:  # what vLLM refuses of a value: its row's error alone
                     problem = str(error)
             if problem:
                 errors[i] = row_error(ErrorKind.invalid_sampling, problem)

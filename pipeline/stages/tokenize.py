@@ -11,6 +11,8 @@ from pipeline.columns import (
     PROMPT_TOKENS,
     TOKEN_LIST,
     ErrorKind,
+    InvalidUTF8,
+    python_values,
     row_error,
     with_columns,
 )
@@ -46,12 +48,12 @@ class Tokenize:
 
 def prompt_values(column: pa.ChunkedArray) -> list:
     """The column as Python values; text is decoded row by row, so one row of invalid UTF-8
-    (Parquet does not check) spoils only itself."""
+    (Parquet does not check) spoils only itself, as does one in a conversation's turns."""
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         column = column.cast(pa.large_binary())
-    return column.to_pylist()
+    return python_values(column)
 
 
 class PromptEncoder:
@@ -83,6 +85,9 @@ class PromptEncoder:
         texts: dict[int, str | list[dict]] = {}  # text, or a conversation
         for i, prompt in enumerate(prompts):
             if errors[i] is not None:
+                continue
+            if isinstance(prompt, InvalidUTF8):
+                errors[i] = prompt.error("messages" if self.conversations else "prompt")
                 continue
             if self.conversations:
                 problem = conversation_problem(prompt)
