@@ -47,7 +47,9 @@ class Prefill(EngineStage):
             chains = {i: block_hashes(prompts[i], self.block_tokens, self.salt) for i in keys}
             shares = self.tracker.plan(chains, numbers, self.shared_blocks)
         try:
-            tokens, payloads = await self.prefill(keys, prompts, numbers, shares, errors, report)
+            tokens, payloads = await self.prefill(
+                keys, prompts, numbers=numbers, shares=shares, errors=errors, report=report
+            )
         except BaseException:
             # The batch is redone elsewhere, holding its blocks anew.
             self.give_back(shares, numbers, keys)
@@ -75,6 +77,7 @@ class Prefill(EngineStage):
         self,
         keys: dict[int, str],
         prompts: list[list[int]],
+        *,
         numbers: list[int],
         shares: BatchShares,
         errors: list[str | None],
@@ -97,7 +100,7 @@ class Prefill(EngineStage):
                 saved[i] = handoff.take_saved(key).result()
             report.kv_tokens += len(prompts[i])
         with handoff.timed():
-            payloads = self.payloads(saved, prompts, numbers, shares, report)
+            payloads = self.payloads(saved, prompts, numbers=numbers, shares=shares, report=report)
         return tokens, payloads
 
     def give_back(self, shares: BatchShares, numbers: list[int], rows: Iterable[int]) -> None:
@@ -110,6 +113,7 @@ class Prefill(EngineStage):
         self,
         saved: dict[int, np.ndarray],
         prompts: list[list[int]],
+        *,
         numbers: list[int],
         shares: BatchShares,
         report: BatchReport,
