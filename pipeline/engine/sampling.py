@@ -84,8 +84,8 @@ def schema(value: str | dict) -> dict:
 def _json_schema(value: Any) -> str | None:
     import jsonschema
 
-    if isinstance(value, str) and len(value) > MAX_STRUCTURE_CHARS:
-        return f"is {len(value)} characters long; at most {MAX_STRUCTURE_CHARS}"
+    if problem := _too_long(value):
+        return problem
     try:
         parsed = schema(value)
     except (TypeError, json.JSONDecodeError) as error:
@@ -96,6 +96,13 @@ def _json_schema(value: Any) -> str | None:
         jsonschema.validators.validator_for(parsed).check_schema(parsed)
     except jsonschema.SchemaError as error:
         return f"is not a valid JSON schema ({error.message})"
+    return None
+
+
+def _too_long(structure: Any) -> str | None:
+    """Why a pattern or schema given as text is too long to compile for one row, if it is."""
+    if isinstance(structure, str) and len(structure) > MAX_STRUCTURE_CHARS:
+        return f"is {len(structure)} characters long; at most {MAX_STRUCTURE_CHARS}"
     return None
 
 
@@ -111,8 +118,8 @@ def depth(value: Any) -> int:
 
 
 def _regex(value: Any) -> str | None:
-    if isinstance(value, str) and len(value) > MAX_STRUCTURE_CHARS:
-        return f"is {len(value)} characters long; at most {MAX_STRUCTURE_CHARS}"
+    if problem := _too_long(value):
+        return problem
     try:
         re.compile(value)
     except (TypeError, re.error) as error:

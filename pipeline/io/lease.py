@@ -23,7 +23,7 @@ from pathlib import Path
 import fsspec
 
 from pipeline.errors import JobUnfinished
-from pipeline.io.storage import IN_FLIGHT
+from pipeline.io.storage import aside
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ class OutputLease:
 
     def release(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._thread.join()
         if (self.read() or {}).get("run") == self.holder["run"]:
             self.fs.rm_file(self.path)
 
@@ -98,7 +97,7 @@ class OutputLease:
         """Seconds since the lease was last written, by the storage's clock where it keeps one."""
         try:
             written = self.fs.modified(self.path).timestamp()
-        except (NotImplementedError, OSError, AttributeError):
+        except (NotImplementedError, OSError):
             written = (self.read() or {}).get("heartbeat", 0)
         return time.time() - written
 
@@ -143,10 +142,10 @@ class OutputLease:
 
     def _write(self) -> None:
         """Written aside and moved into place: a reader never finds it half written."""
-        aside = f"{self.root}/{IN_FLIGHT}{uuid.uuid4().hex}.{LEASE}"
-        with self.fs.open(aside, "wb") as f:
+        written = aside(self.path)
+        with self.fs.open(written, "wb") as f:
             f.write(self._content())
-        self.fs.mv(aside, self.path)
+        self.fs.mv(written, self.path)
 
     def _content(self) -> bytes:
         return json.dumps({**self.holder, "heartbeat": time.time()}).encode()
@@ -155,13 +154,12 @@ class OutputLease:
 def process_space() -> str:
     """What a pid is a process of: this host, since its last boot, in this PID namespace (two
     containers may share a host name, and pids, but not a namespace)."""
-    parts = [socket.gethostname()]
-    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
-        try:
-            parts.append(os.readlink(path) if path.endswith("/pid") else Path(path).read_text().strip())
-        except OSError:
-            parts.append("")
-    return "/".join(parts)
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: the host name alone
+        boot = namespace = ""
+    return f"{socket.gethostname()}/{boot}/{namespace}"
 
 
 def _gone(holder: dict) -> bool:

@@ -21,7 +21,6 @@ files a kvrelay job writes, never anything else under the path.
 import json
 import logging
 import re
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -33,7 +32,7 @@ from pipeline.columns import ERROR, GENERATED_TOKENS, NUM_INPUT_TOKENS, error_ki
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
 from pipeline.io.lease import LEASE, OutputLease
-from pipeline.io.storage import IN_FLIGHT, METRICS, REPORT, REPORT_PLOT, filesystem
+from pipeline.io.storage import IN_FLIGHT, METRICS, REPORT, REPORT_PLOT, aside, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +200,13 @@ def _written_by_kvrelay(name: str) -> bool:
 
 def write_part(arrow_fs, path: str, table: pa.Table, stats: ShardStats) -> None:
     """Writes a shard's rows aside, then moves them into place: a reader never sees half a part."""
-    directory, name = path.rsplit("/", 1)
-    aside = f"{directory}/{IN_FLIGHT}{uuid.uuid4().hex}.{name}"
+    written = aside(path)
     metadata = {**(table.schema.metadata or {}), STATS_KEY: json.dumps(stats.__dict__).encode()}
     # Row groups of about _GROUP_BYTES, not one per part: a part of KV payloads (a prefill
     # dataset) is gigabytes, and readers decode a row group whole.
     group_rows = max(1, _GROUP_BYTES * table.num_rows // max(table.nbytes, 1))
-    pq.write_table(table.replace_schema_metadata(metadata), aside, filesystem=arrow_fs, row_group_size=group_rows)
-    arrow_fs.move(aside, path)
+    pq.write_table(table.replace_schema_metadata(metadata), written, filesystem=arrow_fs, row_group_size=group_rows)
+    arrow_fs.move(written, path)
 
 
 def read_stats(arrow_fs, path: str) -> ShardStats:

@@ -1,5 +1,7 @@
 """Storage: any fsspec URL, for both fsspec and pyarrow, and reading a job's output back."""
 
+import uuid
+
 import fsspec
 import pyarrow as pa
 import pyarrow.dataset
@@ -12,6 +14,13 @@ REPORT_PLOT = "_report.png"
 # Name prefixes never read as rows: hidden and underscore files, and what a job writes beside its rows
 # (so a job's output, e.g. a prefill dataset, reads back as an input).
 NOT_ROWS = (".", "_", METRICS, REPORT, REPORT_PLOT)
+
+
+def aside(path: str) -> str:
+    """Where to write the file at `path` before moving it into place: beside it, under a name
+    no reader takes for it."""
+    directory, name = path.rsplit("/", 1)
+    return f"{directory}/{IN_FLIGHT}{uuid.uuid4().hex}.{name}"
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, pyarrow.fs.FileSystem, str]:
