@@ -103,7 +103,7 @@ def test_the_decode_cache_checks_a_block_once_as_it_fetches_it(tmp_path, model):
     cache = BlockCache(FileBlocks(store), capacity=1 << 20)
     got = cache.get({good, bad}, "0" * 16)
     assert set(got.found) == set(got.new) == {good} and got.corrupt == {bad}
-    shape = (model.layers, 2, 5, model.kv_heads, model.head_dim)  # one shared block of 4, one own token
+    shape = model.cache.token_shape(5)  # one shared block of 4, one own token
     p = KVPayload.of(np.zeros(0, np.uint8), shape, model, "none", 4, [b"b" * 32], [checksum(data) ^ 1])
     with pytest.raises(PayloadLost, match="^kv_corrupt: KV block .* fails its checksum"):
         shared_of(p, got)

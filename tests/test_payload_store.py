@@ -32,7 +32,7 @@ def store(tmp_path) -> PayloadStore:
 
 
 def _payload(model, codec="none") -> KVPayload:
-    kv = torch.randn(model.layers, 2, 7, model.kv_heads, model.head_dim, generator=torch.Generator().manual_seed(0))
+    kv = torch.randn(model.cache.token_shape(7), generator=torch.Generator().manual_seed(0))
     return KVPayload.encode(kv, model, codec)
 
 

