@@ -10,10 +10,12 @@ its kernel; its strided fast path must agree with the general one."""
 import pytest
 import torch
 from vllm.v1.kv_cache_interface import (
+    AttentionSpec,
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
     KVCacheTensor,
+    MLAAttentionSpec,
     compute_layout_strides,
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
@@ -21,6 +23,7 @@ from vllm.v1.worker.utils import allocate_kv_cache
 
 from pipeline.kv.codec import codec
 from pipeline.kv.layout import SPLIT_KEY_VALUE, PagedCache
+from pipeline.kv.state import StateCache
 
 LAYERS, HEADS, BLOCK, NUM_BLOCKS = 3, 2, 32, 12
 
@@ -30,6 +33,11 @@ def vllm_caches(
 ) -> list[torch.Tensor]:
     """Per-layer views as a vLLM worker registers them with its connector."""
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=head_dim, dtype=dtype)
+    return allocated(spec, layout, kernel_block, layers)
+
+
+def allocated(spec: AttentionSpec, layout: KVCacheLayout, kernel_block: int, layers: int) -> list[torch.Tensor]:
+    """Each layer's view of one allocation, made by vLLM's own code."""
     names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
     layer_stride, block_stride, *_ = compute_layout_strides(spec, NUM_BLOCKS, layers, layout)
     tensor = KVCacheTensor(
@@ -148,3 +156,81 @@ def test_cpu_strided_and_general_paths_agree(tokens):
             assert torch.equal(cache.gather(CPU_BLOCKS, start, stop), kv[:, :, start:stop])
             # A save from a shared block's end, inside a cache block: the tokens from there.
             assert torch.equal(cache.gather(CPU_BLOCKS, start + 64, stop), kv[:, :, start + 64 : stop])
+
+
+def mla_caches(layout: KVCacheLayout, dtype: torch.dtype, block: int, layers: int = LAYERS) -> list[torch.Tensor]:
+    """Per-layer MLA views as vLLM allocates them: [blocks, 1, block, kv_lora_rank + rope]."""
+    return allocated(
+        MLAAttentionSpec(block_size=block, num_kv_heads=1, head_size=LATENT, dtype=dtype), layout, block, layers
+    )
+
+
+LATENT = 512 + 64
+
+
+@pytest.mark.parametrize("squeezed", [False, True], ids=["4d", "3d"])
+@pytest.mark.parametrize("backend, block", [("CPU_MLA", 16), ("FLASHMLA", 64), ("TRITON_MLA", 16)])
+def test_mla_latents_round_trip_exactly(backend, block, squeezed):
+    """Written where the MLA kernels write a token's latent (`cache.view(-1, latent)[slot]`), in
+    canonical layout one part of one head; with or without the head axis."""
+    tokens = 3 * block + 5
+    kv = torch.randn(LAYERS, 1, tokens, 1, LATENT, generator=torch.Generator().manual_seed(block)).bfloat16()
+    sent, received = [4, 0, 9, 7], [2, 11, 5, 1]
+    prefill = mla_caches(KVCacheLayout.LBNHC, torch.bfloat16, block)
+    for cache, layer in zip(prefill, kv):
+        flat = cache.view(-1, LATENT)
+        for t in range(tokens):
+            flat[sent[t // block] * block + t % block] = layer[0, t, 0]
+    views = [c.squeeze(1) for c in prefill] if squeezed else prefill
+    gathered = PagedCache(views, backend, block, LATENT, torch.bfloat16).gather(sent, 0, tokens)
+    assert torch.equal(gathered, kv)
+    decode = mla_caches(KVCacheLayout.LBNHC, torch.bfloat16, block)
+    PagedCache(decode, backend, block, LATENT, torch.bfloat16).scatter(received, gathered, block, tokens - 1)
+    for cache, layer in zip(decode, kv):
+        flat = cache.view(-1, LATENT)
+        assert torch.equal(
+            torch.stack([flat[received[t // block] * block + t % block] for t in range(block, tokens - 1)]),
+            layer[0, block : tokens - 1, 0],
+        )
+
+
+def test_a_window_is_loaded_into_its_blocks_alone():
+    """A sliding window's KV from token 40 on: the engine's block before it is its null block
+    (id 0), left as it is; the slots before 40 in the window's first block hold zeros."""
+    tokens, first = 3 * BLOCK + 7, BLOCK + 8
+    kv = torch.randn(LAYERS, 2, tokens - first, HEADS, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    decode = vllm_caches(KVCacheLayout.LBNHC, torch.bfloat16, 64, BLOCK)
+    for c in decode:
+        c[0] = 1  # the null block
+    cache = PagedCache(decode, "FLASH_ATTN", BLOCK, 64, torch.bfloat16)
+    received = [0, 11, 5, 7]
+    cache.scatter(received, kv, 0, tokens - 1, offset=first)
+    window = range(first, tokens - 1)
+    assert torch.equal(read_like_kernel(decode, received, window), kv[:, :, : len(window)])
+    zeros = read_like_kernel(decode, received, range(BLOCK, first))
+    assert not zeros.any() and zeros.shape[2] == first - BLOCK
+    assert all(bool((c[0] == 1).all()) for c in decode)
+    assert torch.equal(cache.gather(received, first, tokens - 1), kv[:, :, : len(window)])
+
+
+def test_recurrent_state_moves_whole_from_padded_pages():
+    """Each recurrent layer's state bytes, read from the request's state block of its group and
+    written into another engine's, however far apart padded pages lie."""
+    state, page, num_blocks = 1000, 4096, 6
+    g = torch.Generator().manual_seed(0)
+
+    def engine() -> list[torch.Tensor]:  # two layers' views [blocks, 1, 1, state] over padded pages
+        return [torch.zeros(num_blocks, page, dtype=torch.int8)[:, None, None, :state] for _ in range(2)]
+
+    prefill, decode = engine(), engine()
+    for cache in prefill:
+        cache.copy_(torch.randint(-128, 128, cache.shape, generator=g, dtype=torch.int8))
+    sent, received = ([9], [3], [4]), ([9], [1], [2])  # an attention group's ids, then one per recurrent group
+    read = StateCache(prefill, [1, 2], state).read(sent)
+    assert torch.equal(read, torch.cat([prefill[0][3].flatten(), prefill[1][4].flatten()]).view(torch.uint8))
+    StateCache(decode, [1, 2], state).write(received, read)
+    assert torch.equal(decode[0][1], prefill[0][3]) and torch.equal(decode[1][2], prefill[1][4])
+    others = [b for b in range(num_blocks) if b != 1], [b for b in range(num_blocks) if b != 2]
+    assert not decode[0][others[0]].any() and not decode[1][others[1]].any()
+    with pytest.raises(NotImplementedError, match="not 999 bytes per request"):
+        StateCache(prefill, [1, 2], state - 1)

@@ -4,6 +4,7 @@ prefill dataset's rows as the decode stage reads them: every field of the payloa
 column the stage uses, crafted, ends in a row error of a named kind or in the same KV."""
 
 import dataclasses
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 from pipeline.columns import GENERATED_TOKENS, KV_PAYLOAD, PROMPT_TOKENS
 from pipeline.config import Codec
+from pipeline.engine.family import Family
 from pipeline.job.meter import BatchReport
 from pipeline.kv import payload
 from pipeline.kv.blocks import BlockCache, Fetched, FileBlocks, block_key
@@ -24,7 +26,7 @@ from pipeline.stages.decode import Decode, check_prefilled, checked, load, share
 
 def _kv(model, tokens: int, dtype=torch.float32, seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(model.layers, 2, tokens, model.kv_heads, model.head_dim, generator=g).to(dtype)
+    return torch.randn(model.cache.token_shape(tokens), generator=g).to(dtype)
 
 
 def _meta(p: KVPayload) -> dict:
@@ -186,6 +188,12 @@ def _crafted(p: KVPayload) -> list[tuple[str, dict[str, pa.Array], str]]:
             "kv_mismatch",
         ),
         ("block_checksums", {"block_checksums": pa.array([None], SUMS)}, "kv_corrupt"),
+        ("family", {"family": pa.array(["mla"])}, "kv_mismatch"),  # a cache of another family
+        ("family", {"family": pa.array([None], pa.string())}, "kv_corrupt"),
+        ("first_token", {"first_token": pa.array([1], pa.int32())}, "kv_mismatch"),  # as if a window's
+        ("first_token", {"first_token": pa.array([None], pa.int32())}, "kv_corrupt"),
+        ("state_bytes", {"state_bytes": pa.array([4], pa.int64())}, "kv_mismatch"),  # state of a hybrid model
+        ("state_bytes", {"state_bytes": pa.array([None], pa.int64())}, "kv_corrupt"),
     ]
 
 
@@ -252,6 +260,11 @@ def test_a_format_3_payload_is_still_read(model, tmp_path):
         format=3,
     )
     column = _struct(old, blocks=pa.array([[b"a" * 16]], pa.list_(pa.binary(16))))
+    # Written before format 5 added what a payload carries: attention KV from token 0.
+    column = pa.StructArray.from_arrays(
+        [column.field(name) for name in TYPE.names if name not in payload.ADDED],
+        names=[name for name in TYPE.names if name not in payload.ADDED],
+    )
     (read,) = payload.from_column(_written(column, tmp_path))
     assert read.format == 3 and read.blocks == (b"a" * 16,)
     assert torch.equal(read.decode(model, TOKENS, [block]), kv)
@@ -344,3 +357,47 @@ def test_crafted_prompt_and_first_token_are_row_errors_of_their_kind(model, prom
     if kind == "invalid_token_ids":
         column = PROMPT_TOKENS if first == [7] else GENERATED_TOKENS
         assert error.startswith(f"invalid_token_ids: {column} ")
+
+
+def test_a_payload_of_another_family_or_geometry_is_refused(model):
+    """Another family's cache, a window's tokens or recurrent state where the engine keeps other
+    ones: what a payload says of itself is checked against the engine's family."""
+    p = KVPayload.encode(_kv(model, TOKENS), model, "none")
+    latent = dataclasses.replace(model.cache, family=Family.mla, kv_heads=1, head_dim=576)
+    window = dataclasses.replace(model.cache, family=Family.sliding, window=TOKENS - 2)
+    hybrid = dataclasses.replace(model.cache, family=Family.hybrid, state_layers=2, state_bytes_per_layer=64)
+    for cache, said in [
+        (latent, "KV payload holds a attention-family cache; the engine's is mla"),
+        (window, "KV payload holds a attention-family cache; the engine's is sliding"),
+        (
+            dataclasses.replace(window, family=Family.attention),
+            f"expected {model.cache.token_shape(TOKENS - 2)} from 2",
+        ),
+        (hybrid, "KV payload holds a attention-family cache; the engine's is hybrid"),
+        # Recurrent state is as of the prompt's last token but one.
+        (
+            dataclasses.replace(hybrid, family=Family.attention),
+            f"expected {model.cache.token_shape(TOKENS - 1)} from 0",
+        ),
+    ]:
+        with pytest.raises(PayloadMismatch, match=re.escape(said)):
+            p.check(dataclasses.replace(model, cache=cache), TOKENS)
+
+
+def test_state_travels_after_the_kv_and_comes_back_apart(model, tmp_path):
+    """A hybrid model's payload: its prompt's KV but the last token, then the state's bytes."""
+    hybrid = dataclasses.replace(
+        model, cache=dataclasses.replace(model.cache, family=Family.hybrid, state_layers=2, state_bytes_per_layer=96)
+    )
+    kv, state = _kv(hybrid, TOKENS - 1), np.arange(192, dtype=np.uint8)
+    p = KVPayload.encode(kv, hybrid, "int8", state=state)
+    assert (p.state_bytes, p.family, p.nbytes) == (192, "hybrid", p.data.size)
+    (read,) = payload.from_column(_written(payload.to_column([p]), tmp_path))
+    read.verify(hybrid, TOKENS)
+    loaded, offset, got = read.upload(None).to_device(0)
+    assert offset == 0 and np.array_equal(got.numpy(), state)
+    assert torch.allclose(loaded, kv, atol=0.05)
+    with pytest.raises(PayloadMismatch, match="kv_mismatch: KV payload carries 192 bytes of state"):
+        read.check(
+            dataclasses.replace(hybrid, cache=dataclasses.replace(hybrid.cache, state_bytes_per_layer=95)), TOKENS
+        )

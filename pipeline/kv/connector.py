@@ -4,16 +4,22 @@ engine core, uni executor).
 
 Producer: saves a request's prompt KV after the step that completes its prefill (the last
 chunk of a chunked prefill), from the token the request names (the blocks before it are shared
-blocks stored already; pipeline/kv/blocks.py). Consumer: reports all but the last prompt token as external, so
-the engine recomputes that one token to get logits, and writes the offered KV into the
-request's blocks before the forward pass: again each time the engine resumes a request it
-preempted (vLLM frees a preempted request's blocks and asks the connector anew). A preempted
-producer request computes its prompt again (less what the prefix cache still holds) and is
-saved after its last chunk, once: it never runs again after that step (max_tokens=1).
+blocks stored already, pipeline/kv/blocks.py, or outside a sliding window), and the recurrent
+layers' state as of that step. Consumer: reports all but the last prompt token as external, so
+the engine recomputes that one token to get logits, and writes the offered KV (and state) into
+the request's blocks before the forward pass: again each time the engine resumes a request it
+preempted (vLLM frees a preempted request's blocks and asks the connector anew). A state cannot
+be rewound, so the producer of a model with recurrent layers is given the prompt without its
+last token (pipeline/stages/prefill.py). A preempted producer request computes its prompt again
+(less what the prefix cache still holds) and is saved after its last chunk, once: it never runs
+again after that step (max_tokens=1).
+
+Block ids come per KV cache group (`SupportsHMA`): models with recurrent layers run with vLLM's
+hybrid KV cache manager; every other model with one group (pipeline/engine/build.py).
 
 Worker side, saves are gathered and encoded on the engine's stream and copied to host memory
 beside it, loads copied to the device beside it (pipeline/kv/transfer.py); the paged cache is read
-through `PagedCache`, which maps the scheduler's block ids to the kernel's blocks.
+through `EngineCache` (pipeline/kv/engine_cache.py).
 """
 
 from dataclasses import dataclass, field
@@ -24,12 +30,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
-from vllm.model_executor.models.utils import extract_layer_index
 
 from pipeline.kv import handoff, transfer
 from pipeline.kv.codec import codec
-from pipeline.kv.layout import PagedCache
+from pipeline.kv.engine_cache import BlockIds, EngineCache
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -44,10 +50,15 @@ def _key(request: "Request") -> str | None:
     return (request.kv_transfer_params or {}).get(handoff.KEY)
 
 
+def _copied(block_ids: tuple[list[int], ...]) -> BlockIds:
+    """The request's block ids per group as they stand (the manager's lists change as it runs)."""
+    return tuple(list(ids) for ids in block_ids)
+
+
 @dataclass
 class _Transfer:
     key: str
-    block_ids: list[int]
+    block_ids: BlockIds
     start: int
     stop: int
 
@@ -58,7 +69,7 @@ class RelayMetadata(KVConnectorMetadata):
     loads: list[_Transfer] = field(default_factory=list)
 
 
-class KVRelayConnector(KVConnectorBase_V1):
+class KVRelayConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._producer = self._kv_transfer_config.is_kv_producer
@@ -70,7 +81,8 @@ class KVRelayConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.get_from_extra_config
         self._codec = codec(extra("codec", "none"), int(extra("block_tokens", 0)))
         self._buffer_limits = int(extra("pinned_buffer_bytes", 0)), int(extra("device_buffer_bytes", 0))
-        self._cache: PagedCache | None = None
+        self._state_bytes_per_layer = int(extra("state_bytes_per_layer", 0))
+        self._cache: EngineCache | None = None
         self._copies: transfer.DeviceCopies | None = None
 
     # ---- scheduler side ----
@@ -90,7 +102,7 @@ class KVRelayConnector(KVConnectorBase_V1):
             return
         stop = request.num_prompt_tokens - 1
         self._pending_loads.append(
-            _Transfer(_key(request), list(blocks.get_block_ids()[0]), stop - num_external_tokens, stop)
+            _Transfer(_key(request), _copied(blocks.get_block_ids()), stop - num_external_tokens, stop)
         )
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
@@ -106,7 +118,7 @@ class KVRelayConnector(KVConnectorBase_V1):
                 continue
             key, save_from, prompt_len = self._saves[req_id]
             if computed < prompt_len <= computed + scheduler_output.num_scheduled_tokens[req_id]:
-                block_ids = list(self._kv_cache_manager.get_block_ids(req_id)[0])
+                block_ids = _copied(self._kv_cache_manager.get_block_ids(req_id))
                 meta.saves.append(_Transfer(key, block_ids, save_from, prompt_len))
         return meta
 
@@ -117,36 +129,26 @@ class KVRelayConnector(KVConnectorBase_V1):
         handoff.preemptions.add(request.num_preemptions)
         return False, None
 
+    def request_finished_all_groups(
+        self, request: "Request", block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished(request, [])
+
     # ---- worker side ----
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
-        groups = self._kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise NotImplementedError(
-                f"KV transfer needs one KV cache group, this model has {len(groups)} "
-                "(attention of several kinds): its blocks are not one set of ids"
-            )
-        attention = self._vllm_config.compilation_config.static_forward_context
-        names = sorted(kv_caches, key=extract_layer_index)
-        layer = attention[names[0]]
-        spec = groups[0].kv_cache_spec
-        self._cache = PagedCache(
-            [kv_caches[name] for name in names],
-            layer.attn_backend.get_name(),
-            block_size=spec.block_size,
-            head_dim=self._vllm_config.model_config.get_head_size(),
-            dtype=self._vllm_config.model_config.dtype,
-            isa=getattr(layer, "isa", None),
-        )
-        self._copies = transfer.copies_for(kv_caches[names[0]].device, *self._buffer_limits)
+        self._cache = EngineCache(kv_caches, self._kv_cache_config, self._vllm_config, self._state_bytes_per_layer)
+        self._copies = transfer.copies_for(next(iter(kv_caches.values())).device, *self._buffer_limits)
         handoff.copies = self._copies
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         for load in meta.loads:
             with handoff.timed():
-                kv, offset = handoff.offered(load.key).to_device(load.start)
+                kv, offset, state = handoff.offered(load.key).to_device(load.start)
                 self._cache.scatter(load.block_ids, kv, load.start, load.stop, offset)
+                if state is not None:
+                    self._cache.state.write(load.block_ids, state)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -160,4 +162,5 @@ class KVRelayConnector(KVConnectorBase_V1):
         for save in meta.saves:
             with handoff.timed():
                 kv = self._cache.gather(save.block_ids, save.start, save.stop)
-                handoff.save(save.key, transfer.download(kv, self._codec, self._copies))
+                state = self._cache.state.read(save.block_ids)
+                handoff.save(save.key, transfer.download(kv, self._codec, self._copies, state))

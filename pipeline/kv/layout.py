@@ -1,7 +1,8 @@
 """Paged KV cache <-> canonical layout.
 
-Canonical: one tensor per request, [layers, 2, tokens, kv_heads, head_dim] (2 = key, value),
-independent of the engine's attention backend, cache layout, block sizes and kernel ISA.
+Canonical: one tensor per request, [layers, parts, tokens, kv_heads, head_dim] (parts 2: key and
+value; an MLA latent is one part of one head, kv_lora_rank + rope wide), independent of the
+engine's attention backend, cache layout, block sizes and kernel ISA.
 
 vLLM gives a connector each layer's cache as a logical view [blocks, kv_heads, block_size,
 2 * head_dim] over one shared allocation. The physical order of those axes (the KV cache layout:
@@ -16,12 +17,16 @@ layout keeps partial blocks right.
 The views are in the kernel's blocks, which may be smaller than the scheduler's blocks whose ids
 the connector receives: scheduler block b is kernel blocks b*r ... b*r + r-1, r = scheduler
 block size / kernel block size (vLLM's `group_kernel_blocks`). `PagedCache` maps them.
+
+MLA backends keep one latent per token, token-major: [blocks, 1, block_size, latent] (or without
+the head axis), the same addressing with one part.
 """
 
 import torch
 
 SPLIT_KEY_VALUE = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION")
-SUPPORTED = (*SPLIT_KEY_VALUE, "CPU_ATTN")
+LATENT = ("CPU_MLA", "TRITON_MLA", "FLASHMLA", "FLASHINFER_MLA", "CUTLASS_MLA", "FLASH_ATTN_MLA")
+SUPPORTED = (*SPLIT_KEY_VALUE, "CPU_ATTN", *LATENT)
 
 
 class PagedCache:
@@ -36,10 +41,13 @@ class PagedCache:
         dtype: torch.dtype,
         isa: str | None = None,
     ):
+        """`head_dim`: of a key or value, or an MLA latent's width."""
         if backend not in SUPPORTED:
             raise NotImplementedError(
                 f"KV transfer does not support attention backend {backend}; supported: {', '.join(SUPPORTED)}"
             )
+        parts = 1 if backend in LATENT else 2
+        caches = [cache.unsqueeze(1) if cache.dim() == 3 else cache for cache in caches]  # MLA without heads
         first = caches[0]
         kernel_block_size = first.shape[2]
         if block_size % kernel_block_size or first.shape[0] % (block_size // kernel_block_size):
@@ -48,15 +56,15 @@ class PagedCache:
                 f"the scheduler's {block_size}-token blocks"
             )
         for cache in caches:
-            if cache.dtype != dtype or cache.shape[3] != 2 * head_dim or cache.shape[1:] != first.shape[1:]:
+            if cache.dtype != dtype or cache.shape[3] != parts * head_dim or cache.shape[1:] != first.shape[1:]:
+                what = "MLA latents of width" if parts == 1 else "keys and values of head size"
                 raise NotImplementedError(
-                    f"KV cache view {tuple(cache.shape)} {cache.dtype} is not plain keys and values of head "
-                    f"size {head_dim} in {dtype} (a quantised, padded or mixed cache): KV transfer "
-                    "supports plain ones only"
+                    f"KV cache view {tuple(cache.shape)} {cache.dtype} is not plain {what} {head_dim} in {dtype} "
+                    "(a quantised, padded or mixed cache): KV transfer supports plain ones only"
                 )
         self.block_size = block_size
         self.ratio = block_size // kernel_block_size
-        self.layers = [PagedLayer(cache, backend, isa) for cache in caches]
+        self.layers = [PagedLayer(cache, backend, isa, parts) for cache in caches]
 
     def kernel_blocks(self, block_ids: list[int]) -> list[int]:
         return [b * self.ratio + j for b in block_ids for j in range(self.ratio)]
@@ -70,7 +78,7 @@ class PagedCache:
         index = _index(blocks, first.cache.device)
         out = torch.empty(
             len(self.layers),
-            2,
+            first.parts,
             stop - skipped * first.block_size,
             first.kv_heads,
             first.head_dim,
@@ -84,8 +92,14 @@ class PagedCache:
     def scatter(self, block_ids: list[int], kv: torch.Tensor, start: int, stop: int, offset: int = 0) -> None:
         """Write canonical tokens [start, stop) into a request's blocks, from `kv` holding the
         tokens from `offset` on; start is on a scheduler block boundary. Slots past `stop` in
-        the last block are the engine's to write when it computes those tokens."""
+        the last block are the engine's to write when it computes those tokens. Tokens before
+        `offset` are outside a sliding window: their blocks are the engine's null block, and the
+        slots before `offset` in its first real block are never attended to (written as zeros)."""
         assert start % self.block_size == 0, "loads start on a block boundary"
+        if offset > start:
+            start = offset - offset % self.block_size
+            kv = torch.nn.functional.pad(kv, (0, 0, 0, 0, offset - start, 0))
+            offset = start
         bs = self.layers[0].block_size
         blocks = self.kernel_blocks(block_ids)[start // bs : -(-stop // bs)]
         index = _index(blocks, self.layers[0].cache.device)
@@ -105,10 +119,11 @@ def _index(blocks: list[int], device: torch.device) -> torch.Tensor:
 class PagedLayer:
     """One layer's paged cache in kernel blocks, read and written as canonical tokens."""
 
-    def __init__(self, cache: torch.Tensor, backend: str, isa: str | None = None):
+    def __init__(self, cache: torch.Tensor, backend: str, isa: str | None = None, parts: int = 2):
         self.cache = cache
+        self.parts = parts
         self.num_blocks, self.kv_heads, self.block_size, width = cache.shape
-        self.head_dim = width // 2
+        self.head_dim = width // parts
         self._order = self._strided = None
         if backend == "CPU_ATTN":
             # order[i]: where, inside one (block, head), the kernel keeps canonical element i
@@ -117,7 +132,7 @@ class PagedLayer:
             self._strided = _as_strided_halves(self._order, self.block_size, self.head_dim)
 
     def read_into(self, out: torch.Tensor, blocks: list[int], index: torch.Tensor) -> None:
-        """Copy the first tokens of `blocks` into `out`, canonical [2, tokens, H, D]."""
+        """Copy the first tokens of `blocks` into `out`, canonical [parts, tokens, H, D]."""
         tokens = out.shape[1]
         if self._strided:  # one strided copy per block and half, straight from the cache
             for i, block in enumerate(blocks):
@@ -128,7 +143,7 @@ class PagedLayer:
         out.copy_(self.read(index).transpose(0, 1).flatten(1, 2)[:, :tokens])
 
     def write_from(self, tokens: torch.Tensor, blocks: list[int], index: torch.Tensor) -> None:
-        """Write canonical tokens [2, n, H, D] into `blocks` from the first slot of the first."""
+        """Write canonical tokens [parts, n, H, D] into `blocks` from the first slot of the first."""
         tokens = tokens.to(device=self.cache.device, dtype=self.cache.dtype)
         if self._strided:
             for i, block in enumerate(blocks):
@@ -151,15 +166,15 @@ class PagedLayer:
         self.write(index[: padded.shape[1]], padded.transpose(0, 1))
 
     def read(self, index: torch.Tensor) -> torch.Tensor:
-        """Whole blocks as [n, 2, block_size, H, D]."""
-        picked = self.cache.index_select(0, index)  # [n, H, bs, 2D]
+        """Whole blocks as [n, parts, block_size, H, D]."""
+        picked = self.cache.index_select(0, index)  # [n, H, bs, parts * D]
         if self._order is None:
-            return picked.unflatten(-1, (2, self.head_dim)).permute(0, 3, 2, 1, 4)
+            return picked.unflatten(-1, (self.parts, self.head_dim)).permute(0, 3, 2, 1, 4)
         canonical = picked.flatten(2).index_select(2, self._order)
         return canonical.view(-1, self.kv_heads, 2, self.block_size, self.head_dim).permute(0, 2, 3, 1, 4)
 
     def write(self, index: torch.Tensor, blocks: torch.Tensor) -> None:
-        """Whole blocks from [n, 2, block_size, H, D]."""
+        """Whole blocks from [n, parts, block_size, H, D]."""
         if self._order is None:
             self.cache[index] = blocks.permute(0, 3, 2, 1, 4).flatten(-2)
             return

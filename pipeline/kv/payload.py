@@ -1,7 +1,7 @@
 """The KV payload: one request's prompt KV as it travels from prefill to decode, in one Arrow
 struct column that round-trips through Ray's object store and Parquet without pickle.
 
-Format 3: the KV in canonical layout [layers, 2 (K, V), tokens, kv_heads, head_dim], encoded by
+The KV in canonical layout [layers, parts (K, V), tokens, kv_heads, head_dim], encoded by
 a codec (pipeline.kv.codec) block by block (`block_tokens` tokens each; 0: one block), plus what
 decode needs to refuse a payload it must not use: the model fingerprint, cache dtype, codec,
 shape and an XXH3-64 checksum of the encoded bytes and their block size (a hash ~7x faster than
@@ -10,7 +10,11 @@ may be shared with other prompts: then the payload names them (their content has
 pipeline.kv.blocks) and carries only the blocks after them. The carried bytes are inline, or in
 a file named by `file` (pipeline.kv.store).
 
-Format 4 names shared blocks by SHA-256 (32 bytes); format 3, still read, by XXH3-128 (16)."""
+Format 5 says what cache it carries (pipeline/engine/family.py): the `family`, the first token
+carried (a sliding window's), and the bytes of recurrent layers' state that follow the KV in
+`data`; an MLA latent is canonical KV of one part and one head. Formats 3 and 4, still read,
+carry attention KV from token 0; format 4 names shared blocks by SHA-256 (32 bytes), format 3 by
+XXH3-128 (16)."""
 
 import itertools
 from collections.abc import Sequence
@@ -22,13 +26,14 @@ import torch
 import xxhash
 
 from pipeline.columns import KV_PAYLOAD, ErrorKind, row_error
+from pipeline.engine.family import Family
 from pipeline.engine.model import ResolvedModel
 from pipeline.kv.codec import CODECS, Codec, codec
 from pipeline.kv.transfer import DeviceCopies, Upload
 
-FORMAT = 4
+FORMAT = 5
 # The formats this kvrelay reads, and the length of the block hashes of each.
-HASH_BYTES = {3: 16, 4: 32}
+HASH_BYTES = {3: 16, 4: 32, 5: 32}
 TYPE = pa.struct(
     [
         ("format", pa.int16()),
@@ -42,9 +47,14 @@ TYPE = pa.struct(
         ("block_tokens", pa.int32()),
         ("blocks", pa.list_(pa.binary())),
         ("block_checksums", pa.list_(pa.uint64())),
+        ("family", pa.string()),
+        ("first_token", pa.int32()),
+        ("state_bytes", pa.int64()),
     ]
 )
 OPTIONAL = ("file",)  # every other field of a payload must be set
+# Fields format 5 added, and what a payload of an earlier format means by their absence.
+ADDED = {"family": Family.attention.value, "first_token": 0, "state_bytes": 0}
 
 
 class PayloadError(ValueError):
@@ -73,6 +83,9 @@ class KVPayload:
     block_tokens: int = 0
     blocks: tuple[bytes, ...] = ()  # the shared blocks' content hashes, from the first
     block_checksums: tuple[int, ...] = ()
+    family: str = Family.attention.value
+    first_token: int = 0  # of the prompt: the KV before it is not carried (outside a window)
+    state_bytes: int = 0  # at the end of `data`: recurrent layers' state
 
     @classmethod
     def of(
@@ -84,9 +97,11 @@ class KVPayload:
         block_tokens: int = 0,
         blocks: tuple[bytes, ...] = (),
         block_checksums: tuple[int, ...] = (),
+        first_token: int = 0,
     ) -> "KVPayload":
-        """The payload of KV of `shape` that `codec_name` encoded as `data`, per block of
-        `block_tokens`: all of it, or the blocks after the shared `blocks` it names."""
+        """The payload of KV of `shape` from `first_token` on that `codec_name` encoded as
+        `data`, per block of `block_tokens` (all of it, or the blocks after the shared `blocks`
+        it names), with `model`'s recurrent state after it, if it has any."""
         return cls(
             model.fingerprint,
             model.dtype,
@@ -97,12 +112,26 @@ class KVPayload:
             block_tokens=block_tokens,
             blocks=tuple(blocks),
             block_checksums=tuple(block_checksums),
+            family=model.cache.family.value,
+            first_token=first_token,
+            state_bytes=model.cache.state_bytes,
         )
 
     @classmethod
-    def encode(cls, kv: torch.Tensor, model: ResolvedModel, codec_name: str, block_tokens: int = 0) -> "KVPayload":
+    def encode(
+        cls,
+        kv: torch.Tensor,
+        model: ResolvedModel,
+        codec_name: str,
+        block_tokens: int = 0,
+        *,
+        first_token: int = 0,
+        state: np.ndarray | None = None,
+    ) -> "KVPayload":
         data = codec(codec_name, block_tokens).encode(kv).cpu().numpy()
-        return cls.of(data, tuple(kv.shape), model, codec_name, block_tokens)
+        if state is not None:
+            data = np.concatenate([data, state])
+        return cls.of(data, tuple(kv.shape), model, codec_name, block_tokens, first_token=first_token)
 
     @property
     def num_tokens(self) -> int:
@@ -131,7 +160,7 @@ class KVPayload:
     def nbytes(self) -> int:
         """The size of the encoded bytes it carries that its codec, shape and dtype make (of
         a payload that passed `check`)."""
-        return self.blocked_codec.nbytes(self.own_shape, self.torch_dtype)
+        return self.blocked_codec.nbytes(self.own_shape, self.torch_dtype) + self.state_bytes
 
     @property
     def block_nbytes(self) -> int:
@@ -154,9 +183,24 @@ class KVPayload:
             raise PayloadMismatch(
                 ErrorKind.kv_mismatch, f"KV payload is from model {self.fingerprint}, engine runs {model.fingerprint}"
             )
-        expected = (model.layers, 2, num_tokens, model.kv_heads, model.head_dim)
-        if self.shape != expected:
-            raise PayloadMismatch(ErrorKind.kv_mismatch, f"KV payload shape {self.shape}, expected {expected}")
+        cache = model.cache
+        if self.family != cache.family.value:
+            raise PayloadMismatch(
+                ErrorKind.kv_mismatch,
+                f"KV payload holds a {self.family}-family cache; the engine's is {cache.family.value}",
+            )
+        first, stop = cache.carried(num_tokens)
+        expected = cache.token_shape(stop - first)
+        if self.shape != expected or self.first_token != first:
+            raise PayloadMismatch(
+                ErrorKind.kv_mismatch,
+                f"KV payload shape {self.shape} from token {self.first_token}, expected {expected} from {first}",
+            )
+        if self.state_bytes != cache.state_bytes:
+            raise PayloadMismatch(
+                ErrorKind.kv_mismatch,
+                f"KV payload carries {self.state_bytes} bytes of state, the engine keeps {cache.state_bytes}",
+            )
         if self.dtype != model.dtype:
             raise PayloadMismatch(
                 ErrorKind.kv_mismatch, f"KV payload dtype {self.dtype}, engine cache is {model.dtype}"
@@ -165,7 +209,11 @@ class KVPayload:
             raise PayloadMismatch(
                 ErrorKind.kv_mismatch, f"KV payload codec {self.codec!r}; this kvrelay reads {', '.join(CODECS)}"
             )
-        if self.block_tokens < 0 or (self.blocks and not self.block_tokens) or self.shared_tokens >= num_tokens:
+        if (
+            self.block_tokens < 0
+            or (self.blocks and not self.block_tokens)
+            or (self.shared_tokens and self.shared_tokens >= stop)
+        ):
             raise PayloadMismatch(
                 ErrorKind.kv_mismatch,
                 f"KV payload names {len(self.blocks)} shared blocks of {self.block_tokens} tokens for a prompt "
@@ -205,8 +253,10 @@ class KVPayload:
     def upload(self, copies: DeviceCopies | None, shared: Sequence[np.ndarray] = ()) -> Upload:
         """Its KV on the way to an engine's cache (a verified payload, its shared blocks'
         verified bytes in order)."""
-        pieces = [(data, self.block_shape) for data in shared] + [(self.data, self.own_shape)]
-        return Upload(pieces, self.torch_dtype, self.blocked_codec, copies)
+        own = self.data.size - self.state_bytes
+        pieces = [(data, self.block_shape) for data in shared] + [(self.data[:own], self.own_shape)]
+        state = self.data[own:] if self.state_bytes else None
+        return Upload(pieces, self.torch_dtype, self.blocked_codec, copies, first=self.first_token, state=state)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -243,6 +293,9 @@ def _chunk(p: KVPayload) -> pa.StructArray:
         "block_tokens": pa.array([p.block_tokens], pa.int32()),
         "blocks": pa.array([list(p.blocks)], TYPE.field("blocks").type),
         "block_checksums": pa.array([list(p.block_checksums)], TYPE.field("block_checksums").type),
+        "family": pa.array([p.family], pa.string()),
+        "first_token": pa.array([p.first_token], pa.int32()),
+        "state_bytes": pa.array([p.state_bytes], pa.int64()),
     }
     return pa.StructArray.from_arrays(list(fields.values()), fields=list(TYPE))
 
@@ -289,6 +342,8 @@ def _fields(chunk: pa.Array) -> dict[str, pa.Array]:
     if not pa.types.is_struct(chunk.type):
         raise refused
     children = dict(zip((f.name for f in chunk.type), chunk.flatten()))  # flatten applies the struct's own offset
+    for name in ADDED.keys() - children.keys():  # a payload of an earlier format
+        children[name] = pa.nulls(len(chunk), TYPE.field(name).type)
     try:
         return {f.name: children[f.name].cast(f.type) for f in TYPE}  # a safe cast: no value changes
     except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -296,6 +351,8 @@ def _fields(chunk: pa.Array) -> dict[str, pa.Array]:
 
 
 def _payload(row: dict, data: np.ndarray | None) -> "KVPayload | PayloadError":
+    if isinstance(row["format"], int) and row["format"] < 5:
+        row = {**row, **{name: value for name, value in ADDED.items() if row[name] is None}}
     missing = [name for name, value in {**row, "data": data}.items() if value is None and name not in OPTIONAL]
     if missing:
         return PayloadLost(ErrorKind.kv_corrupt, f"KV payload has no {', '.join(missing)}")

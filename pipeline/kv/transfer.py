@@ -96,7 +96,8 @@ class Download:
 class Upload:
     """A request's encoded KV on its way to the device, in pieces (its shared blocks, then
     the rest), staged in host memory by the stage's thread when it is offered, decoded to
-    canonical KV on the device when it is loaded: only the pieces the engine lacks."""
+    canonical KV on the device when it is loaded: only the pieces the engine lacks. The KV
+    starts at token `first` (a sliding window's); recurrent layers' state, if any, follows it."""
 
     def __init__(
         self,
@@ -104,42 +105,53 @@ class Upload:
         dtype: torch.dtype,
         codec: Codec,
         copies: "DeviceCopies | None",
+        *,
+        first: int = 0,
+        state: np.ndarray | None = None,
     ):
-        self.dtype, self.codec, self._copies = dtype, codec, copies
+        self.dtype, self.codec, self._copies, self.first = dtype, codec, copies, first
         self.shapes = [shape for _, shape in pieces]
         sizes = [data.size for data, _ in pieces]
         self.nbytes = sum(sizes)
+        self.state_nbytes = 0 if state is None else state.size
         self._offsets = np.cumsum([0, *sizes]).tolist()
         self._pieces = [as_tensor(data) for data, _ in pieces]
+        self._state = None if state is None else as_tensor(state)
         self._data: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None
         if copies is not None:  # one pinned buffer: one copy to the device
-            self._data = copies.host.take(self.nbytes)
+            self._data = copies.host.take(self.nbytes + self.state_nbytes)
             for piece, start, stop in zip(self._pieces, self._offsets, self._offsets[1:]):
                 self._data[start:stop].copy_(piece)
-            self._pieces = []
+            if self._state is not None:
+                self._data[self.nbytes : self.nbytes + self.state_nbytes].copy_(self._state)
+            self._pieces, self._state = [], None
 
-    def to_device(self, start: int) -> tuple[torch.Tensor, int]:
+    def to_device(self, start: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
         """Canonical KV on the engine's device from the piece that holds token `start` (the
-        engine has the tokens before it), ready for the engine's stream, and that piece's first
-        token; called each time the request loads (again after a preemption)."""
-        first, offset = 0, 0
+        engine has the tokens before it), ready for the engine's stream; that piece's first
+        token; and the state bytes, if any. Called each time the request loads (again after a
+        preemption)."""
+        first, offset = 0, self.first
         while first + 1 < len(self.shapes) and offset + self.shapes[first][2] <= start:
             offset += self.shapes[first][2]
             first += 1
         shapes = self.shapes[first:]
         if self._copies is None:
-            return self._decode(self._pieces[first:], shapes), offset
+            return self._decode(self._pieces[first:], shapes), offset, self._state
         engine_stream = torch.cuda.current_stream()
         with torch.cuda.stream(self._copies.stream):
-            data = self._data[self._offsets[first] : self.nbytes].to(self._copies.device, non_blocking=True)
+            end = self.nbytes + self.state_nbytes
+            data = self._data[self._offsets[first] : end].to(self._copies.device, non_blocking=True)
             sizes = [b - a for a, b in zip(self._offsets[first:], self._offsets[first + 1 :])]
-            kv = self._decode(list(data.split(sizes)), shapes)
+            *pieces, state = data.split([*sizes, self.state_nbytes])
+            kv = self._decode(pieces, shapes)
             self._copied = torch.cuda.Event()
             self._copied.record(self._copies.stream)
         engine_stream.wait_event(self._copied)
-        kv.record_stream(engine_stream)  # made on the side stream, read on the engine's
-        return kv, offset
+        for made in (kv, state):  # made on the side stream, read on the engine's
+            made.record_stream(engine_stream)
+        return kv, offset, state if self.state_nbytes else None
 
     def _decode(self, pieces: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> torch.Tensor:
         kv = [self.codec.decode(piece, shape, self.dtype) for piece, shape in zip(pieces, shapes)]
@@ -184,9 +196,14 @@ def copies_for(device: torch.device, host_limit: int, device_limit: int) -> Devi
     return DeviceCopies(device, host_limit, device_limit) if device.type == "cuda" else None
 
 
-def download(kv: torch.Tensor, codec: Codec, copies: DeviceCopies | None) -> Download:
-    """Encode canonical KV where it is and start its copy to host memory."""
+def download(
+    kv: torch.Tensor, codec: Codec, copies: DeviceCopies | None, state: torch.Tensor | None = None
+) -> Download:
+    """Encode canonical KV where it is, the recurrent state's bytes after it, and start the copy
+    to host memory."""
     data = codec.encode(kv)
+    if state is not None and state.numel():
+        data = torch.cat([data, state.view(torch.uint8).reshape(-1)])
     if copies is None:
         return Download(tuple(kv.shape), data)
     return copies.download(tuple(kv.shape), data)

@@ -65,7 +65,13 @@ class Decode(EngineStage):
             payloads = payload.from_column(batch) if rows else []
         files: list[str | None] = [None] * batch.num_rows  # to remove once the row is committed
         for i in rows:
-            errors[i] = check_prefilled(prompts[i], first[i], self.vocab_size, self.model.max_model_len)
+            errors[i] = check_prefilled(
+                prompts[i],
+                first[i],
+                self.vocab_size,
+                self.model.max_model_len,
+                0 if self.model.cache.state_layers else 1,
+            )
         requests = self.requests(batch, [i for i in rows if errors[i] is None], prompts, errors)
         # A payload is checked against the engine before anything it names is fetched.
         for i in requests:
@@ -73,8 +79,13 @@ class Decode(EngineStage):
         with handoff.timed():
             blocks = self.fetch_shared([payloads[i] for i in requests], report)
         keys: dict[int, str | None] = {}  # row -> handoff key; None: the engine prefills the prompt itself
+        recomputed = 0
         for i in requests:
             num_input[i] = len(prompts[i])  # the prompt's, whatever the dataset says
+            start, stop = self.model.cache.carried(len(prompts[i]))
+            if start == stop:  # a one-token prompt of a model with recurrent layers: nothing was computed
+                keys[i] = None
+                continue
             try:
                 with handoff.timed():
                     loaded = load(payloads[i], self.model, len(prompts[i]), self.store)
@@ -84,6 +95,7 @@ class Decode(EngineStage):
                 if isinstance(error, PayloadLost) and self.kv.on_load_failure is OnLoadFailure.recompute:
                     log.warning("row %d: %s; recomputing its prefill", i, error)
                     keys[i] = None
+                    recomputed += 1
                 else:
                     errors[i] = str(error)
                 continue
@@ -108,7 +120,7 @@ class Decode(EngineStage):
         if self.shared_blocks:
             self.shared_blocks.release([numbers[i] for i in rows])
         report.rows = len(keys)
-        report.kv_recomputed = sum(key is None for key in keys.values())
+        report.kv_recomputed = recomputed
         report.kv_handoff_seconds = handoff.seconds.take()
         report.preempted = int(handoff.preemptions.take())
         # A row refused here keeps no tokens: ids no tokenizer may know.
@@ -188,17 +200,21 @@ def load(
     return p
 
 
-def check_prefilled(prompt: object, first: object, vocab_size: int, max_model_len: int) -> str | None:
-    """Why a prefill dataset's row (its prompt and first token) cannot be decoded, or None."""
+def check_prefilled(
+    prompt: object, first: object, vocab_size: int, max_model_len: int, first_tokens: int = 1
+) -> str | None:
+    """Why a prefill dataset's row (its prompt and first token) cannot be decoded, or None.
+    `first_tokens`: 1, or 0 for a model with recurrent layers, whose prefill stops before the
+    prompt's last token."""
     for column, ids in ((PROMPT_TOKENS, prompt), (GENERATED_TOKENS, first)):
         if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
             return row_error(ErrorKind.invalid_token_ids, f"{column} must be a list of token ids in [0, {vocab_size})")
     if not prompt:
         return row_error(ErrorKind.empty_prompt, f"{PROMPT_TOKENS} is empty")
-    if len(first) != 1:
+    if len(first) != first_tokens:
         return row_error(
             ErrorKind.invalid_first_token,
-            f"{GENERATED_TOKENS} holds {len(first)} tokens; a prefilled row holds its first token alone",
+            f"{GENERATED_TOKENS} holds {len(first)} tokens; a prefilled row of this model holds {first_tokens}",
         )
     if len(prompt) >= max_model_len:
         return row_error(

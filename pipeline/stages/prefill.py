@@ -1,8 +1,13 @@
-"""Prefill stage: computes each prompt's KV (and, greedily, a first token, which a prefill
-dataset keeps), and emits the KV as a payload column for the decode pool (inline, or as a file
-name with kv.transport=storage); the leading blocks a prompt shares with others are stored once
-and named (pipeline/kv/blocks.py). Every token of the completion is the decode engine's, sampled
-there as the row asks, so a seeded row draws the same tokens as in one engine."""
+"""Prefill stage: computes each prompt's KV, or whatever its model keeps (pipeline/engine/family.py),
+and, greedily, a first token, which a prefill dataset keeps, and emits it as a payload column for
+the decode pool (inline, or as a file name with kv.transport=storage); the leading blocks a
+prompt shares with others are stored once and named (pipeline/kv/blocks.py). Every token of the
+completion is the decode engine's, sampled there as the row asks, so a seeded row draws the same
+tokens as in one engine.
+
+A model with recurrent layers is given the prompt without its last token: their state cannot be
+rewound, and decode computes that token again. Such a row has no first token, and a one-token
+prompt needs no prefill at all."""
 
 import uuid
 from typing import Any, Iterable
@@ -30,7 +35,8 @@ class Prefill(EngineStage):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.block_tokens = self.kv.shared_block_tokens
-        self.sharing = bool(self.block_tokens and self.shared_blocks)
+        # A sliding window's KV starts past the prompt's leading blocks: nothing to share.
+        self.sharing = bool(self.block_tokens and self.shared_blocks) and not self.model.cache.window
         self.salt = salt(self.model.fingerprint, self.model.dtype, self.kv.codec.value, self.block_tokens)
         self.tracker = PrefixTracker()
 
@@ -41,14 +47,15 @@ class Prefill(EngineStage):
         numbers = batch.column(ROW).to_pylist()
         # A row's sampling is the decode engine's to apply, from the first token on; a bad value
         # is refused here, before the row's KV is computed.
-        keys = {i: uuid.uuid4().hex for i in self.requests(batch, rows, prompts, errors)}
+        carried = {i: self.model.cache.carried(len(prompts[i])) for i in self.requests(batch, rows, prompts, errors)}
+        keys = {i: uuid.uuid4().hex for i, (_, stop) in carried.items() if stop}
         shares = BatchShares({}, {}, {})
         if self.sharing:
-            chains = {i: block_hashes(prompts[i], self.block_tokens, self.salt) for i in keys}
+            chains = {i: block_hashes(prompts[i][: carried[i][1]], self.block_tokens, self.salt) for i in keys}
             shares = self.tracker.plan(chains, numbers, self.shared_blocks)
         try:
             tokens, payloads = await self.prefill(
-                keys, prompts, numbers=numbers, shares=shares, errors=errors, report=report
+                keys, prompts, carried=carried, numbers=numbers, shares=shares, errors=errors, report=report
             )
         except BaseException:
             # The batch is redone elsewhere, holding its blocks anew.
@@ -61,7 +68,7 @@ class Prefill(EngineStage):
             column = payload.to_column(payloads)
         report.rows = len(rows)
         report.input_tokens = sum(len(prompts[i]) for i in rows)
-        report.output_tokens = len(keys)
+        report.output_tokens = sum(1 for t in tokens if t)
         report.kv_handoff_seconds = handoff.seconds.take()
         report.preempted = int(handoff.preemptions.take())
         return with_columns(
@@ -78,29 +85,33 @@ class Prefill(EngineStage):
         keys: dict[int, str],
         prompts: list[list[int]],
         *,
+        carried: dict[int, tuple[int, int]],
         numbers: list[int],
         shares: BatchShares,
         errors: list[str | None],
         report: BatchReport,
     ) -> tuple[list, list[KVPayload | None]]:
-        """Runs the requests (`keys`: row -> handoff key): each row's first token and payload."""
+        """Runs the requests (`keys`: row -> handoff key) on the tokens whose KV they carry
+        (`carried`: row -> [first, stop)): each row's first token and payload."""
         # The engine saves a row's KV from the first block it must carry or supply.
-        starts = {i: shares.save_from(i) * self.block_tokens for i in keys}
+        starts = {i: max(shares.save_from(i) * self.block_tokens, carried[i][0]) for i in keys}
         outputs = await self.generate(
-            [prompts[i] for i in keys], [self.sampling.prefill(key, starts[i]) for i, key in keys.items()]
+            [prompts[i][: carried[i][1]] for i in keys],
+            [self.sampling.prefill(key, starts[i]) for i, key in keys.items()],
         )
-        tokens: list = [None] * len(prompts)
+        tokens: list = [[] if i in carried else None for i in range(len(prompts))]
         saved: dict[int, np.ndarray] = {}
         for (i, key), out in zip(keys.items(), outputs):
             if isinstance(out, RequestRefused):
-                errors[i] = row_error(ErrorKind.engine_refused, out.reason)
+                errors[i], tokens[i] = row_error(ErrorKind.engine_refused, out.reason), None
                 continue
-            tokens[i] = list(out.outputs[0].token_ids)
+            if carried[i][1] == len(prompts[i]):  # the whole prompt ran: its token is the first
+                tokens[i] = list(out.outputs[0].token_ids)
             with handoff.timed():
                 saved[i] = handoff.take_saved(key).result()
-            report.kv_tokens += len(prompts[i])
+            report.kv_tokens += carried[i][1] - carried[i][0]
         with handoff.timed():
-            payloads = self.payloads(saved, prompts, numbers=numbers, shares=shares, report=report)
+            payloads = self.payloads(saved, carried, numbers=numbers, shares=shares, report=report)
         return tokens, payloads
 
     def give_back(self, shares: BatchShares, numbers: list[int], rows: Iterable[int]) -> None:
@@ -112,7 +123,7 @@ class Prefill(EngineStage):
     def payloads(
         self,
         saved: dict[int, np.ndarray],
-        prompts: list[list[int]],
+        carried: dict[int, tuple[int, int]],
         *,
         numbers: list[int],
         shares: BatchShares,
@@ -121,10 +132,9 @@ class Prefill(EngineStage):
         """Each row's payload from the KV its engine saved: naming the shared blocks, carrying
         the rest. The shared blocks this batch supplies are stored, each from its supplier's KV."""
         model, codec_name = self.model, self.kv.codec.value
-        block_shape = (model.layers, 2, self.block_tokens, model.kv_heads, model.head_dim)
-        block = codec(codec_name).nbytes(block_shape, getattr(torch, model.dtype))
+        block = codec(codec_name).nbytes(model.cache.token_shape(self.block_tokens), getattr(torch, model.dtype))
         checksums, fresh = dict(shares.held), {}
-        payloads: list[KVPayload | None] = [None] * len(prompts)
+        payloads: list[KVPayload | None] = [None] * len(numbers)
         for i, data in saved.items():  # in row order: a block's supplier comes before the rows that name it
             hashes, first = shares.named.get(i, []), shares.save_from(i)
             for j, h in enumerate(hashes[first:], first):
@@ -134,15 +144,16 @@ class Prefill(EngineStage):
                     fresh[block_key(h, checksums[h])] = copy
             if any(h not in checksums for h in hashes):  # its supplier was refused: decode recomputes it
                 continue
-            shape = (model.layers, 2, len(prompts[i]), model.kv_heads, model.head_dim)
+            start, stop = carried[i]
             p = KVPayload.of(
                 data[(len(hashes) - first) * block :],
-                shape,
+                model.cache.token_shape(stop - start),
                 model,
                 codec_name,
                 self.block_tokens,
                 hashes,
                 [checksums[h] for h in hashes],
+                first_token=start,
             )
             payloads[i] = self.store.put(p) if self.kv.transport is Transport.storage else p
             report.kv_bytes += p.data.nbytes
