@@ -4,6 +4,7 @@ as overrides for jobs.generate.
 
     python -m jobs.plan [model_spec=llama-3.1-8b] ['hardware=[h100,l4]'] [workload.output_tokens=256]
         [workload.path=prompts.parquet workload.tokenizer=DIR_OR_HUB_ID | workload.prompt_tokens=2048]
+    python -m jobs.plan model_spec=deepseek-v3 'hardware=[h100,l4]' plan.max_devices=64
     python -m jobs.plan model_spec=smollm2-135m hardware=cpu-core calibrate.bench=outputs/bench/bench.json \\
         workload.path=outputs/bench/colocated plan.max_batch=64 plan.max_devices=2
 

@@ -1,5 +1,5 @@
 """The capacity planner's answer to a jobs.plan run: every option's predicted throughput and
-cost, the cheapest one, and the jobs.generate overrides that run it."""
+cost, the cheapest one kvrelay runs, and the jobs.generate overrides that run it."""
 
 from pipeline.bench.results import bench_rows
 from pipeline.errors import JobError
@@ -46,23 +46,42 @@ def calibrate(cfg: PlanConfig, model: ModelSpec, devices: list[Hardware]) -> tup
     ]
 
 
+NOT_RUNNABLE = "* needs tensor parallel across the split, which kvrelay does not move yet"
+
+
 def table(options: list[Option]) -> list[str]:
     lines = [
-        f"{'mode':<14}{'prefill -> decode':<20}{'devices':>8}{'batch':>7}{'out tok/s':>11}{'$/h':>8}"
+        f"{'mode':<15}{'prefill -> decode':<20}{'devices':>10}{'tp':>10}{'batch':>7}{'out tok/s':>11}{'$/h':>8}"
         f"{'$/M out':>9}{'KV GB/s':>9}  bound"
     ]
     for o in options:
+        mode = o.mode if o.runnable else f"{o.mode}*"
+        names = " -> ".join(pool.hardware.name for pool in o.pools)
+        devices = " + ".join(str(pool.devices) for pool in o.pools)
+        tp = " + ".join(str(pool.tp) for pool in o.pools)
         lines.append(
-            f"{o.mode:<14}{' -> '.join(hw.name for hw, _ in o.pools):<20}{' + '.join(str(n) for _, n in o.pools):>8}"
-            f"{o.batch:>7}{o.output_tokens_per_s:>11,.1f}{o.usd_per_hour:>8.2f}{o.usd_per_m_tokens:>9.3f}"
-            f"{o.kv_gb_per_s:>9.2f}  {o.bound}"
+            f"{mode:<15}{names:<20}{devices:>10}{tp:>10}{o.batch:>7}{o.output_tokens_per_s:>11,.1f}"
+            f"{o.usd_per_hour:>8.2f}{o.usd_per_m_tokens:>9.3f}{o.kv_gb_per_s:>9.2f}  {o.bound}"
         )
-    return lines
+    return lines + ([NOT_RUNNABLE] if any(not o.runnable for o in options) else [])
 
 
 def describe(o: Option) -> str:
-    pools = " -> ".join(f"{n} x {hw.name}" for hw, n in o.pools)
+    pools = " -> ".join(
+        f"{pool.devices} x {pool.hardware.name}" + (f" (engines of {pool.tp})" if pool.tp > 1 else "")
+        for pool in o.pools
+    )
     return f"{pools}: ${o.usd_per_m_tokens:.3f} per million output tokens, {o.bound}-bound"
+
+
+def cache_line(model: ModelSpec, workload: Workload) -> str:
+    """The model's cache as the planner counts it (pipeline/engine/family.py)."""
+    cache = model.cache
+    state = f" + {cache.state_bytes / 2**20:.1f} MiB of state per request" if cache.state_bytes else ""
+    return (
+        f"{cache.family.value} cache: KV {cache.bytes_per_token:,} B ({cache.bytes_per_token / 2**10:.1f} KiB) per "
+        f"token{state}, {cache.request_bytes(workload.prompt_tokens) / 2**20:.1f} MiB per prompt"
+    )
 
 
 def recommend(cfg: PlanConfig) -> list[str]:
@@ -70,13 +89,13 @@ def recommend(cfg: PlanConfig) -> list[str]:
     workload = load_workload(cfg)
     eff, calibration = calibrate(cfg, model, devices)
     options = Planner(model, workload, eff, cfg.plan).options(devices)
-    best = cheapest(options)
-    other = next((o for o in options if o.mode != best.mode), None)
+    runnable = [o for o in options if o.runnable]  # colocated ones always are
+    best = cheapest(runnable)
+    other = next((o for o in runnable if o.mode != best.mode), None)
     hours = workload.rows * workload.output_tokens / best.output_tokens_per_s / 3600
     return [
         f"{model.name}: {workload.prompt_tokens:.0f} prompt + {workload.output_tokens:.0f} output tokens per row, "
-        f"{workload.rows:,} rows; KV {model.kv_bytes_per_token / 2**10:.1f} KiB per token, "
-        f"{workload.prompt_tokens * model.kv_bytes_per_token / 2**20:.1f} MiB per prompt",
+        f"{workload.rows:,} rows; {cache_line(model, workload)}",
         f"efficiency: prefill {eff.prefill:.3f} of peak FLOP/s, decode {eff.decode:.3f} of peak memory bandwidth, "
         f"network {eff.network:.3f}",
         *calibration,

@@ -2,17 +2,23 @@
 predicts throughput and cost of colocated and disaggregated runs on each hardware mix and picks
 the cheapest per output token.
 
-Per device, with efficiency factors scaling the datasheet peaks (see `Efficiency`):
+An engine spans `tp` devices of one kind (tensor parallel): a power of two whose memory holds the
+weights and at least one sequence, the fewest or more where more sequences pay. Pools are whole
+engines; per device, with efficiency factors scaling the datasheet peaks (see `Efficiency`):
 
-- prefill is compute-bound: prompt tokens/s = eff.prefill · FLOP/s / (2 · params). The attention
-  FLOPs (~4 · layers · hidden · context per token) are left out: a few % at 2k tokens for 8B.
-- decode is bandwidth-bound: each step reads the weights once and the KV of every sequence in
-  the batch, at its mean context (prompt + output / 2). The batch is what fits in memory next to
-  the weights, capped at `PlanSettings.max_batch`. Output tokens/s = batch / step, step =
-  (weight bytes + batch · KV bytes per sequence) / (eff.decode · memory bandwidth). Its compute
+- prefill is compute-bound: prompt tokens/s = eff.prefill · FLOP/s / (2 · active params). The
+  attention FLOPs (~4 · layers · hidden · context per token) are left out: a few % at 2k tokens
+  for 8B. Tensor parallelism is taken to scale perfectly (its all-reduces are left out).
+- decode is bandwidth-bound: each step reads all the weights once (a batch of sequences touches
+  every expert of an MoE) and the cache of every sequence in the batch, at its mean context
+  (prompt + output / 2). The batch is what fits in the engine's memory next to the weights,
+  capped at `PlanSettings.max_batch`. Engine output tokens/s = batch / step, step = (weight
+  bytes + batch · cache bytes per sequence) / (tp · eff.decode · memory bandwidth). Its compute
   term is left out (far below the memory term at these batch sizes on GPUs).
-- the KV of a prompt (prompt tokens · KV bytes per token) crosses the network once, at
-  eff.network · NIC bandwidth, on each side of the link.
+- a prompt's cache (`CacheGeometry.request_bytes`: KV, and a hybrid's recurrent state) crosses
+  the network once, at eff.network · NIC bandwidth, on each side of the link.
+
+Cache bytes come from pipeline/engine/family.py, as the KV handoff counts them.
 """
 
 import json
@@ -23,7 +29,8 @@ from typing import Iterable, Optional
 
 from omegaconf import MISSING
 
-from pipeline.engine.model import kv_bytes_per_token, load_tokenizer
+from pipeline.engine.family import CacheGeometry, Family
+from pipeline.engine.model import load_tokenizer
 from pipeline.errors import JobError
 from pipeline.job.metrics import JobMetrics, StageMetrics
 
@@ -32,20 +39,42 @@ GB = 1e9
 
 @dataclass
 class ModelSpec:
+    """A catalogue entry (conf/model_spec/): the weights, and the cache as family.py describes it."""
+
     name: str = MISSING
-    params: float = MISSING
-    layers: int = MISSING
-    kv_heads: int = MISSING
-    head_dim: int = MISSING
-    dtype_bytes: int = 2
+    params: float = MISSING  # all of them: what decode reads and memory holds
+    active_params: Optional[float] = None  # an MoE's per token, what prefill computes with; None: params
+    dtype_bytes: int = 2  # of the weights as served
+    kv_dtype_bytes: Optional[int] = None  # of the cache; None: dtype_bytes (fp8 weights keep a bf16 cache)
+    family: Family = Family.attention
+    layers: int = MISSING  # those whose cache grows with the tokens (a hybrid's attention layers)
+    kv_heads: int = MISSING  # mla: 1
+    head_dim: int = MISSING  # mla: kv_lora_rank + qk_rope_head_dim
+    window: Optional[int] = None  # sliding: the tokens a request keeps
+    state_layers: int = 0  # hybrid: recurrent layers (Mamba-2, Gated DeltaNet)
+    state_bytes_per_layer: int = 0
 
     @property
     def weight_bytes(self) -> float:
         return self.params * self.dtype_bytes
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim, self.dtype_bytes)
+    def flop_params(self) -> float:
+        """The parameters each token is multiplied with."""
+        return self.active_params or self.params
+
+    @property
+    def cache(self) -> CacheGeometry:
+        return CacheGeometry(
+            self.family,
+            layers=self.layers,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            dtype_bytes=self.kv_dtype_bytes or self.dtype_bytes,
+            window=self.window,
+            state_layers=self.state_layers,
+            state_bytes_per_layer=self.state_bytes_per_layer,
+        )
 
 
 @dataclass
@@ -78,9 +107,9 @@ class Efficiency:
     ) -> "Efficiency":
         """The factors with which this model reproduces the prefill and decode stage rates of a
         `jobs.bench` result measured on `hardware` (its disaggregated run, which times each
-        phase on its own pool). A stage's busy seconds are summed over its workers; on CPU each
-        core a worker was bound to is a device, on GPUs each worker is one. The network factor
-        is kept: the bench moves KV in memory."""
+        phase on its own pool, in engines of one device: a split runs no other). A stage's busy
+        seconds are summed over its workers; on CPU each core a worker was bound to is a device,
+        on GPUs each worker is one. The network factor is kept: the bench moves KV in memory."""
         run = JobMetrics.from_dict(load_bench(path)["disaggregated"])
 
         def device_seconds(stage: StageMetrics) -> float:
@@ -154,43 +183,71 @@ class Workload:
 @dataclass
 class PlanSettings:
     max_devices: int = 8  # per option: the colocated pool, or prefill + decode pools
-    max_batch: int = 256  # sequences per decode step (the engine's max_num_seqs)
+    max_batch: int = 256  # sequences per engine's decode step (its max_num_seqs)
     memory_utilization: float = 0.9  # of device memory, for weights and KV
     network_gbps: float = 100.0  # per device, between the pools, where the catalogue gives none
-    # Fix a pool's size instead of searching (e.g. to compare with a bench run).
+    # Fix a pool's devices instead of searching (e.g. to compare with a bench run), rounded down
+    # to whole engines.
     colocated_size: Optional[int] = None
     prefill_size: Optional[int] = None
     decode_size: Optional[int] = None
 
 
+# The largest engine looked for when saying what a model that fits nowhere would need.
+LARGEST_ENGINE = 1024
+
+
+@dataclass(frozen=True)
+class Pool:
+    """`devices` of one kind, in engines of `tp` each (tensor parallel)."""
+
+    hardware: Hardware
+    devices: int
+    tp: int = 1
+
+    @property
+    def engines(self) -> int:
+        return self.devices // self.tp
+
+
 @dataclass(frozen=True)
 class Option:
-    """One way to run the workload: (hardware, devices) per pool, colocated has one pool."""
+    """One way to run the workload: colocated has one pool, disaggregated prefill and decode."""
 
     mode: str
-    pools: tuple[tuple[Hardware, int], ...]
-    batch: int  # decode sequences per device
+    pools: tuple[Pool, ...]
+    batch: int  # decode sequences per engine
     requests_per_s: float
     output_tokens_per_s: float
     kv_gb_per_s: float
     bound: str  # what limits throughput: prefill, decode or network
 
     @property
+    def runnable(self) -> bool:
+        """Whether kvrelay runs it today: the KV handoff reads and writes the cache in the engine's
+        own process, so a split needs engines of one device on both sides."""
+        return self.mode == "colocated" or all(pool.tp == 1 for pool in self.pools)
+
+    @property
     def usd_per_hour(self) -> float:
-        return sum(hw.usd_per_hour * n for hw, n in self.pools)
+        return sum(pool.hardware.usd_per_hour * pool.devices for pool in self.pools)
 
     @property
     def usd_per_m_tokens(self) -> float:
         return self.usd_per_hour / (self.output_tokens_per_s * 3600) * 1e6
 
     def hydra_overrides(self) -> list[str]:
-        """The same configuration for `jobs.generate`."""
+        """The same configuration for `jobs.generate`: a worker per engine, holding its GPUs."""
+        assert self.runnable, "kvrelay does not split tensor-parallel engines"
         names = ("colocated",) if self.mode == "colocated" else ("prefill", "decode")
-        overrides = [f"mode={self.mode}", f"engine.device={self.pools[-1][0].device}"]
-        for name, (hw, n) in zip(names, self.pools):
-            overrides.append(f"pools.{name}.size={n}")
-            if hw.device == "cuda":
-                overrides.append(f"pools.{name}.num_gpus=1")
+        overrides = [f"mode={self.mode}", f"engine.device={self.pools[-1].hardware.device}"]
+        tp = self.pools[-1].tp  # the one pool's, or 1 on both sides of a split
+        if tp > 1:
+            overrides.append(f"engine.tensor_parallel_size={tp}")
+        for name, pool in zip(names, self.pools):
+            overrides.append(f"pools.{name}.size={pool.engines}")
+            if pool.hardware.device == "cuda":
+                overrides.append(f"pools.{name}.num_gpus={pool.tp}")
         # Batches of half the engine's sequences: with the engine pools' 3 in hand, it stays full
         # while one is replaced.
         pool = f"pools.{names[-1]}"
@@ -204,90 +261,141 @@ def cheapest(options: Iterable[Option]) -> Option:
     return max((o for o in options if o.usd_per_m_tokens <= low), key=lambda o: o.output_tokens_per_s)
 
 
+def best(options: Iterable[Option]) -> list[Option]:
+    """The cheapest of `options` and, where kvrelay does not run that one, the cheapest it runs;
+    none of none."""
+    options = list(options)
+    if not options:
+        return []
+    low = cheapest(options)
+    runnable = [o for o in options if o.runnable]
+    return [low] if low.runnable or not runnable else [cheapest(runnable), low]
+
+
 class Planner:
     def __init__(self, model: ModelSpec, workload: Workload, efficiency: Efficiency, settings: PlanSettings):
         self.model, self.workload, self.eff, self.settings = model, workload, efficiency, settings
 
     @property
     def kv_bytes_per_request(self) -> float:
-        """What crosses the network: the prompt's KV."""
-        return self.workload.prompt_tokens * self.model.kv_bytes_per_token
+        """What crosses the network: the prompt's cache."""
+        return self.model.cache.request_bytes(self.workload.prompt_tokens)
 
-    @property
-    def kv_bytes_per_sequence(self) -> float:
-        """A decoding sequence's KV at its mean context."""
-        return (self.workload.prompt_tokens + self.workload.output_tokens / 2) * self.model.kv_bytes_per_token
+    def kv_bytes_per_sequence(self, tp: int = 1) -> float:
+        """A decoding sequence's cache at its mean context, in an engine of `tp` devices. vLLM
+        splits the KV heads among them; with fewer heads than devices (an MLA latent has one)
+        each device keeps a copy. A hybrid's recurrent state splits by its own heads: no copies."""
+        cache = self.model.cache
+        request = cache.request_bytes(self.workload.prompt_tokens + self.workload.output_tokens / 2)
+        copies = tp * math.ceil(cache.kv_heads / tp) / cache.kv_heads
+        return request + (copies - 1) * (request - cache.state_bytes)
 
     def prefill_rate(self, hw: Hardware) -> float:
         """Prompt tokens/s per device."""
-        return self.eff.prefill * hw.tflops * 1e12 / (2 * self.model.params)
+        return self.eff.prefill * hw.tflops * 1e12 / (2 * self.model.flop_params)
 
-    def decode_batch(self, hw: Hardware) -> int:
-        """Sequences whose KV fits beside the weights, at their mean context; < 1: the model
-        does not fit."""
-        room = self.settings.memory_utilization * hw.mem_gib * 2**30 - self.model.weight_bytes
-        return min(self.settings.max_batch, math.floor(room / self.kv_bytes_per_sequence))
+    def decode_batch(self, hw: Hardware, tp: int = 1) -> int:
+        """Sequences whose cache fits beside the weights in an engine of `tp` devices, at their mean
+        context; < 1: the model does not fit."""
+        room = self.settings.memory_utilization * hw.mem_gib * 2**30 * tp - self.model.weight_bytes
+        return min(self.settings.max_batch, math.floor(room / self.kv_bytes_per_sequence(tp)))
 
-    def decode_rate(self, hw: Hardware) -> float:
-        """Output tokens/s per device at a full batch."""
-        batch = self.decode_batch(hw)
-        step_bytes = self.model.weight_bytes + batch * self.kv_bytes_per_sequence
-        return batch / (step_bytes / (self.eff.decode * hw.mem_bw_gbs * GB))
+    def decode_rate(self, hw: Hardware, tp: int = 1) -> float:
+        """Output tokens/s per device, in engines of `tp` at a full batch: a step reads the weights
+        and the batch's caches from the engine's devices at once."""
+        batch = self.decode_batch(hw, tp)
+        step_bytes = self.model.weight_bytes + batch * self.kv_bytes_per_sequence(tp)
+        step = step_bytes / (tp * self.eff.decode * hw.mem_bw_gbs * GB)
+        return batch / step / tp
 
-    def colocated(self, hw: Hardware, n: int) -> Option:
-        """Each device time-shares: per request it spends prompt / prefill rate seconds on
+    def engine_sizes(self, hw: Hardware, most: int) -> list[int]:
+        """Devices per engine of `hw` up to `most` that hold the weights and a sequence: powers of
+        two, as vLLM splits heads evenly. More than the fewest hold more sequences, or fewer where
+        each device keeps a copy of every sequence's cache (MLA)."""
+        return [tp for tp in (2**i for i in range(most.bit_length())) if self.decode_batch(hw, tp) >= 1]
+
+    def pools(self, hw: Hardware, tps: list[int], fixed: Optional[int], most: int) -> list[Pool]:
+        """Pools of whole engines of each of `tps`: `fixed` devices rounded down to them, or each
+        size up to `most` devices."""
+        sizes = lambda tp: [fixed - fixed % tp] if fixed else range(tp, most + 1, tp)  # noqa: E731
+        return [Pool(hw, n, tp) for tp in tps for n in sizes(tp) if n]
+
+    def colocated(self, pool: Pool) -> Option:
+        """Each engine time-shares: per request it spends prompt / prefill rate seconds on
         prefill and output / decode rate seconds on its share of decode steps. (Chunked
         prefill can hide some prefill inside memory-bound decode steps; not counted.)"""
+        hw, tp = pool.hardware, pool.tp
         prefill_s = self.workload.prompt_tokens / self.prefill_rate(hw)
-        decode_s = self.workload.output_tokens / self.decode_rate(hw)
-        requests = n / (prefill_s + decode_s)
+        decode_s = self.workload.output_tokens / self.decode_rate(hw, tp)
+        requests = pool.devices / (prefill_s + decode_s)
         bound = "prefill" if prefill_s > decode_s else "decode"
         return Option(
-            "colocated", ((hw, n),), self.decode_batch(hw), requests, requests * self.workload.output_tokens, 0.0, bound
+            "colocated",
+            (pool,),
+            self.decode_batch(hw, tp),
+            requests,
+            requests * self.workload.output_tokens,
+            0.0,
+            bound,
         )
 
-    def disaggregated(self, prefill: Hardware, p: int, decode: Hardware, d: int) -> Option:
-        """Requests/s = the least of what p prefill devices, d decode devices and the network
+    def disaggregated(self, prefill: Pool, decode: Pool) -> Option:
+        """Requests/s = the least of what the prefill devices, the decode devices and the network
         between the pools (each device's NIC, on both sides) can carry."""
-        nic = lambda hw: (hw.nic_gbps or self.settings.network_gbps) * GB / 8  # noqa: E731 (bytes/s)
+        nic = lambda pool: pool.devices * (pool.hardware.nic_gbps or self.settings.network_gbps) * GB / 8  # noqa: E731 (bytes/s)
         limits = {
-            "prefill": p * self.prefill_rate(prefill) / self.workload.prompt_tokens,
-            "decode": d * self.decode_rate(decode) / self.workload.output_tokens,
-            "network": self.eff.network * min(p * nic(prefill), d * nic(decode)) / self.kv_bytes_per_request,
+            "prefill": prefill.devices * self.prefill_rate(prefill.hardware) / self.workload.prompt_tokens,
+            "decode": decode.devices * self.decode_rate(decode.hardware, decode.tp) / self.workload.output_tokens,
+            "network": self.eff.network * min(nic(prefill), nic(decode)) / self.kv_bytes_per_request,
         }
         bound = min(limits, key=limits.get)
         requests = limits[bound]
         kv_gb_per_s = requests * self.kv_bytes_per_request / GB
         return Option(
             "disaggregated",
-            ((prefill, p), (decode, d)),
-            self.decode_batch(decode),
+            (prefill, decode),
+            self.decode_batch(decode.hardware, decode.tp),
             requests,
             requests * self.workload.output_tokens,
             kv_gb_per_s,
             bound,
         )
 
-    def best_split(self, prefill: Hardware, decode: Hardware) -> Option:
-        """The cheapest P:D split within max_devices (or the fixed sizes)."""
+    def best_colocated(self, hw: Hardware) -> list[Option]:
+        """The cheapest engine size on max_devices (or the fixed size) of `hw`."""
         s = self.settings
-        prefill_sizes = [s.prefill_size] if s.prefill_size else range(1, s.max_devices)
-        return cheapest(
-            self.disaggregated(prefill, p, decode, d)
-            for p in prefill_sizes
-            for d in ([s.decode_size] if s.decode_size else range(1, max(s.max_devices - p, 1) + 1))
+        tps = self.engine_sizes(hw, s.max_devices)
+        return best(self.colocated(pool) for pool in self.pools(hw, tps, s.colocated_size or s.max_devices, 0))
+
+    def best_split(self, prefill: Hardware, decode: Hardware) -> list[Option]:
+        """The cheapest P:D split within max_devices (or the fixed sizes). Prefill engines are the
+        fewest devices that hold the model: more would prefill no faster per device."""
+        s = self.settings
+        prefill_tp = self.engine_sizes(prefill, s.max_devices)[:1]
+        decode_tps = self.engine_sizes(decode, s.max_devices)
+        return best(
+            self.disaggregated(p, d)
+            for p in self.pools(prefill, prefill_tp, s.prefill_size, s.max_devices - 1)
+            for d in self.pools(decode, decode_tps, s.decode_size, max(s.max_devices - p.devices, 1))
         )
 
     def options(self, catalogue: list[Hardware]) -> list[Option]:
         """Colocated on each device type and the best split on each (prefill, decode) pair,
-        cheapest first; device types the model does not fit are left out."""
-        fitting = [hw for hw in catalogue if self.decode_batch(hw) >= 1]
+        cheapest first; what does not fit within max_devices is left out."""
+        fitting = [hw for hw in catalogue if self.engine_sizes(hw, self.settings.max_devices)]
         if not fitting:
-            raise JobError(f"{self.model.name} does not fit on any of: {', '.join(hw.name for hw in catalogue)}")
-        size = self.settings.colocated_size or self.settings.max_devices
-        options = [self.colocated(hw, size) for hw in fitting]
-        options += [self.best_split(p, d) for p in fitting for d in fitting]
+            raise JobError(
+                f"{self.model.name} does not fit on any of the selected hardware within plan.max_devices="
+                f"{self.settings.max_devices}; an engine needs {', '.join(self.engine_needs(hw) for hw in catalogue)}"
+            )
+        options = [o for hw in fitting for o in self.best_colocated(hw)]
+        options += [o for p in fitting for d in fitting for o in self.best_split(p, d)]
         return sorted(options, key=lambda o: o.usd_per_m_tokens)
+
+    def engine_needs(self, hw: Hardware) -> str:
+        """The fewest devices an engine of `hw` needs, in words."""
+        tp = self.engine_sizes(hw, LARGEST_ENGINE)[:1]
+        return f"{tp[0]} x {hw.name}" if tp else f"more than {LARGEST_ENGINE} x {hw.name}"
 
 
 def catalogue(entries: dict[str, Hardware]) -> list[Hardware]:
