@@ -14,9 +14,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
+from transformers import DeepseekV3Config, Qwen3NextConfig
 
 from pipeline.config import Mode
-from pipeline.engine.family import Family
+from pipeline.engine.family import Family, geometry
 from pipeline.errors import JobError
 from pipeline.job.validate import check_job
 from pipeline.plan.config import PlanConfig, register
@@ -91,6 +92,17 @@ def test_hybrid_models_add_a_state_per_request_to_their_attention_layers_kv():
     # bf16 and SSM state 128 heads x 64 x 128 in float32.
     assert granite.bytes_per_token == 4 * 2 * 8 * 128 * 2
     assert granite.state_bytes == 36 * (3 * (8192 + 2 * 128) * 2 + 128 * 64 * 128 * 4) == 152_819_712
+
+
+@pytest.mark.parametrize(
+    "name, config, dtype_bytes",
+    [("deepseek-v3", DeepseekV3Config, 2), ("qwen3-next-80b-a3b", Qwen3NextConfig, 2)],
+)
+def test_the_catalogue_is_what_family_py_reads_from_the_published_config(name, config, dtype_bytes):
+    """transformers' defaults for these config classes are the published models': the catalogue's
+    cache is the one resolve_model would read (only the MLA entry's fp8 weights differ)."""
+    spec = plan_config(f"model_spec={name}").model_spec
+    assert spec.cache == geometry(name, config(), dtype_bytes, max_model_len=4096)
 
 
 def test_a_sliding_window_model_moves_and_keeps_its_window_only():

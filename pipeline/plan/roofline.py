@@ -53,6 +53,7 @@ class ModelSpec:
     window: Optional[int] = None  # sliding: the tokens a request keeps
     state_layers: int = 0  # hybrid: recurrent layers (Mamba-2, Gated DeltaNet)
     state_bytes_per_layer: int = 0
+    recurrent: Optional[str] = None  # hybrid: the recurrent layers' kind (mamba2, gated_delta_net)
 
     @property
     def weight_bytes(self) -> float:
@@ -74,6 +75,7 @@ class ModelSpec:
             window=self.window,
             state_layers=self.state_layers,
             state_bytes_per_layer=self.state_bytes_per_layer,
+            recurrent=self.recurrent,
         )
 
 
