@@ -20,7 +20,7 @@ from pipeline.kv.state import StateCache
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 
 BlockIds = tuple[list[int], ...]  # per KV cache group
 
@@ -78,6 +78,6 @@ class EngineCache:
             cache.scatter(block_ids[g], layers, start, stop, offset)
 
 
-def _layer_spec(spec, name: str):
+def _layer_spec(spec: "KVCacheSpec", name: str) -> "KVCacheSpec":
     """A layer's own spec: a group of layers of one type may hold several specs."""
     return spec.kv_cache_specs[name] if isinstance(spec, UniformTypeKVCacheSpecs) else spec
