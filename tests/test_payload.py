@@ -397,6 +397,15 @@ def test_state_travels_after_the_kv_and_comes_back_apart(model, tmp_path):
     loaded, offset, got = read.upload(None).to_device(0)
     assert offset == 0 and np.array_equal(got.numpy(), state)
     assert torch.allclose(loaded, kv, atol=0.05)
+    # Its leading block shared: named, not carried; the state still follows its own KV.
+    whole = KVPayload.encode(kv, hybrid, "none", block_tokens=4, state=state)
+    block = whole.data[: whole.block_nbytes]
+    shared = KVPayload.of(
+        whole.data[whole.block_nbytes :], whole.shape, hybrid, "none", 4, [b"a" * 32], [payload.checksum(block)]
+    )
+    shared.verify(hybrid, TOKENS)
+    kv_back, _, state_back = shared.upload(None, [block]).to_device(0)
+    assert torch.equal(kv_back, kv) and np.array_equal(state_back.numpy(), state)
     with pytest.raises(PayloadMismatch, match="kv_mismatch: KV payload carries 192 bytes of state"):
         read.check(
             dataclasses.replace(hybrid, cache=dataclasses.replace(hybrid.cache, state_bytes_per_layer=95)), TOKENS
