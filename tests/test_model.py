@@ -17,9 +17,11 @@ from transformers import (
     Gemma3Config,
     JambaConfig,
     LlamaConfig,
+    Mamba2Config,
     MambaConfig,
     MistralConfig,
     Qwen3NextConfig,
+    Zamba2Config,
 )
 
 from pipeline.config import Device, EngineConfig
@@ -58,25 +60,28 @@ def test_each_family_is_read_from_its_config(tmp_path):
     sliding = _resolved(MistralConfig(sliding_window=4096), tmp_path / "mistral", "model.max_model_len=8192").cache
     assert (sliding.family, sliding.window, sliding.carried(5000)) == (Family.sliding, 4096, (904, 5000))
     assert sliding.request_bytes(5000) == sliding.request_bytes(4096) == 4096 * sliding.bytes_per_token
-    for model in (mla, gdn, jamba, sliding):
+    ssm = _resolved(Mamba2Config(), tmp_path / "mamba2").cache  # Mamba-2 layers alone
+    assert (ssm.layers, ssm.state_layers, ssm.bytes_per_token, ssm.request_bytes(1000)) == (0, 64, 0, ssm.state_bytes)
+    for model in (mla, gdn, jamba, sliding, ssm):
         assert model.unmovable is None
 
 
 def test_a_model_the_split_cannot_move_is_refused_before_any_work(tmp_path):
-    checkpoint = _checkpoint(MambaConfig(), tmp_path / "model")
+    checkpoint = _checkpoint(Zamba2Config(), tmp_path / "model")
     pq.write_table(pa.table({"prompt": ["What is 2 + 2?"]}), tmp_path / "in.parquet")
     cfg = job_config(
         "model=hf", f"model.checkpoint={checkpoint}", f"input.path={tmp_path}/in.parquet", f"output.path={tmp_path}/out"
     )
-    reason = "(mamba) has linear_attention layers whose state kvrelay does not know how to size"
+    reason = "(zamba2) has hybrid, linear_attention layers whose state kvrelay does not know how to size"
     assert reason in resolve_model(cfg.model, cfg.engine).unmovable_kv
     with pytest.raises(JobError, match=re.escape(reason)):
         run(cfg)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_family_vllm_cpu_cannot_run_is_refused_in_either_mode(tmp_path):
-    checkpoint = _checkpoint(JambaConfig(), tmp_path / "model")
+@pytest.mark.parametrize("config", [JambaConfig, MambaConfig], ids=["jamba", "mamba"])
+def test_a_family_vllm_cpu_cannot_run_is_refused_in_either_mode(tmp_path, config):
+    checkpoint = _checkpoint(config(), tmp_path / "model")
     pq.write_table(pa.table({"prompt": ["What is 2 + 2?"]}), tmp_path / "in.parquet")
     for mode in ("colocated", "disaggregated"):
         cfg = job_config(

@@ -85,6 +85,23 @@ def _mamba2_hybrid() -> Any:
     )
 
 
+def _mamba2() -> Any:
+    """Mamba-2 layers alone, no attention (Mamba-Codestral style): a request keeps a state, no KV."""
+    from transformers import Mamba2Config
+
+    return Mamba2Config(
+        **COMMON,
+        num_hidden_layers=2,
+        num_heads=8,
+        head_dim=32,
+        n_groups=1,
+        state_size=16,
+        expand=2,
+        conv_kernel=4,
+        chunk_size=64,
+    )
+
+
 def _gdn() -> Any:
     """Qwen3-Next: Gated-DeltaNet linear-attention layers, then one full-attention layer,
     all with MoE MLPs. vLLM's CPU GDN kernel needs dtype bfloat16; head dims of 64 run."""
@@ -137,6 +154,7 @@ def _gemma3_sliding_mixed() -> Any:
 CONFIGS: dict[str, Callable[[], Any]] = {
     "mla": _mla,
     "mamba2_hybrid": _mamba2_hybrid,
+    "mamba2": _mamba2,
     "gdn": _gdn,
     "sliding": _sliding,
     "gemma3_sliding_mixed": _gemma3_sliding_mixed,

@@ -8,9 +8,9 @@ read it from here).
   qk_rope_head_dim values, no heads.
 - sliding: every layer attends over a window (Mistral 7B v0.1): a request keeps, and the split
   moves, the KV of its last `window` tokens only.
-- hybrid: attention layers' KV per token plus, per recurrent layer (Mamba-2, Gated DeltaNet), a
-  state of fixed size per request, whatever the prompt's length (Falcon-H1, Granite 4.0-H,
-  Nemotron-H, Qwen3-Next, Jamba).
+- hybrid: attention layers' KV per token plus, per recurrent layer (Mamba-1 and -2, Gated
+  DeltaNet), a state of fixed size per request, whatever the prompt's length (Falcon-H1, Granite
+  4.0-H, Nemotron-H, Qwen3-Next, Jamba; Mamba models, with no attention layers at all).
 
 The state formulas follow vLLM's own (model_executor/layers/mamba/mamba_utils.py, at tensor
 parallel size 1), read from the Hugging Face config so that the driver need not import vLLM. The
@@ -100,7 +100,7 @@ def geometry(
         )
     heads = getattr(text, "num_attention_heads", 0) or 0
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else 0)
+    head_dim = (getattr(text, "head_dim", None) or text.hidden_size // heads) if heads else 0
     kinds = layer_kinds(text)
     recurrent = [k for k in kinds if k not in ATTENTION]
     if recurrent or model_type in STATE or not heads:
@@ -108,18 +108,16 @@ def geometry(
         # A "hybrid" layer (Falcon-H1) runs attention and Mamba side by side.
         attention = sum(k in ATTENTION or k == "hybrid" for k in kinds) if kinds else 0
         unmovable = None
-        if state is None or not attention:
-            what = ", ".join(sorted(set(recurrent))) or "state-space"
+        if state is None:
             unmovable = (
-                f"model '{name}' ({model_type}) has {what} layers whose state kvrelay "
-                f"{'moves only beside attention layers' if state else 'does not know how to size'}: "
-                "the KV handoff cannot move it; use mode=colocated"
+                f"model '{name}' ({model_type}) has {', '.join(sorted(set(recurrent))) or 'state-space'} layers "
+                "whose state kvrelay does not know how to size: the KV handoff cannot move it; use mode=colocated"
             )
         return CacheGeometry(
             Family.hybrid,
             layers=attention,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
+            kv_heads=kv_heads if attention else 0,
+            head_dim=head_dim if attention else 0,
             dtype_bytes=dtype_bytes,
             state_layers=len(recurrent) if kinds else text.num_hidden_layers,
             state_bytes_per_layer=_state_bytes(state(text), dtype_bytes, ssm_dtype_bytes) if state else 0,
@@ -158,7 +156,8 @@ def _state_bytes(elements: tuple[int, int], dtype_bytes: int, ssm_dtype_bytes: i
 
 def _mamba2(text: "PretrainedConfig", *, inner: int, groups: int, heads: int, head: int) -> tuple[int, int]:
     """Conv state (kernel - 1) x (inner + 2 groups x state) and SSM state heads x head x state."""
-    state, kernel = _first(text, "mamba_d_state", "ssm_state_size"), _first(text, "mamba_d_conv", "conv_kernel")
+    state = _first(text, "mamba_d_state", "ssm_state_size", "state_size")
+    kernel = _first(text, "mamba_d_conv", "conv_kernel")
     return (kernel - 1) * (inner + 2 * groups * state), heads * head * state
 
 
@@ -181,6 +180,12 @@ def _nemotron_h(text: "PretrainedConfig") -> tuple[int, int]:
     return _mamba2(text, inner=inner, groups=text.n_groups, heads=text.mamba_num_heads, head=text.mamba_head_dim)
 
 
+def _mamba2_only(text: "PretrainedConfig") -> tuple[int, int]:
+    """A state-space model of Mamba-2 layers alone (Mamba-Codestral)."""
+    inner = text.expand * text.hidden_size
+    return _mamba2(text, inner=inner, groups=text.n_groups, heads=text.num_heads, head=text.head_dim)
+
+
 def _gated_delta_net(text: "PretrainedConfig") -> tuple[int, int]:
     """Conv state (kernel - 1) x (2 key dims + value dims), recurrent state v heads x v dim x k dim."""
     k, v = (
@@ -191,10 +196,17 @@ def _gated_delta_net(text: "PretrainedConfig") -> tuple[int, int]:
     return (text.linear_conv_kernel_dim - 1) * (2 * k + v), recurrent
 
 
-def _jamba(text: "PretrainedConfig") -> tuple[int, int]:
+def _mamba1(inner: int, state: int, kernel: int) -> tuple[int, int]:
     """Mamba-1: conv state (kernel - 1) x inner, SSM state inner x state."""
-    inner = text.mamba_expand * text.hidden_size
-    return (text.mamba_d_conv - 1) * inner, inner * text.mamba_d_state
+    return (kernel - 1) * inner, inner * state
+
+
+def _jamba(text: "PretrainedConfig") -> tuple[int, int]:
+    return _mamba1(text.mamba_expand * text.hidden_size, text.mamba_d_state, text.mamba_d_conv)
+
+
+def _mamba1_only(text: "PretrainedConfig") -> tuple[int, int]:
+    return _mamba1(text.intermediate_size, text.state_size, text.conv_kernel)
 
 
 # model_type -> its recurrent layers' kind, and the state elements of one per request:
@@ -206,4 +218,6 @@ STATE: dict[str, tuple[str, Callable[["PretrainedConfig"], tuple[int, int]]]] = 
     "nemotron_h": ("mamba2", _nemotron_h),
     "qwen3_next": ("gated_delta_net", _gated_delta_net),
     "jamba": ("mamba1", _jamba),
+    "mamba2": ("mamba2", _mamba2_only),
+    "mamba": ("mamba1", _mamba1_only),
 }

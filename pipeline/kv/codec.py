@@ -54,8 +54,8 @@ class Scaled(Codec):
         self.name, self.storage, self.qmax = name, storage, qmax
 
     def encode(self, kv: torch.Tensor) -> torch.Tensor:
-        layers, parts, tokens, heads, _ = kv.shape
-        if tokens:
+        layers, parts, _, heads, _ = kv.shape
+        if kv.numel():
             amax = torch.maximum(kv.amax(dim=(2, 4)), -kv.amin(dim=(2, 4))).float()
         else:  # amax over an empty dim is an error; the scales are never used
             amax = torch.zeros(layers, parts, heads, device=kv.device)

@@ -65,10 +65,15 @@ class EngineCache:
                 raise NotImplementedError(f"KV transfer cannot move a {type(spec).__name__} cache")
         self.state = StateCache(state_caches, state_groups, state_bytes_per_layer)
         self.layers = [len(cache.layers) for _, cache in self.token_groups]
+        self.device = next(iter(kv_caches.values())).device
+        self.dtype = dtype
 
     def gather(self, block_ids: BlockIds, start: int, stop: int) -> torch.Tensor:
-        """Tokens [start, stop) of a request in canonical layout, on the cache's device."""
+        """Tokens [start, stop) of a request in canonical layout, on the cache's device (none of
+        a model of recurrent layers alone)."""
         parts = [cache.gather(block_ids[g], start, stop) for g, cache in self.token_groups]
+        if not parts:
+            return torch.empty(0, 2, stop - start, 0, 0, dtype=self.dtype, device=self.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def scatter(self, block_ids: BlockIds, kv: torch.Tensor, start: int, stop: int, offset: int) -> None:

@@ -35,8 +35,10 @@ class Prefill(EngineStage):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.block_tokens = self.kv.shared_block_tokens
-        # A sliding window's KV starts past the prompt's leading blocks: nothing to share.
-        self.sharing = bool(self.block_tokens and self.shared_blocks) and not self.model.cache.window
+        # A sliding window's KV starts past the prompt's leading blocks, and recurrent layers
+        # alone keep no KV: nothing to share.
+        cache = self.model.cache
+        self.sharing = bool(self.block_tokens and self.shared_blocks and cache.layers) and not cache.window
         self.salt = salt(self.model.fingerprint, self.model.dtype, self.kv.codec.value, self.block_tokens)
         self.tracker = PrefixTracker()
 
