@@ -53,7 +53,8 @@ TYPE = pa.struct(
     ]
 )
 OPTIONAL = ("file",)  # every other field of a payload must be set
-# Fields format 5 added, and what a payload of an earlier format means by their absence.
+# Fields format ADDED_IN added, and what a payload of an earlier format means by their absence.
+ADDED_IN = 5
 ADDED = {"family": Family.attention.value, "first_token": 0, "state_bytes": 0}
 
 
@@ -351,7 +352,7 @@ def _fields(chunk: pa.Array) -> dict[str, pa.Array]:
 
 
 def _payload(row: dict, data: np.ndarray | None) -> "KVPayload | PayloadError":
-    if isinstance(row["format"], int) and row["format"] < 5:
+    if isinstance(row["format"], int) and row["format"] < ADDED_IN:
         row = {**row, **{name: value for name, value in ADDED.items() if row[name] is None}}
     missing = [name for name, value in {**row, "data": data}.items() if value is None and name not in OPTIONAL]
     if missing:

@@ -202,8 +202,8 @@ def download(
     """Encode canonical KV where it is, the recurrent state's bytes after it, and start the copy
     to host memory."""
     data = codec.encode(kv)
-    if state is not None and state.numel():
-        data = torch.cat([data, state.view(torch.uint8).reshape(-1)])
+    if state is not None and state.numel():  # raw bytes already (pipeline/kv/state.py)
+        data = torch.cat([data, state])
     if copies is None:
         return Download(tuple(kv.shape), data)
     return copies.download(tuple(kv.shape), data)
