@@ -56,7 +56,7 @@ class ModelConfig:
     bundled_gguf: Optional[str] = None
     checkpoint: Optional[str] = None
     # None: by engine.device, float32 on CPU (faster than bfloat16 there, and exact), the
-    # checkpoint's own 16-bit type on CUDA (bfloat16 when it is stored in float32).
+    # checkpoint's own 16-bit type on CUDA (bfloat16 when it is stored in float32); so is auto.
     dtype: Optional[str] = None
     max_model_len: int = 2048
 

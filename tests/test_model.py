@@ -123,6 +123,13 @@ def test_each_device_gets_its_defaults(tmp_path):
     assert eager(EngineConfig(device=Device.cuda, enforce_eager=True))
     cfg = job_config("model=hf", f"model.checkpoint={_checkpoint(llama, tmp_path)}", "model.dtype=float16")
     assert resolve_model(cfg.model, EngineConfig(device=Device.cuda)).dtype == "float16"  # set, it is kept
+    auto = job_config("model=hf", f"model.checkpoint={_checkpoint(llama, tmp_path)}", "model.dtype=auto")
+    assert (
+        resolve_model(auto.model, EngineConfig(device=Device.cuda)).dtype == "bfloat16"
+    )  # vLLM's word for the default
+    odd = job_config("model=hf", f"model.checkpoint={_checkpoint(llama, tmp_path)}", "model.dtype=complex64")
+    with pytest.raises(JobError, match="model.dtype=complex64: kvrelay runs float32"):
+        resolve_model(odd.model, EngineConfig(device=Device.cuda))
 
 
 def test_an_engine_device_other_than_vllms_platform_is_named():

@@ -48,7 +48,8 @@ def resolve_model(cfg: ModelConfig, engine: EngineConfig) -> ResolvedModel:
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(path)
-    dtype = cfg.dtype or default_dtype(hf, engine.device)
+    # vLLM's "auto" is the checkpoint's own type: kvrelay's default, which names it.
+    dtype = default_dtype(hf, engine.device) if cfg.dtype in (None, "auto") else cfg.dtype
     numeric = {key: engine.extra[key] for key in NUMERIC_ENGINE_ARGS if key in engine.extra}
     return ResolvedModel(
         path=path,
