@@ -49,6 +49,25 @@ def pool(busy: float, rows: int, input_tokens: int, output_tokens: int, size: in
     return {**stage(busy, rows, input_tokens, output_tokens, workers or size), "size": size}
 
 
+def utilisation(compute: float, bandwidth: float) -> dict:
+    """A pool's utilisation in _metrics.json, on a device of 100 TFLOP/s and 1 TB/s."""
+    flops, traffic = compute * 1e14, bandwidth * 1e12
+    return {
+        "device": "gpu",
+        "flops_per_s": flops,
+        "bytes_per_s": traffic,
+        "intensity": flops / traffic,
+        "peak_flops_per_s": 1e14,
+        "peak_bytes_per_s": 1e12,
+        "compute_share": compute,
+        "bandwidth_share": bandwidth,
+    }
+
+
+def spread(p50: float, p99: float, stddev: float) -> dict:
+    return {"count": 100, "mean": p50, "stddev": stddev, "p50": p50, "p90": p50, "p99": p99, "max": p99}
+
+
 PLAIN = {"wall_seconds": 50.0, "generate_seconds": 40.0, "rows": 10, "output_tokens": 300, "peak_rss_bytes": 4 * GIB}
 DISAGGREGATED = {
     **METRICS,
@@ -63,8 +82,15 @@ DISAGGREGATED = {
     "processing_seconds": 70.0,
     "stages": {
         "tokenize": pool(0.5, 11, 2000, 0),
-        "prefill": pool(50.0, 10, 2000, 10),  # 0.2 rows/s, 40 prompt tokens/s: the slower pool
-        "decode": pool(80.0, 10, 0, 290, size=2),  # 40 s per worker: 0.25 rows/s, 7.25 output tokens/s
+        # 0.2 rows/s, 40 prompt tokens/s: the slower pool
+        "prefill": {**pool(50.0, 10, 2000, 10), "utilisation": utilisation(compute=0.8, bandwidth=0.05)},
+        # 40 s per worker: 0.25 rows/s, 7.25 output tokens/s
+        "decode": {
+            **pool(80.0, 10, 0, 290, size=2),
+            "utilisation": utilisation(compute=0.1, bandwidth=0.6),
+            "step_seconds": spread(0.02, p99=0.05, stddev=0.004),
+            "inter_token_seconds": spread(0.021, p99=0.06, stddev=0.005),
+        },
         "detokenize": pool(0.2, 11, 0, 300),
     },
     "kv_bytes_per_prompt_token": 46080.0,
@@ -116,6 +142,12 @@ def test_disaggregated_row_rates_efficiency_and_memory():
         "achieved_rows_per_s": 0.1429,  # (11 - 1 errored) / 70
         "slower_pool": "prefill",
         "efficiency": 0.7143,  # 0.142857 / 0.2
+        "prefill_compute_share": 0.8,
+        "decode_bandwidth_share": 0.6,
+        "decode_step_p50_seconds": 0.02,
+        "decode_step_p99_seconds": 0.05,
+        "decode_step_stddev_seconds": 0.004,
+        "inter_token_p99_seconds": 0.06,
         "kv_bytes_per_prompt_token": 46080.0,
         "kv_handoff_share_of_prefill": 0.07,
         "peak_rss_bytes": 6 * GIB,
@@ -134,6 +166,7 @@ def test_colocated_pool_stands_in_both_columns_and_plain_has_no_pools():
     assert (plain["startup_seconds"], plain["processing_seconds"], plain["achieved_rows_per_s"]) == (10.0, 40.0, 0.25)
     assert plain["pools"] is plain["efficiency"] is plain["prefill_rows_per_s"] is None
     assert plain["object_store_peak_bytes"] is None
+    assert plain["decode_step_p99_seconds"] is None and colocated["decode_step_p99_seconds"] is None
     assert plain["ratio_to_plain"] == plain["processing_ratio_to_plain"] == 1.0
 
 
@@ -173,7 +206,7 @@ def test_markdown_table_one_row_per_mode():
     assert lines[3].startswith(
         "| colocated | 1 colocated | 80.0 | 10.0 | 65.0 | 3.8 | 0.62 | 4.6 | 0.62 | 33 | 0.17 | 5.0 |"
     )
-    assert lines[3].endswith("| 92% | colocated | - | - | 5.00 | 300 |")
+    assert lines[3].endswith("| 92% | colocated | - | - | - | - | - | - | - | - | 5.00 | 300 |")
     assert lines[4].startswith("| disaggregated | not run: pools.decode asks 3 x {CPU: 0.4} \\| more | - |")
 
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.engine.loop import EngineFailed, EngineLoop, RequestRefused
+from pipeline.engine.steps import StepClock
 
 TIMEOUT = 10.0
 
@@ -153,3 +154,16 @@ def test_an_engine_that_fails_to_build_fails_the_constructor():
 
     with pytest.raises(RuntimeError, match="no memory for the KV cache"):
         EngineLoop(build)
+
+
+def test_the_clock_times_every_engine_step():
+    """Steps of 20 ms: as many durations as steps, each at least that long."""
+    engine = FakeEngine(max_seqs=4, seconds=0.02)
+    clock = StepClock()
+    loop = EngineLoop(lambda: engine, clock)
+    asyncio.run(run(loop.generate([1, 3], [None] * 2))(engine))
+    times = clock.take()
+    assert times.steps == len(engine.per_step) == 3
+    spread = times.step_seconds.spread()
+    assert spread.count == 3 and 0.02 <= spread.mean <= spread.max < 1.0
+    assert clock.take().steps == 0  # taken once

@@ -62,9 +62,14 @@ def _overrides(prompts, output):
 
 
 @pytest.fixture(scope="module")
-def colocated(ray_cluster, prompts, tmp_path_factory):
+def colocated_run(ray_cluster, prompts, tmp_path_factory):
     output = tmp_path_factory.mktemp("colocated")
-    run(job_config("mode=colocated", *_overrides(prompts, output)))
+    return output, run(job_config("mode=colocated", *_overrides(prompts, output)))
+
+
+@pytest.fixture(scope="module")
+def colocated(colocated_run):
+    output, _ = colocated_run
     return _tokens_by_id(read_output(str(output)))
 
 
@@ -108,6 +113,38 @@ def test_kv_bytes_per_prompt_token_match_the_model_geometry(disaggregated, model
     assert model.cache.bytes_per_token == 2 * 30 * 3 * 64 * 4 == 46_080
     assert metrics.kv_bytes_per_prompt_token == model.cache.bytes_per_token
     assert metrics.kv_bytes_moved == model.cache.bytes_per_token * sum(LENGTHS)
+
+
+def test_engine_steps_and_token_gaps_are_the_engines_own(colocated_run, disaggregated):
+    """Every generated token after a request's first is one inter-token gap; prefill samples
+    only first tokens; every step is timed."""
+    _, colocated_metrics = colocated_run
+    _, metrics = disaggregated
+    rows = len(LENGTHS)
+    for pool, outputs in (
+        (colocated_metrics.stages["colocated"], colocated_metrics.output_tokens),
+        (metrics.stages["decode"], metrics.output_tokens),
+    ):
+        assert pool.inter_token_seconds.count == outputs - rows
+        assert pool.step_seconds.count == pool.engine_steps >= MAX_TOKENS
+        gaps = pool.inter_token_seconds
+        assert 0 < gaps.p50 <= gaps.p90 <= gaps.p99 <= gaps.max * 1.03
+    prefill = metrics.stages["prefill"]
+    assert prefill.inter_token_seconds is None and prefill.step_seconds.count == prefill.engine_steps > 0
+
+
+def test_prefill_runs_at_hundreds_of_flops_per_byte_and_decode_at_tens(colocated_run, disaggregated):
+    """The asymmetry the split exists for, on the job's own run: shares of the peaks measured for
+    this machine's cores, FLOPs per byte by the work's definition."""
+    _, colocated_metrics = colocated_run
+    _, metrics = disaggregated
+    prefill, decode = metrics.stages["prefill"].utilisation, metrics.stages["decode"].utilisation
+    both = colocated_metrics.stages["colocated"].utilisation
+    for u in (prefill, decode, both):
+        assert 0 < u.compute_share <= 1 and 0 < u.bandwidth_share <= 1
+        assert u.device.endswith("1 core") or u.device.endswith("2 cores")
+    assert prefill.intensity > 100 > decode.intensity and decode.intensity < both.intensity < prefill.intensity
+    assert prefill.compute_share > decode.compute_share and decode.bandwidth_share > prefill.bandwidth_share
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,10 @@ workers):
 - efficiency: achieved rows/s / the slower engine pool's rows/s. 1 when the slower pool is busy
   all through processing; below, the share of it lost to pipeline fill and drain, waiting on
   the other pool, uneven work between its workers, or replacing a worker that died.
+- the asymmetry the split exists for (pipeline/job/utilisation.py, pipeline/engine/steps.py):
+  the prefill pool's FLOP/s as a share of its peak, the decode pool's memory bytes/s as a share
+  of its peak (a colocated pool stands in both), and the decode pool's step times (p50, p99,
+  standard deviation) and 99th-percentile inter-token time: how much prefill work stalls decode.
 """
 
 import json
@@ -32,7 +36,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pipeline.config import ENGINE_POOLS
-from pipeline.job.metrics import JobMetrics
+from pipeline.job.metrics import JobMetrics, StageMetrics
 
 BENCH_JSON, BENCH_TABLE, BENCH_PLOT = "bench.json", "bench.md", "bench.png"
 RUNS = ("plain", "colocated", "disaggregated")  # the modes a bench.json holds, in the order they run
@@ -90,6 +94,7 @@ def mode_row(mode: str, result: dict, plain: dict | None) -> dict:
     else:  # plain vLLM: one engine, no pools, no object store
         startup, rows, engines, kv = run.wall_seconds - processing, run.rows, {}, (None, None, None)
     rates = {name: stage.rates() for name, stage in engines.items()}
+    prefill_pool, decode_pool = (engines.get(name, engines.get("colocated")) for name in ("prefill", "decode"))
     prefill, decode = rates.get("prefill", rates.get("colocated", {})), rates.get("decode", rates.get("colocated", {}))
     slower = min(rates, key=lambda name: rates[name]["rows_per_s"]) if rates else None
     achieved = rows / processing
@@ -112,12 +117,28 @@ def mode_row(mode: str, result: dict, plain: dict | None) -> dict:
         "achieved_rows_per_s": achieved,
         "slower_pool": slower,
         "efficiency": achieved / rates[slower]["rows_per_s"] if slower else None,
+        **_engine_cells(prefill_pool, decode_pool),
         "kv_bytes_per_prompt_token": kv[0],
         "kv_handoff_share_of_prefill": kv[1],
         "peak_rss_bytes": result["peak_rss_bytes"],
         "object_store_peak_bytes": kv[2],
     }
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def _engine_cells(prefill: StageMetrics | None, decode: StageMetrics | None) -> dict:
+    """How compute-bound prefill runs and how bandwidth-bound decode runs (a colocated pool is
+    both), and how steady decode's steps and tokens come (pipeline/job/report.py)."""
+    share = lambda pool, key: getattr(pool.utilisation, key) if pool and pool.utilisation else None  # noqa: E731
+    spread = lambda pool, key, q: getattr(getattr(pool, key), q) if pool and getattr(pool, key) else None  # noqa: E731
+    return {
+        "prefill_compute_share": share(prefill, "compute_share"),
+        "decode_bandwidth_share": share(decode, "bandwidth_share"),
+        "decode_step_p50_seconds": spread(decode, "step_seconds", "p50"),
+        "decode_step_p99_seconds": spread(decode, "step_seconds", "p99"),
+        "decode_step_stddev_seconds": spread(decode, "step_seconds", "stddev"),
+        "inter_token_p99_seconds": spread(decode, "inter_token_seconds", "p99"),
+    }
 
 
 def bench_rows(results: dict[str, dict], plain: dict | None = None) -> list[dict]:
@@ -148,6 +169,12 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("achieved rows/s", "achieved_rows_per_s", _number(".2f")),
     ("efficiency", "efficiency", _number(".0%")),
     ("slower pool", "slower_pool", lambda v: v or "-"),
+    ("prefill FLOP/s of peak", "prefill_compute_share", _number(".0%")),
+    ("decode bytes/s of peak", "decode_bandwidth_share", _number(".0%")),
+    ("decode step p50 ms", "decode_step_p50_seconds", _number(".0f", 1e-3)),
+    ("p99 ms", "decode_step_p99_seconds", _number(".0f", 1e-3)),
+    ("stddev ms", "decode_step_stddev_seconds", _number(".0f", 1e-3)),
+    ("inter-token p99 ms", "inter_token_p99_seconds", _number(".0f", 1e-3)),
     ("KV B / prompt token", "kv_bytes_per_prompt_token", _number(",.0f")),
     ("handoff / prefill", "kv_handoff_share_of_prefill", _number(".1%")),
     ("peak RSS GiB", "peak_rss_bytes", _number(".2f", 2**30)),

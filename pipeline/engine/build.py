@@ -1,6 +1,7 @@
 """vLLM engine construction, in the calling process so a KV connector can hand tensors to it."""
 
 import os
+import platform
 from typing import TYPE_CHECKING
 
 from pipeline.cache import cache_dir
@@ -48,6 +49,20 @@ def bind_threads(cores: list[int] | None, threads: int | None) -> int:
 
     torch.set_num_threads(count)
     return count
+
+
+def device_name(device: Device) -> str:
+    """What this process's engine runs on, as the utilisation report names it and looks up its
+    peak: the GPU's name, or the CPU's model."""
+    if device is Device.cuda:
+        import torch
+
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
 
 
 def build_engine(

@@ -16,11 +16,14 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
+
+from pipeline.engine.steps import StepClock
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
@@ -70,9 +73,10 @@ class EngineLoop:
     """Builds an engine (`build`) and steps it in a thread of its own while any request is
     unfinished. Batches submit from the asyncio loop that runs the stage's calls; an error that
     stops the engine fails every batch waiting on it, and every later one, rather than leaving
-    them waiting."""
+    them waiting. Each step's duration goes to `clock`."""
 
-    def __init__(self, build: Callable[[], Engine]):
+    def __init__(self, build: Callable[[], Engine], clock: StepClock | None = None):
+        self._clock = clock or StepClock()
         self._inbox: queue.SimpleQueue[_Batch | _Abort] = queue.SimpleQueue()
         self._waiting: dict[str, _Batch] = {}  # request id -> its batch, until the request finishes
         self._ids = itertools.count()
@@ -155,7 +159,10 @@ class EngineLoop:
         batch.finish_if_done()
 
     def _step(self) -> None:
-        for output in self._engine.step():
+        started = time.perf_counter()
+        outputs = self._engine.step()
+        self._clock.step(time.perf_counter() - started)
+        for output in outputs:
             batch = self._waiting.pop(output.request_id, None) if output.finished else None
             if batch is None:  # not finished, or its batch was aborted
                 continue

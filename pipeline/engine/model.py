@@ -10,11 +10,12 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Optional
 
 from pipeline.cache import cache_dir
 from pipeline.config import Device, EngineConfig, ModelConfig
 from pipeline.engine.family import CacheGeometry, geometry
+from pipeline.engine.weights import Weights, count_weights
 from pipeline.errors import JobError
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ class ResolvedModel:
     dtype: str
     max_model_len: int
     cache: CacheGeometry  # what a request keeps, and the split moves
+    weights: Optional[Weights] = None  # counted from the checkpoint; None where it cannot be
+    query_heads: int = 0  # attention's query heads: with cache.head_dim, its FLOPs per context token
 
     @property
     def unmovable_kv(self) -> str | None:
@@ -48,6 +51,7 @@ def resolve_model(cfg: ModelConfig, engine: EngineConfig) -> ResolvedModel:
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(path)
+    text = hf.get_text_config()
     # vLLM's "auto" is the checkpoint's own type: kvrelay's default, which names it.
     dtype = default_dtype(hf, engine.device) if cfg.dtype in (None, "auto") else cfg.dtype
     numeric = {key: engine.extra[key] for key in NUMERIC_ENGINE_ARGS if key in engine.extra}
@@ -59,11 +63,13 @@ def resolve_model(cfg: ModelConfig, engine: EngineConfig) -> ResolvedModel:
         # A multimodal model's language model keeps the cache (Gemma 3's text_config).
         cache=geometry(
             cfg.name,
-            hf.get_text_config(),
+            text,
             dtype_bytes(dtype),
             cfg.max_model_len,
             ssm_dtype_bytes=dtype_bytes(ssm_state_dtype(engine), "engine.extra.mamba_ssm_cache_dtype"),
         ),
+        weights=count_weights(path, text),
+        query_heads=getattr(text, "num_attention_heads", 0) or 0,
     )
 
 

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Collection, Iterator, NamedTuple
 import ray
 
 from pipeline.cluster import on_driver_node
+from pipeline.engine.steps import Histogram
 from pipeline.job.metrics import WorkerMetrics
 
 
@@ -37,6 +38,13 @@ class BatchReport:
     # connector (vLLM's own count needs its stats on), so a colocated engine reports none.
     preempted: int = 0
     kv_handoff_seconds: float = 0.0
+    # Engine stages: the work's FLOPs and cache bytes (pipeline/engine/work.py), and the engine's
+    # steps since its last batch ended (pipeline/engine/steps.py).
+    model_flops: float = 0.0
+    cache_bytes: float = 0.0
+    engine_steps: int = 0
+    step_seconds: Histogram = field(default_factory=Histogram)
+    inter_token_seconds: Histogram = field(default_factory=Histogram)
 
     def add(self, other: "BatchReport") -> None:
         for f in fields(self):
@@ -85,9 +93,9 @@ class StageTally:
     def counts(self) -> dict[str, int]:
         return dict(self._counts)
 
-    def join(self, stage: str, worker: str, node: str, cores: list[int]) -> None:
+    def join(self, stage: str, worker: str, node: str, cores: list[int], device: str = "") -> None:
         totals = self._stages[stage]
-        totals.workers[worker] = WorkerMetrics(worker, node, 0.0, 0, 0, 0, 0)
+        totals.workers[worker] = WorkerMetrics(worker, node, 0.0, 0, 0, 0, 0, device)
         totals.worker_cores.append(cores)
 
     def record(self, stage: str, worker: str, seconds: float, busy_seconds: float, report: BatchReport) -> None:
@@ -168,6 +176,7 @@ class StageMeter:
 
     stage: str
     sink_name: str
+    device: str = ""  # an engine stage's: what its engine runs on
     _sink: ray.actor.ActorHandle = field(init=False)
     _worker: str = field(init=False)
     _busy: BusyClock = field(init=False, default_factory=BusyClock)
@@ -176,7 +185,8 @@ class StageMeter:
         self._sink = ray.get_actor(self.sink_name)
         node = ray.get_runtime_context().get_node_id()
         self._worker = f"{node[:8]}:{os.getpid()}"
-        ray.get(self._sink.join.remote(self.stage, self._worker, node, sorted(os.sched_getaffinity(0))))
+        cores = sorted(os.sched_getaffinity(0))
+        ray.get(self._sink.join.remote(self.stage, self._worker, node, cores, self.device))
 
     @contextmanager
     def batch(self) -> Iterator[BatchReport]:

@@ -8,6 +8,7 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import fsspec
 
+from pipeline.engine.steps import Spread
 from pipeline.io.storage import METRICS
 
 
@@ -22,6 +23,7 @@ class WorkerMetrics:
     rows: int
     input_tokens: int
     output_tokens: int
+    device: str = ""  # an engine worker's GPU or CPU model
 
 
 @dataclass
@@ -38,6 +40,15 @@ class StageMetrics:
     size: int  # the workers the pool runs at once
     worker_cores: list[list[int]]  # the cores each worker may run on
     per_worker: list[WorkerMetrics]
+    # Engine pools (0 or None for the others, and in the metrics of an earlier kvrelay): engine
+    # steps, the work's FLOPs and memory bytes (weights read per step, cache bytes), the steps'
+    # durations and the gaps between a request's tokens, and the work against the devices' peaks.
+    engine_steps: int = 0
+    model_flops: float = 0.0
+    memory_bytes: float = 0.0
+    step_seconds: Optional[Spread] = None
+    inter_token_seconds: Optional[Spread] = None
+    utilisation: Optional["Utilisation"] = None
 
     def rates(self) -> dict[str, float]:
         """Rows and tokens per second while busy: the pool's work over a worker's mean busy time."""
@@ -47,6 +58,26 @@ class StageMetrics:
             "prompt_tokens_per_s": self.input_tokens / busy,
             "output_tokens_per_s": self.output_tokens / busy,
         }
+
+
+@dataclass
+class Utilisation:
+    """An engine pool's work per worker while busy, against one worker's devices' peak
+    (pipeline/job/utilisation.py): how compute-bound, how bandwidth-bound."""
+
+    device: str  # what the peak is of: a GPU, or a worker's cores
+    flops_per_s: float
+    bytes_per_s: float
+    intensity: float  # FLOPs per byte of memory traffic
+    peak_flops_per_s: Optional[float]  # None where the device's peak is unknown
+    peak_bytes_per_s: Optional[float]
+    compute_share: Optional[float]
+    bandwidth_share: Optional[float]
+
+    @property
+    def ridge(self) -> Optional[float]:
+        """The intensity above which the device is compute-bound rather than bandwidth-bound."""
+        return self.peak_flops_per_s / self.peak_bytes_per_s if self.peak_flops_per_s else None
 
 
 @dataclass

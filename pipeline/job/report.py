@@ -53,6 +53,9 @@ def report_lines(m: JobMetrics, plotted: bool) -> list[str]:
         lines += _pool_table(m.stages, wall) + ["", "### Workers", ""] + _worker_table(m.stages)
     else:
         lines.append("No pool ran: every shard was committed by an earlier run.")
+    engines = {name: s for name, s in m.stages.items() if name in ENGINE_POOLS}
+    if engines:
+        lines += ["", "## Engine pools: utilisation and step times", ""] + _engine_lines(engines)
     lines += ["", "## Errors", ""]
     errors = sorted(m.errors.items(), key=lambda kv: (-kv[1], kv[0]))
     lines += [f"- `{kind}`: {count}" for kind, count in errors] or ["No row errors."]
@@ -95,6 +98,54 @@ def _worker_table(stages: dict[str, StageMetrics]) -> list[str]:
             f"| {w.output_tokens} |"
             for w in s.per_worker
         ]
+    return lines
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _engine_lines(stages: dict[str, StageMetrics]) -> list[str]:
+    """Per engine pool: FLOP/s and memory bytes/s per worker while busy against its peak, and
+    the distributions of step times and of the gaps between a request's tokens."""
+    lines = [
+        "| pool | device | GFLOP/s | of peak | GB/s | of peak | FLOP / byte | ridge |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, s in stages.items():
+        u = s.utilisation
+        if u is None:
+            lines.append(f"| {name} | - | - | - | - | - | - | - |")
+            continue
+        ridge = "-" if u.ridge is None else f"{u.ridge:.0f}"
+        lines.append(
+            f"| {name} | {u.device} | {u.flops_per_s / 1e9:,.1f} | {_share(u.compute_share)} "
+            f"| {u.bytes_per_s / 1e9:,.2f} | {_share(u.bandwidth_share)} | {u.intensity:,.0f} | {ridge} |"
+        )
+    lines += [
+        "",
+        "Per worker while busy: the model's FLOPs and memory bytes (weights read once per engine step, the "
+        "cache's reads and writes) over the pool's busy seconds, against one worker's peak (a GPU's datasheet; "
+        "CPU cores measured on this machine). A pool whose FLOPs per byte sit above the ridge is compute-bound, "
+        "below it bandwidth-bound.",
+        "",
+        "| pool | steps | step p50 ms | p90 | p99 | stddev | inter-token p50 ms | p90 | p99 | stddev |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, s in stages.items():
+        step, gap = s.step_seconds, s.inter_token_seconds
+        cells = [_ms(getattr(d, k, None)) for d in (step, gap) for k in ("p50", "p90", "p99", "stddev")]
+        lines.append(f"| {name} | {s.engine_steps} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "A step is one call of the engine: a forward pass over every running sequence (and the prompt chunks "
+        "scheduled with them). The inter-token time is the gap between one request's successive tokens: where "
+        "prefill shares the engine, decode waits behind it.",
+    ]
     return lines
 
 

@@ -29,9 +29,10 @@ from pipeline.columns import (
     PROMPT_TOKENS,
     STAGE_COLUMNS,
 )
-from pipeline.config import ENGINE_POOLS, JobConfig, Phase
+from pipeline.config import ENGINE_POOLS, EngineConfig, JobConfig, Phase
 from pipeline.engine.model import ResolvedModel, resolve_model
 from pipeline.engine.sampling import RowSampling
+from pipeline.engine.work import ModelWork
 from pipeline.errors import JobUnfinished
 from pipeline.io.commit import ShardLedger
 from pipeline.io.output import OutputTarget
@@ -42,6 +43,7 @@ from pipeline.job.meter import BatchPoint, StageTotals, processing_window, start
 from pipeline.job.metrics import JobMetrics, ShardCounts, StageMetrics
 from pipeline.job.report import write_plot, write_report
 from pipeline.job.usage import ObjectStorePeak
+from pipeline.job.utilisation import pool_utilisation
 from pipeline.job.validate import check_handoff, check_job
 from pipeline.kv.blocks import start_registry
 from pipeline.kv.store import PayloadStore
@@ -103,7 +105,7 @@ def run(cfg: JobConfig) -> JobMetrics:
                 )
             if removes and cfg.phase is Phase.decode:
                 removes.remove_spent_blocks(source.values(f"{KV_PAYLOAD}.file").to_pylist())
-            stages = _stage_metrics(graph, totals)
+            stages = _stage_metrics(graph, totals, model, cfg.engine)
             handoff = sum(s.kv_handoff_seconds for s in stages.values())
             moved = totals.get("decode", totals.get("prefill", StageTotals())).work
             prefill_busy = stages["prefill"].busy_seconds if "prefill" in stages else 0.0
@@ -244,9 +246,12 @@ def _digest(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _stage_metrics(graph: list[Stage], totals: dict[str, StageTotals]) -> dict[str, StageMetrics]:
-    """The pools that ran a batch, in graph order."""
-    return {
+def _stage_metrics(
+    graph: list[Stage], totals: dict[str, StageTotals], model: ResolvedModel, engine: EngineConfig
+) -> dict[str, StageMetrics]:
+    """The pools that ran a batch, in graph order; an engine pool's with its utilisation."""
+    work = ModelWork.of(model)
+    stages = {
         stage.name: StageMetrics(
             busy_seconds=round(t.busy_seconds, 3),
             rows=t.work.rows,
@@ -257,7 +262,15 @@ def _stage_metrics(graph: list[Stage], totals: dict[str, StageTotals]) -> dict[s
             size=stage.actors.size,
             worker_cores=t.worker_cores,
             per_worker=[replace(w, busy_seconds=round(w.busy_seconds, 3)) for w in t.workers.values()],
+            engine_steps=t.work.engine_steps,
+            model_flops=t.work.model_flops,
+            memory_bytes=t.work.cache_bytes + t.work.engine_steps * (work.weight_bytes if work else 0),
+            step_seconds=t.work.step_seconds.spread(),
+            inter_token_seconds=t.work.inter_token_seconds.spread(),
         )
         for stage in graph
         if (t := totals.get(stage.name)) and t.batches
     }
+    for stage in stages.values():
+        stage.utilisation = pool_utilisation(stage, engine, model.dtype)
+    return stages

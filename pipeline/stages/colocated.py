@@ -15,7 +15,7 @@ class Colocated(EngineStage):
     ) -> pa.Table:
         errors = batch.column(ERROR).to_pylist()
         requests = self.requests(batch, rows, prompts, errors)
-        outputs = await self.generate([prompts[i] for i in requests], list(requests.values()))
+        outputs = await self.generate([prompts[i] for i in requests], list(requests.values()), report)
         report.rows = len(rows)
         report.input_tokens = sum(len(prompts[i]) for i in rows)
         return self.with_completions(batch, dict(zip(requests, outputs)), requests, errors, report)

@@ -109,7 +109,7 @@ class Decode(EngineStage):
             # The prompt alone: the engine loads the KV of all its tokens but the last, computes
             # that one's, and samples every token of the completion itself.
             outputs = await self.generate(
-                [prompts[i] for i in keys], [with_kv_key(requests[i], key) for i, key in keys.items()]
+                [prompts[i] for i in keys], [with_kv_key(requests[i], key) for i, key in keys.items()], report
             )
         finally:
             for key in keys.values():

@@ -28,11 +28,13 @@ from pipeline.columns import (
     with_columns,
 )
 from pipeline.config import Device, EngineConfig, KVConfig, PoolConfig
-from pipeline.engine.build import bind_threads, build_engine
+from pipeline.engine.build import bind_threads, build_engine, device_name
 from pipeline.engine.loop import EngineLoop, RequestRefused
 from pipeline.engine.model import ResolvedModel
 from pipeline.engine.placement import Placement
 from pipeline.engine.sampling import RowSampling, check
+from pipeline.engine.steps import StepClock, watch_tokens
+from pipeline.engine.work import ModelWork
 from pipeline.job.meter import BatchReport, StageMeter
 from pipeline.kv.blocks import block_store
 from pipeline.kv.store import PayloadStore
@@ -59,13 +61,21 @@ class EngineStage:
     ):
         if engine.device is Device.cpu:
             bind_threads(placement.cores, placement.threads)
-        self.engine = EngineLoop(lambda: build_engine(model, engine, pool, self.kv_role, kv).llm_engine)
+        self.steps = StepClock()
+
+        def build() -> Any:
+            llm_engine = build_engine(model, engine, pool, self.kv_role, kv).llm_engine
+            watch_tokens(llm_engine, self.steps)
+            return llm_engine
+
+        self.engine = EngineLoop(build, self.steps)
         self.model = model
+        self.work = ModelWork.of(model)
         self.sampling = sampling
         self.kv = kv
         self.store = store
         self.shared_blocks = block_store(store, block_registry)  # where shared prefixes' KV is
-        self.meter = StageMeter(self.stage, sink_name)
+        self.meter = StageMeter(self.stage, sink_name, device_name(engine.device))
         # Ray Data may run more calls at once than this (a bundle of blocks is split into calls,
         # run four at a time): the rest wait here, before their requests reach the engine.
         self.slots = asyncio.Semaphore(pool.concurrent_batches)
@@ -94,13 +104,28 @@ class EngineStage:
         return requests
 
     async def generate(
-        self, prompts: list[list[int]], params: list["SamplingParams"]
+        self, prompts: list[list[int]], params: list["SamplingParams"], report: BatchReport
     ) -> list["RequestOutput | RequestRefused"]:
+        """The engine's outputs, their work counted in `report`."""
         from vllm.inputs import tokens_input
 
         if not prompts:
             return []
-        return await self.engine.generate([tokens_input(p) for p in prompts], params)
+        outputs = await self.engine.generate([tokens_input(p) for p in prompts], params)
+        if self.work:
+            for out in outputs:
+                if not isinstance(out, RequestRefused):
+                    self.count_work(out, report)
+        return outputs
+
+    def count_work(self, out: "RequestOutput", report: BatchReport) -> None:
+        """A request's FLOPs and cache bytes (pipeline/engine/work.py); its completions after the
+        first (n > 1) share its prompt's KV."""
+        prompt, cached = len(out.prompt_token_ids or ()), out.num_cached_tokens or 0
+        for n, completion in enumerate(out.outputs):
+            seen = cached if n == 0 else prompt
+            report.model_flops += self.work.request_flops(prompt, seen, len(completion.token_ids))
+            report.cache_bytes += self.work.request_bytes(prompt, seen, len(completion.token_ids))
 
     def with_completions(
         self,
@@ -153,7 +178,11 @@ class EngineStage:
         if not rows:  # nothing for the engine, nothing to meter
             return await self.process(batch, rows, prompts, BatchReport())
         async with self.slots, self.meter.overlapping_batch() as report:
-            return await self.process(batch, rows, prompts, report)
+            done = await self.process(batch, rows, prompts, report)
+            steps = self.steps.take()  # the engine's steps since the last batch ended
+            report.engine_steps = steps.steps
+            report.step_seconds, report.inter_token_seconds = steps.step_seconds, steps.inter_token_seconds
+            return done
 
     async def process(
         self, batch: pa.Table, rows: list[int], prompts: list[list[int]], report: BatchReport

@@ -100,6 +100,7 @@ class Prefill(EngineStage):
         outputs = await self.generate(
             [prompts[i][: carried[i][1]] for i in keys],
             [self.sampling.prefill(key, starts[i]) for i, key in keys.items()],
+            report,
         )
         tokens: list = [[] if i in carried else None for i in range(len(prompts))]
         saved: dict[int, np.ndarray] = {}
