@@ -1,5 +1,5 @@
-"""The capacity planner against hand-computed rooflines, its choices on constructed catalogues,
-calibration on a real jobs.bench result, the Hydra config and the command line."""
+"""The capacity planner against hand-computed rooflines and energy, its choices on constructed
+catalogues, calibration on a real jobs.bench result, the Hydra config and the command line."""
 
 import re
 import subprocess
@@ -24,6 +24,7 @@ from pipeline.plan.config import PlanConfig, register
 from pipeline.plan.recommend import NOT_RUNNABLE, recommend
 from pipeline.plan.roofline import (
     Efficiency,
+    Forecast,
     Hardware,
     ModelSpec,
     Planner,
@@ -45,9 +46,10 @@ MODEL = ModelSpec(name="round", params=1e9, layers=10, kv_heads=5, head_dim=100,
 # Mean context in decode = 1250 + 500 / 2 = 1500 tokens: 3e7 B of KV per sequence.
 WORKLOAD = Workload(prompt_tokens=1250, output_tokens=500, rows=1000)
 HALF = Efficiency(prefill=0.5, decode=0.5, network=0.5)
-# Compute-rich and expensive; bandwidth-poor, compute-poor and cheap.
-FAST = Hardware(name="fast", tflops=100, mem_bw_gbs=1000, mem_gib=80, usd_per_hour=4.0)
-SLOW = Hardware(name="slow", tflops=5, mem_bw_gbs=250, mem_gib=80, usd_per_hour=0.5)
+# Compute-rich and expensive; bandwidth-poor, compute-poor and cheap. Busy, FAST draws 400 W
+# above its idle 100 W, SLOW 80 W above its 20 W.
+FAST = Hardware(name="fast", tflops=100, mem_bw_gbs=1000, mem_gib=80, usd_per_hour=4.0, idle_watts=100, busy_watts=500)
+SLOW = Hardware(name="slow", tflops=5, mem_bw_gbs=250, mem_gib=80, usd_per_hour=0.5, idle_watts=20, busy_watts=100)
 
 
 def planner(**settings) -> Planner:
@@ -165,6 +167,44 @@ def test_disaggregated_is_the_least_of_prefill_decode_and_network():
     assert planner(network_gbps=0.8).disaggregated(Pool(fast, 1), Pool(slow, 1)).requests_per_s == pytest.approx(4)
 
 
+def test_a_colocated_pool_draws_its_busy_power():
+    # 2 x 500 W for 10,000 output tokens/s: 0.1 J per token, 1e5 J = 1/36 kWh per million.
+    option = planner().colocated(Pool(FAST, 2))
+    assert option.watts == pytest.approx(1000)
+    assert option.joules_per_token == pytest.approx(0.1)
+    assert option.kwh_per_m_tokens == pytest.approx(1 / 36)
+
+
+def test_a_split_pool_below_its_limit_idles_for_the_rest():
+    # Decode-bound at 5 requests/s: SLOW decodes flat out (100 W); FAST could prefill 20 and is
+    # busy a quarter of the time, 100 + 400 / 4 = 200 W. 300 W for 2,500 tokens/s.
+    option = planner().disaggregated(Pool(FAST, 1), Pool(SLOW, 1))
+    assert option.watts == pytest.approx(300)
+    assert option.joules_per_token == pytest.approx(0.12)
+    # Network-bound at 2 requests/s: prefill busy 2 / 20, 100 + 40 W; decode 2 / 5, 20 + 32 W.
+    slow_net = planner(network_gbps=0.8).disaggregated(Pool(FAST, 1), Pool(SLOW, 1))
+    assert slow_net.bound == "network" and slow_net.watts == pytest.approx(140 + 52)
+
+
+def test_a_forecast_is_the_whole_job_at_the_options_throughput():
+    # 36e6 output tokens at 10,000/s: one hour, of 2 devices at $4/h and 1 kW.
+    forecast = planner().colocated(Pool(FAST, 2)).forecast(36e6)
+    assert isinstance(forecast, Forecast)
+    assert (forecast.hours, forecast.usd, forecast.kwh) == pytest.approx((1, 8, 1))
+
+
+def test_the_handoff_takes_its_share_of_the_prefill_pools_time():
+    handoff = Planner(MODEL, WORKLOAD, replace(HALF, handoff=0.2), PlanSettings(max_batch=100, max_devices=5))
+    # FAST prefills 20 requests/s, 80% of them with the handoff: 16, under four SLOW's 20.
+    split = handoff.disaggregated(Pool(FAST, 1), Pool(SLOW, 4))
+    assert (split.requests_per_s, split.bound) == (pytest.approx(16), "prefill")
+    # Prefill flat out, 500 W; decode busy 16 / 20 of the time: 4 x (20 + 80 x 0.8) W.
+    assert split.watts == pytest.approx(500 + 336)
+    # A colocated engine hands nothing off; a handoff of 0 changes nothing.
+    assert handoff.colocated(Pool(FAST, 2)) == planner().colocated(Pool(FAST, 2))
+    assert replace(HALF, handoff=0.0) == HALF and Efficiency().handoff == 0
+
+
 def test_best_split_matches_prefill_to_decode():
     # One FAST prefills 20 requests/s, four SLOW decode 4 * 5: 20 requests/s for $6/h, $0.1667/M.
     # 1 + 3 gives 15 requests/s for $5.5/h ($0.204/M); 2 + 3 gives 15 for $9.5/h.
@@ -198,7 +238,7 @@ def test_overrides_are_jobs_generate_config():
     assert job.mode is Mode.disaggregated and job.engine.device == "cuda"
     assert (job.pools.prefill.size, job.pools.decode.size, job.pools.decode.num_gpus) == (1, 4, 1.0)
     assert (job.pools.decode.max_num_seqs, job.pools.decode.batch_size) == (100, 50)
-    cpu = Hardware(name="cpu", device="cpu", tflops=0.1, mem_bw_gbs=10, mem_gib=80, usd_per_hour=0.1)
+    cpu = replace(SLOW, name="cpu", device="cpu", tflops=0.1, mem_bw_gbs=10, usd_per_hour=0.1)
     job = job_config(*planner().colocated(Pool(cpu, 2)).hydra_overrides())
     assert (job.mode, job.engine.device) == (Mode.colocated, "cpu")
     assert (job.pools.colocated.size, job.pools.colocated.num_gpus) == (2, 0.0)
@@ -283,16 +323,29 @@ def test_the_header_states_the_cache_the_planner_counts():
     assert "mla cache: KV 70,272 B (68.6 KiB) per token, 137.2 MiB per prompt" in deepseek
 
 
+def test_the_output_states_the_handoff_and_each_options_power_and_energy():
+    lines = recommend(plan_config("hardware=[h100]", "efficiency.handoff=0.1"))
+    assert lines[1].endswith("; KV handoff 0.100 of a split's prefill busy time")
+    header = next(line for line in lines if line.startswith("mode "))
+    assert header.split()[-5:] == ["W", "kWh/M", "KV", "GB/s", "bound"]
+    # Eight H100s flat out: 5,600 W.
+    colocated = next(line for line in lines if line.startswith("colocated "))
+    assert " 5,600 " in colocated
+
+
 def test_calibration_reproduces_the_bench_stage_rates():
     cfg = plan_config("model_spec=smollm2-135m", "hardware=[cpu-core]", "plan.max_batch=64")
     cpu = catalogue(cfg.hardware)[0]
     eff = Efficiency.from_bench(BENCH, cpu, cfg.model_spec, cfg.plan)
     # The catalogue's rough peaks are peaks: the measured rates stay below them.
     assert 0 < eff.prefill < 1 and 0 < eff.decode < 1
+    # The handoff: 2.454 s in prefill and 3.327 s in decode, 2.61% of prefill's busy time.
+    assert eff.handoff == 0.0261
     # The bench's disaggregated run: 320 rows, 52,208 prompt and 18,272 output tokens; prefill
-    # busy 221.133 s and decode 177.018 s, one worker on one core each.
+    # busy 221.133 s (its prefill proper the rest of the handoff's share) and decode 177.018 s,
+    # one worker on one core each.
     p = Planner(cfg.model_spec, Workload(52_208 / 320, 18_272 / 320, 320), eff, cfg.plan)
-    assert p.prefill_rate(cpu) == pytest.approx(52_208 / 221.133)
+    assert p.prefill_rate(cpu) == pytest.approx(52_208 / (221.133 * (1 - 0.0261)))
     assert p.decode_rate(cpu) == pytest.approx(18_272 / 177.018)
     assert p.disaggregated(Pool(cpu, 1), Pool(cpu, 1)).output_tokens_per_s == pytest.approx(18_272 / 221.133)
 
@@ -324,6 +377,22 @@ def test_workload_from_token_ids_and_text(tmp_path, model):
         Workload.from_parquet(str(tmp_path / "missing"), output_tokens=64)
 
 
+def test_every_catalogue_entry_has_its_power():
+    cfg = plan_config("hardware=[h100,a100,l4,a10g,cpu-core]")
+    watts = {name: (hw.idle_watts, hw.busy_watts) for name, hw in cfg.hardware.items()}
+    assert watts == {
+        "h100": (80, 700),
+        "a100": (55, 400),
+        "l4": (18, 72),
+        "a10g": (30, 300),
+        "cpu-core": (3, 7),
+    }
+    p = Planner(cfg.model_spec, WORKLOAD, cfg.efficiency, cfg.plan)
+    for hw in catalogue(cfg.hardware):
+        [tp, *_] = p.engine_sizes(hw, 8)
+        assert p.colocated(Pool(hw, 8, tp)).watts == 8 * hw.busy_watts
+
+
 def test_plan_config_composes_with_overrides():
     cfg = plan_config(
         "hardware=[l4,cpu-core]", "hardware.l4.usd_per_hour=0.5", "plan.max_devices=3", "efficiency.decode=0.4"
@@ -352,6 +421,7 @@ def test_cli_prints_the_table_and_the_overrides():
     done = plan_cli("hardware=[h100,l4]", "plan.max_devices=4")
     assert done.returncode == 0, done.stderr
     assert re.search(r"\ndisaggregated +h100 -> l4 ", done.stdout) and "recommended:" in done.stdout
+    assert re.search(r"\n  100,000 rows: [\d.]+ h, \$[\d,.]+, [\d,.]+ kWh\n", done.stdout)
     assert "python -m jobs.generate mode=" in done.stdout and "pools." in done.stdout
 
 

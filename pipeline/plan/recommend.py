@@ -1,5 +1,5 @@
-"""The capacity planner's answer to a jobs.plan run: every option's predicted throughput and
-cost, the cheapest one kvrelay runs, and the jobs.generate overrides that run it."""
+"""The capacity planner's answer to a jobs.plan run: every option's predicted throughput, cost
+and energy, the cheapest one kvrelay runs, and the jobs.generate overrides that run it."""
 
 from pipeline.bench.results import bench_rows
 from pipeline.errors import JobError
@@ -52,7 +52,7 @@ NOT_RUNNABLE = "* needs tensor parallel across the split, which kvrelay does not
 def table(options: list[Option]) -> list[str]:
     lines = [
         f"{'mode':<15}{'prefill -> decode':<20}{'devices':>10}{'tp':>10}{'batch':>7}{'out tok/s':>11}{'$/h':>8}"
-        f"{'$/M out':>9}{'KV GB/s':>9}  bound"
+        f"{'$/M out':>9}{'W':>8}{'kWh/M':>7}{'KV GB/s':>9}  bound"
     ]
     for o in options:
         mode = o.mode if o.runnable else f"{o.mode}*"
@@ -61,7 +61,8 @@ def table(options: list[Option]) -> list[str]:
         tp = " + ".join(str(pool.tp) for pool in o.pools)
         lines.append(
             f"{mode:<15}{names:<20}{devices:>10}{tp:>10}{o.batch:>7}{o.output_tokens_per_s:>11,.1f}"
-            f"{o.usd_per_hour:>8.2f}{o.usd_per_m_tokens:>9.3f}{o.kv_gb_per_s:>9.2f}  {o.bound}"
+            f"{o.usd_per_hour:>8.2f}{o.usd_per_m_tokens:>9.3f}{o.watts:>8,.0f}{o.kwh_per_m_tokens:>7.3f}"
+            f"{o.kv_gb_per_s:>9.2f}  {o.bound}"
         )
     return lines + ([NOT_RUNNABLE] if any(not o.runnable for o in options) else [])
 
@@ -71,7 +72,10 @@ def describe(o: Option) -> str:
         f"{pool.devices} x {pool.hardware.name}" + (f" (engines of {pool.tp})" if pool.tp > 1 else "")
         for pool in o.pools
     )
-    return f"{pools}: ${o.usd_per_m_tokens:.3f} per million output tokens, {o.bound}-bound"
+    return (
+        f"{pools}: ${o.usd_per_m_tokens:.3f} and {o.kwh_per_m_tokens:.3f} kWh per million output tokens, "
+        f"{o.bound}-bound"
+    )
 
 
 def cache_line(model: ModelSpec, workload: Workload) -> str:
@@ -92,18 +96,18 @@ def recommend(cfg: PlanConfig) -> list[str]:
     runnable = [o for o in options if o.runnable]  # colocated ones always are
     best = cheapest(runnable)
     other = next((o for o in runnable if o.mode != best.mode), None)
-    hours = workload.rows * workload.output_tokens / best.output_tokens_per_s / 3600
+    job = best.forecast(workload.rows * workload.output_tokens)
     return [
         f"{model.name}: {workload.prompt_tokens:.0f} prompt + {workload.output_tokens:.0f} output tokens per row, "
         f"{workload.rows:,} rows; {cache_line(model, workload)}",
         f"efficiency: prefill {eff.prefill:.3f} of peak FLOP/s, decode {eff.decode:.3f} of peak memory bandwidth, "
-        f"network {eff.network:.3f}",
+        f"network {eff.network:.3f}; KV handoff {eff.handoff:.3f} of a split's prefill busy time",
         *calibration,
         "",
         *table(options),
         "",
         f"recommended: {best.mode} on {describe(best)}",
         *([f"  cheapest {other.mode}: {describe(other)}"] if other else []),
-        f"  {workload.rows:,} rows: {hours:.2f} h, ${hours * best.usd_per_hour:,.2f}",
+        f"  {workload.rows:,} rows: {job.hours:.2f} h, ${job.usd:,.2f}, {job.kwh:,.2f} kWh",
         "python -m jobs.generate " + " ".join(best.hydra_overrides()),
     ]

@@ -16,7 +16,11 @@ engines; per device, with efficiency factors scaling the datasheet peaks (see `E
   bytes + batch · cache bytes per sequence) / (tp · eff.decode · memory bandwidth). Its compute
   term is left out (far below the memory term at these batch sizes on GPUs).
 - a prompt's cache (`CacheGeometry.request_bytes`: KV, and a hybrid's recurrent state) crosses
-  the network once, at eff.network · NIC bandwidth, on each side of the link.
+  the network once, at eff.network · NIC bandwidth, on each side of the link. In a split, the
+  prefill engines spend eff.handoff of their busy time on the handoff, not prefilling.
+- power: a device draws its idle watts plus the share of the step from idle to busy (`Hardware`)
+  that the option keeps it busy: all of it colocated and on a split's bottleneck, the rest of
+  the split in proportion to the requests it carries of those it could.
 
 Cache bytes come from pipeline/engine/family.py, as the KV handoff counts them.
 """
@@ -90,6 +94,9 @@ class Hardware:
     mem_bw_gbs: float = MISSING
     mem_gib: float = MISSING
     usd_per_hour: float = MISSING
+    # Board power: at rest holding an engine, and at full load (its TDP: decode draws less).
+    idle_watts: float = MISSING
+    busy_watts: float = MISSING
     # Network between this device and the other pool; None: PlanSettings.network_gbps.
     nic_gbps: Optional[float] = None
 
@@ -97,11 +104,14 @@ class Hardware:
 @dataclass
 class Efficiency:
     """Fractions of peak reached: FLOP/s in prefill, memory bandwidth in decode, network in
-    the KV transfer. The defaults are typical of vLLM on GPUs; `from_bench` measures them."""
+    the KV transfer; and `handoff`, the share of a split's prefill busy time spent handing the KV
+    off (a bench's kv_handoff_share_of_prefill), which a colocated engine does not spend. The
+    defaults are typical of vLLM on GPUs; `from_bench` measures them."""
 
     prefill: float = 0.5
     decode: float = 0.6
     network: float = 0.7
+    handoff: float = 0.0
 
     @classmethod
     def from_bench(
@@ -111,17 +121,24 @@ class Efficiency:
         `jobs.bench` result measured on `hardware` (its disaggregated run, which times each
         phase on its own pool, in engines of one device: a split runs no other). A stage's busy
         seconds are summed over its workers; on CPU each core a worker was bound to is a device,
-        on GPUs each worker is one. The network factor is kept: the bench moves KV in memory."""
+        on GPUs each worker is one. The network factor is kept: the bench moves KV in memory.
+        Prefill's factor is measured on its busy time less the handoff's share, so that a split
+        reproduces the bench and colocated prefill gets the time back.
+
+        NOTE: the bench's handoff seconds are both pools' (prefill's and decode's copies) over the
+        prefill pool's busy seconds; the planner charges them all to prefill."""
         run = JobMetrics.from_dict(load_bench(path)["disaggregated"])
+        handoff = run.kv_handoff_share_of_prefill or 0.0
 
         def device_seconds(stage: StageMetrics) -> float:
             cores = [len(c) for c in stage.worker_cores]
             return stage.busy_seconds * (sum(cores) / len(cores) if hardware.device == "cpu" else 1)
 
         peak = Planner(model, Workload.from_metrics(run), cls(1.0, 1.0, network), settings)
-        prefill = run.input_tokens / device_seconds(run.stages["prefill"]) / peak.prefill_rate(hardware)
+        prefill_seconds = device_seconds(run.stages["prefill"]) * (1 - handoff)
+        prefill = run.input_tokens / prefill_seconds / peak.prefill_rate(hardware)
         decode = run.output_tokens / device_seconds(run.stages["decode"]) / peak.decode_rate(hardware)
-        return cls(prefill, decode, network)
+        return cls(prefill=prefill, decode=decode, network=network, handoff=handoff)
 
 
 @dataclass(frozen=True)
@@ -211,6 +228,20 @@ class Pool:
     def engines(self) -> int:
         return self.devices // self.tp
 
+    def watts(self, load: float) -> float:
+        """The pool's draw when busy for `load` of its time: its devices idle the rest of it."""
+        hw = self.hardware
+        return self.devices * (hw.idle_watts + (hw.busy_watts - hw.idle_watts) * load)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A whole job on one option: its wall time, cost and the devices' energy."""
+
+    hours: float
+    usd: float
+    kwh: float
+
 
 @dataclass(frozen=True)
 class Option:
@@ -223,6 +254,7 @@ class Option:
     output_tokens_per_s: float
     kv_gb_per_s: float
     bound: str  # what limits throughput: prefill, decode or network
+    watts: float  # the pools' devices together, at this throughput
 
     @property
     def runnable(self) -> bool:
@@ -237,6 +269,20 @@ class Option:
     @property
     def usd_per_m_tokens(self) -> float:
         return self.usd_per_hour / (self.output_tokens_per_s * 3600) * 1e6
+
+    @property
+    def joules_per_token(self) -> float:
+        """Per output token; the devices' energy only (no host, network or cooling)."""
+        return self.watts / self.output_tokens_per_s
+
+    @property
+    def kwh_per_m_tokens(self) -> float:
+        return self.joules_per_token * 1e6 / 3.6e6
+
+    def forecast(self, output_tokens: float) -> Forecast:
+        """A job that generates `output_tokens` in all, at this option's steady throughput."""
+        hours = output_tokens / self.output_tokens_per_s / 3600
+        return Forecast(hours=hours, usd=hours * self.usd_per_hour, kwh=hours * self.watts / 1000)
 
     def hydra_overrides(self) -> list[str]:
         """The same configuration for `jobs.generate`: a worker per engine, holding its GPUs."""
@@ -330,37 +376,39 @@ class Planner:
         prefill_s = self.workload.prompt_tokens / self.prefill_rate(hw)
         decode_s = self.workload.output_tokens / self.decode_rate(hw, tp)
         requests = pool.devices / (prefill_s + decode_s)
-        bound = "prefill" if prefill_s > decode_s else "decode"
         return Option(
-            "colocated",
-            (pool,),
-            self.decode_batch(hw, tp),
-            requests,
-            requests * self.workload.output_tokens,
-            0.0,
-            bound,
+            mode="colocated",
+            pools=(pool,),
+            batch=self.decode_batch(hw, tp),
+            requests_per_s=requests,
+            output_tokens_per_s=requests * self.workload.output_tokens,
+            kv_gb_per_s=0.0,
+            bound="prefill" if prefill_s > decode_s else "decode",
+            watts=pool.watts(1.0),
         )
 
     def disaggregated(self, prefill: Pool, decode: Pool) -> Option:
-        """Requests/s = the least of what the prefill devices, the decode devices and the network
-        between the pools (each device's NIC, on both sides) can carry."""
+        """Requests/s = the least of what the prefill devices (less their handoff time), the decode
+        devices and the network between the pools (each device's NIC, on both sides) can carry.
+        Each pool is busy for the share of its own limit that this carries."""
         nic = lambda pool: pool.devices * (pool.hardware.nic_gbps or self.settings.network_gbps) * GB / 8  # noqa: E731 (bytes/s)
+        prefill_rate = self.prefill_rate(prefill.hardware) * (1 - self.eff.handoff)
         limits = {
-            "prefill": prefill.devices * self.prefill_rate(prefill.hardware) / self.workload.prompt_tokens,
+            "prefill": prefill.devices * prefill_rate / self.workload.prompt_tokens,
             "decode": decode.devices * self.decode_rate(decode.hardware, decode.tp) / self.workload.output_tokens,
             "network": self.eff.network * min(nic(prefill), nic(decode)) / self.kv_bytes_per_request,
         }
         bound = min(limits, key=limits.get)
         requests = limits[bound]
-        kv_gb_per_s = requests * self.kv_bytes_per_request / GB
         return Option(
-            "disaggregated",
-            (prefill, decode),
-            self.decode_batch(decode.hardware, decode.tp),
-            requests,
-            requests * self.workload.output_tokens,
-            kv_gb_per_s,
-            bound,
+            mode="disaggregated",
+            pools=(prefill, decode),
+            batch=self.decode_batch(decode.hardware, decode.tp),
+            requests_per_s=requests,
+            output_tokens_per_s=requests * self.workload.output_tokens,
+            kv_gb_per_s=requests * self.kv_bytes_per_request / GB,
+            bound=bound,
+            watts=prefill.watts(requests / limits["prefill"]) + decode.watts(requests / limits["decode"]),
         )
 
     def best_colocated(self, hw: Hardware) -> list[Option]:
