@@ -53,7 +53,11 @@ SENTENCES = [
 ]
 
 
-def make_prompt(rng: random.Random) -> str:
+def make_prompt(rng: random.Random, document_sentences: int | None = None) -> str:
+    """A varied prompt; with `document_sentences`, always a task over a document of about that
+    many sentences (a long-prompt workload: ~12 tokens a sentence)."""
+    if document_sentences:
+        return document_task(rng, int(rng.triangular(0.9, 1.1) * document_sentences))
     kind = rng.random()
     if kind < 0.2:
         return rng.choice(QUESTIONS)
@@ -62,7 +66,11 @@ def make_prompt(rng: random.Random) -> str:
     if kind < 0.5:
         return f"Explain {rng.choice(TOPICS)} to a ten-year-old in three sentences."
     # Documents of 1 to ~60 sentences: ~15 to ~700 tokens.
-    document = " ".join(rng.choice(SENTENCES) for _ in range(int(rng.triangular(1, 62, 10))))
+    return document_task(rng, int(rng.triangular(1, 62, 10)))
+
+
+def document_task(rng: random.Random, sentences: int) -> str:
+    document = " ".join(rng.choice(SENTENCES) for _ in range(sentences))
     task = rng.choice(
         [
             "Summarize the following report in one sentence.",
@@ -73,8 +81,8 @@ def make_prompt(rng: random.Random) -> str:
     return f"{task}\n\n{document}"
 
 
-def write_sample(path: Path, rows: int, seed: int) -> None:
+def write_sample(path: Path, rows: int, seed: int, document_sentences: int | None = None) -> None:
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prompts = [make_prompt(rng) for _ in range(rows)]
+    prompts = [make_prompt(rng, document_sentences) for _ in range(rows)]
     pq.write_table(pa.table({"id": [f"sample-{i:04d}" for i in range(rows)], "prompt": prompts}), path)
