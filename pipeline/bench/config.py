@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 
 from pipeline.config import JobConfig, Mode
 from pipeline.config import register as register_job
+from pipeline.plan.roofline import Efficiency, Hardware, PlanSettings
 
 
 class BenchMode(str, Enum):
@@ -79,8 +80,35 @@ class SharedPrefixConfig(JobConfig):
     shared_prefix: SharedPrefixSettings = field(default_factory=SharedPrefixSettings)
 
 
+@dataclass
+class AdviseSettings:
+    # Input rows run side by side: a seeded choice spread over the whole input (every row of a
+    # smaller one), the same on every run with the same seed.
+    sample_rows: int = 512
+    seed: int = 0
+    # A split that saves less than this share of colocated's $ per output token does not pay
+    # for its second pool and the KV it moves.
+    min_saving: float = 0.05
+
+
+@dataclass
+class AdviseConfig(BenchConfig):
+    """jobs.advise: the user's job config (model, sampling, input), run on a sample of its input
+    as the bench runs it, and the planner's catalogue, settings and GPU efficiencies."""
+
+    advise: AdviseSettings = field(default_factory=AdviseSettings)
+    # The catalogue entry of the machine the sample runs on, one (hardware@machine=cpu-core):
+    # its measured efficiencies calibrate the planner for it alone.
+    machine: dict[str, Hardware] = field(default_factory=dict)
+    # The hardware to advise on, planned with `efficiency` (typical of vLLM on GPUs).
+    hardware: dict[str, Hardware] = field(default_factory=dict)
+    efficiency: Efficiency = field(default_factory=Efficiency)
+    plan: PlanSettings = field(default_factory=PlanSettings)
+
+
 def register() -> None:
     register_job()
     ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
     ConfigStore.instance().store(name="overhead_schema", node=OverheadConfig)
     ConfigStore.instance().store(name="shared_prefix_schema", node=SharedPrefixConfig)
+    ConfigStore.instance().store(name="advise_schema", node=AdviseConfig)

@@ -1,0 +1,220 @@
+"""jobs.advise: the parallel run before migrating, as one command. A seeded sample of the user's
+input runs colocated and disaggregated side by side on the machine at hand (the bench, plain
+vLLM too where it applies); the two outputs are compared row by row; the disaggregated run
+calibrates the planner for this machine; the planner, on the whole input's workload, prices
+every hardware option. What the advice says, and why, is pipeline/bench/advice.py.
+
+Files in output.path: `_sample.parquet` (the sample, every column), `bench/` (the bench's
+runs of it), `_advice.md` and `_advice.json`."""
+
+import copy
+import json
+import os
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset
+import pyarrow.parquet as pq
+
+from pipeline.bench.advice import Identity, MachineRun
+from pipeline.bench.advice_report import Advice, advice
+from pipeline.bench.config import AdviseConfig, BenchConfig, BenchMode
+from pipeline.bench.throughput import bench
+from pipeline.columns import ERROR, GENERATED_TOKENS, ID
+from pipeline.config import Device
+from pipeline.engine.model import ResolvedModel, dtype_bytes, resolve_model
+from pipeline.errors import JobError
+from pipeline.io.storage import parquet_dataset, read_output
+from pipeline.plan.roofline import Efficiency, Hardware, ModelSpec, Planner, Workload, catalogue, load_bench
+
+SAMPLE, ADVICE_MD, ADVICE_JSON, BENCH_DIR = "_sample.parquet", "_advice.md", "_advice.json", "bench"
+
+
+def advise(cfg: AdviseConfig, overrides: list[str]) -> Advice:
+    """Runs the sample, writes _advice.md and _advice.json into output.path and returns the
+    advice. `overrides`: the command line's, whose job keys the recommended command repeats."""
+    root = Path(cfg.output.path)
+    dataset = open_input(cfg.input.path)
+    total = total_rows(dataset)
+    machine = machine_entry(cfg)
+    here, gpu = model_specs(cfg)
+    devices = catalogue(cfg.hardware)
+    if devices:  # a model that fits on none of them is refused before any work
+        Planner(gpu, Workload(1, 1, 1), cfg.efficiency, cfg.plan).options(devices)
+    run = measure(cfg, root=root, dataset=dataset, total=total, machine=machine, spec=here)
+    said = advice(
+        cfg,
+        run=run,
+        gpu=gpu,
+        devices=devices,
+        identity=compare_outputs(root / BENCH_DIR),
+        total_rows=total,
+        task=overrides,
+        sample=str(root / SAMPLE),
+    )
+    (root / ADVICE_MD).write_text("\n".join(said.lines) + "\n")
+    (root / ADVICE_JSON).write_text(json.dumps(said.figures, indent=2))
+    return said
+
+
+def measure(
+    cfg: AdviseConfig, *, root: Path, dataset: pyarrow.dataset.Dataset, total: int, machine: Hardware, spec: ModelSpec
+) -> MachineRun:
+    """The sample (root/_sample.parquet) through the bench on this machine (root/bench), and
+    the efficiencies its disaggregated run measures for this machine's catalogue entry."""
+    root.mkdir(parents=True, exist_ok=True)
+    pq.write_table(take_rows(dataset, sample_indices(total, cfg.advise.sample_rows, cfg.advise.seed)), root / SAMPLE)
+    plain_skipped = plain_does_not_apply(cfg, dataset.schema.names)
+    bench_json = str(bench(bench_config(cfg, root, plain_skipped is None), root / BENCH_DIR))
+    results = load_bench(bench_json)
+    cores = machine_cores(results)
+    # The bench's engines batch max_num_seqs sequences, on one core each in its split.
+    settings = replace(cfg.plan, max_batch=cfg.pools.decode.max_num_seqs, max_devices=cores)
+    return MachineRun(
+        hardware=machine,
+        results=results,
+        cores=cores,
+        spec=spec,
+        efficiency=Efficiency.from_bench(bench_json, machine, spec, settings, cfg.efficiency.network),
+        settings=settings,
+        plain_skipped=plain_skipped,
+    )
+
+
+def machine_entry(cfg: AdviseConfig) -> Hardware:
+    """The catalogue entry of the machine the sample runs on, for the device the job runs on."""
+    entries = catalogue(cfg.machine)
+    if len(entries) != 1:
+        raise JobError(f"name one catalogue entry for the machine at hand (hardware@machine=...), not {len(entries)}")
+    if entries[0].device != cfg.engine.device.value:
+        raise JobError(
+            f"the machine at hand is {entries[0].name} ({entries[0].device}) but "
+            f"engine.device={cfg.engine.device.value}: "
+            "name this machine's entry with hardware@machine=<conf/hardware entry>"
+        )
+    return entries[0]
+
+
+def model_specs(cfg: AdviseConfig) -> tuple[ModelSpec, ModelSpec]:
+    """The user's model for the planner: as it runs here (the sample's dtype), and as it runs on
+    CUDA (model.dtype, or the checkpoint's own 16-bit type), from its config and checkpoint."""
+    here = resolve_model(cfg.model, cfg.engine)
+    gpu = resolve_model(cfg.model, replace(cfg.engine, device=Device.cuda))
+    return model_spec(cfg.model.name, here), model_spec(cfg.model.name, gpu)
+
+
+def model_spec(name: str, model: ResolvedModel) -> ModelSpec:
+    if model.weights is None:
+        raise JobError(
+            f"model {name} ({model.path}): no safetensors files to count its parameters from; jobs.advise needs "
+            "the checkpoint in a local folder (model.checkpoint=DIR, or the hub id downloaded first)"
+        )
+    cache, weights = model.cache, model.weights
+    return ModelSpec(
+        name=name,
+        params=weights.params,
+        # Prefill multiplies each prompt token by the body (the head once per sequence, the
+        # embedding never), as pipeline/engine/work.py counts an engine's FLOPs.
+        active_params=weights.body_params,
+        dtype_bytes=dtype_bytes(model.dtype),
+        kv_dtype_bytes=cache.dtype_bytes,
+        family=cache.family,
+        layers=cache.layers,
+        kv_heads=cache.kv_heads,
+        head_dim=cache.head_dim,
+        window=cache.window,
+        state_layers=cache.state_layers,
+        state_bytes_per_layer=cache.state_bytes_per_layer,
+        recurrent=cache.recurrent,
+    )
+
+
+def open_input(url: str) -> pyarrow.dataset.Dataset:
+    try:
+        return parquet_dataset(url)
+    except FileNotFoundError:
+        raise JobError(f"input.path {url} does not exist") from None
+
+
+def row_groups(dataset: pyarrow.dataset.Dataset) -> list[tuple[pyarrow.dataset.ParquetFileFragment, int]]:
+    """Every row group of the input in the order the dataset lists its files, with its rows, from
+    the files' footers."""
+    groups = [group for fragment in dataset.get_fragments() for group in fragment.split_by_row_group()]
+    return [(group, group.row_groups[0].num_rows) for group in groups]
+
+
+def total_rows(dataset: pyarrow.dataset.Dataset) -> int:
+    total = sum(rows for _, rows in row_groups(dataset))
+    if not total:
+        raise JobError("the input has no rows")
+    return total
+
+
+def sample_indices(total: int, rows: int, seed: int) -> np.ndarray:
+    """`rows` row numbers of `total` (all of them when it has no more), sorted: one drawn with
+    `seed` from each of `rows` equal stretches of the input, so that the sample spans all of it
+    (an input sorted by length or source keeps its mix) and is the same on every run."""
+    if rows >= total:
+        return np.arange(total)
+    edges = np.arange(rows + 1, dtype=np.int64) * total // rows
+    offsets = np.random.default_rng(seed).random(rows) * np.diff(edges)
+    return edges[:-1] + offsets.astype(np.int64)
+
+
+def take_rows(dataset: pyarrow.dataset.Dataset, indices: np.ndarray) -> pa.Table:
+    """The rows at `indices` (sorted), every column, reading only the row groups that hold them."""
+    pieces, start = [], 0
+    for group, rows in row_groups(dataset):
+        first, stop = np.searchsorted(indices, [start, start + rows])
+        if stop > first:
+            pieces.append(group.to_table(schema=dataset.schema).take(indices[first:stop] - start))
+        start += rows
+    return pa.concat_tables(pieces)
+
+
+def plain_does_not_apply(cfg: AdviseConfig, columns: list[str]) -> str | None:
+    """Why plain vLLM's baseline cannot run this job as the pipeline does (None: it can): it
+    generates one completion per prompt text with the job's sampling."""
+    if BenchMode.plain not in cfg.bench.modes:
+        return "left out (bench.modes)"
+    if cfg.input.messages_column:
+        return "the input holds conversations (input.messages_column); the baseline reads prompts"
+    if cfg.input.sampling_column in columns:
+        return f"rows carry their own sampling ({cfg.input.sampling_column}), which the baseline does not apply"
+    if cfg.sampling.n > 1:
+        return f"sampling.n={cfg.sampling.n}: the baseline counts one completion per prompt"
+    return None
+
+
+def bench_config(cfg: AdviseConfig, root: Path, plain: bool) -> BenchConfig:
+    """The bench of the sample: the user's job as given, into root/bench, one round of the modes
+    (plain vLLM where it applies, then colocated and disaggregated)."""
+    job = BenchConfig(**{f.name: copy.deepcopy(getattr(cfg, f.name)) for f in fields(BenchConfig)})
+    job.input.path, job.output.path = str(root / SAMPLE), str(root / BENCH_DIR)
+    wanted = [BenchMode.plain] if plain else []
+    job.bench = replace(job.bench, modes=wanted + [BenchMode.colocated, BenchMode.disaggregated])
+    (root / BENCH_DIR).mkdir(exist_ok=True)
+    return job
+
+
+def machine_cores(results: dict) -> int:
+    """The cores the pipeline's engines ran on (on CPU, each a device of the catalogue entry)."""
+    cores = {
+        core
+        for mode in ("colocated", "disaggregated")
+        for name, stage in results[mode]["stages"].items()
+        if name in ("colocated", "prefill", "decode")
+        for worker in stage["worker_cores"]
+        for core in worker
+    }
+    return len(cores) or len(os.sched_getaffinity(0))
+
+
+def compare_outputs(root: Path) -> Identity:
+    """The disaggregated run's tokens (and row errors) against the colocated run's, by row id."""
+    outputs = [read_output(str(root / mode), [ID, GENERATED_TOKENS, ERROR]) for mode in ("colocated", "disaggregated")]
+    colocated, split = ({row[ID]: row for row in table.to_pylist()} for table in outputs)
+    differing = sorted(str(i) for i in colocated.keys() | split.keys() if colocated.get(i) != split.get(i))
+    return Identity(rows=len(colocated.keys() | split.keys()), differing=differing)
