@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 
 from pipeline.bench.advice import OUTPUT, Choice, command, decide, planned, user_overrides
 from pipeline.bench.advise import advise, sample_indices, take_rows, total_rows
-from pipeline.bench.config import AdviseConfig, register
+from pipeline.bench.advice_report import job_sized
+from pipeline.bench.config import AdviseConfig, AdviseSettings, register
 from pipeline.bench.verdict import split_reasons
 from pipeline.config import Mode
 from pipeline.errors import JobError
@@ -113,6 +114,21 @@ def test_short_prompts_on_a_device_cheapest_for_both_phases_are_the_reasons_give
         "fast is the cheapest device for both phases: prefill $0.04444 per million prompt tokens on fast (next: "
         "cheap, $2.222), decode $0.05778 per million output tokens on fast (next: cheap, $0.2889)"
     )
+
+
+def test_a_job_too_small_for_every_device_past_its_start_up_is_planned_on_fewer():
+    """The round model on FAST: 1,000 rows of 500 output tokens. Its best option makes about
+    5,000 output tok/s per device; a 300 s start-up within 10% of the run needs 150M output
+    tokens a device: 0.5M make none worth it beyond a split's two engines, 100x as many 3,
+    1,000x as many all 5."""
+    settings = AdviseSettings(gpu_startup_s=300, startup_share=0.1)
+    small = job_sized(planner(), [FAST, SLOW], settings)
+    assert small.settings.max_devices == 2
+    assert {sum(p.devices for p in o.pools) for o in small.options([FAST, SLOW])} <= {1, 2}
+    per_device = max(o.output_tokens_per_s / sum(p.devices for p in o.pools) for o in planner().options([FAST, SLOW]))
+    assert per_device == 5000
+    for rows, most in ((100_000, 3), (1_000_000, 5)):
+        assert job_sized(planner(replace(WORKLOAD, rows=rows)), [FAST, SLOW], settings).settings.max_devices == most
 
 
 def test_decode_held_back_by_memory_is_a_reason():

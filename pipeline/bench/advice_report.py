@@ -3,6 +3,7 @@ options (pipeline/bench/advice.py) and the verdict on the split (pipeline/bench/
 `_advice.json` for a program, and the same figures as `_advice.md` for a person
 (pipeline/bench/advice_text.py)."""
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from pipeline.bench.advice import (
@@ -18,7 +19,7 @@ from pipeline.bench.advice import (
     planned,
 )
 from pipeline.bench.advice_text import text
-from pipeline.bench.config import AdviseConfig
+from pipeline.bench.config import AdviseConfig, AdviseSettings
 from pipeline.bench.results import bench_rows
 from pipeline.bench.verdict import judge
 from pipeline.config import ENGINE_POOLS
@@ -50,7 +51,7 @@ def advice(
     workload = Workload(mean.prompt_tokens, mean.output_tokens, total_rows)
     rows = {row["mode"]: row for row in bench_rows(run.results)}
     here = Planner(run.spec, workload, run.efficiency, run.settings)
-    theirs = Planner(gpu, workload, cfg.efficiency, cfg.plan)
+    theirs = job_sized(Planner(gpu, workload, cfg.efficiency, cfg.plan), devices, cfg.advise)
     mine, options = machine_options(here, run), theirs.options(devices) if devices else []
     choices = machine_choices(run, rows, mine, total_rows)
     choices += [planned(o, workload.output_tokens * workload.rows) for o in per_device(options, devices)]
@@ -71,6 +72,7 @@ def advice(
             "predicted_by_calibrated_planner": {o.mode: o.output_tokens_per_s for o in mine},
         },
         "efficiency": {"machine": asdict(run.efficiency), "planned": asdict(cfg.efficiency)},
+        "planned_max_devices": theirs.settings.max_devices,
         "options": [choice_figures(c, cfg.input.path, task) for c in choices],
         "recommendation": choice_figures(verdict.chosen, cfg.input.path, task),
         "here": choice_figures(here_choice, cfg.input.path, task),
@@ -79,6 +81,23 @@ def advice(
         "reasons": verdict.reasons,
     }
     return Advice(lines=text(said, cfg, run, choices, verdict), figures=said)
+
+
+def job_sized(planner: Planner, devices: list[Hardware], settings: AdviseSettings) -> Planner:
+    """The planner on as many devices per option as the job keeps busy well past their start-up:
+    at most those whose `gpu_startup_s` is `startup_share` of the run at the best per-device rate
+    (the planner's steady state counts no start-up, so it would spread a small job over all
+    plan.max_devices); at least a split's two engines of the smallest size that holds the model."""
+    if not devices:
+        return planner
+    options = planner.options(devices)
+    per_device = max(o.output_tokens_per_s / sum(p.devices for p in o.pools) for o in options)
+    job = planner.workload.output_tokens * planner.workload.rows
+    worth = math.floor(settings.startup_share * job / (settings.gpu_startup_s * per_device))
+    most = planner.settings.max_devices
+    engine = max(sizes[0] for hw in devices if (sizes := planner.engine_sizes(hw, most)))
+    most = min(most, max(worth, 2 * engine))
+    return Planner(planner.model, planner.workload, planner.eff, replace(planner.settings, max_devices=most))
 
 
 def machine_choices(

@@ -133,8 +133,10 @@ def whole_job(figures: dict, cfg: AdviseConfig, run: MachineRun, choices: list[C
         "Measured rows: the sample's runs as they took, then each further row at the rate of the run's slower engine "
         f"pool while busy (plain vLLM: its generate call's), on the cores used at ${hw.usd_per_hour:g}/h and "
         f"{hw.idle_watts:g}-{hw.busy_watts:g} W each. "
-        f"Planned rows: the steady state on up to plan.max_devices={cfg.plan.max_devices} devices per option, "
-        "start-up not counted. Energy: the devices' alone.",
+        f"Planned rows: the steady state on up to {figures['planned_max_devices']} devices per option "
+        f"(plan.max_devices={cfg.plan.max_devices}; fewer where the job would not keep them busy well past their "
+        f"start-up: advise.gpu_startup_s={cfg.advise.gpu_startup_s:g} at most advise.startup_share="
+        f"{cfg.advise.startup_share:.0%} of the run), start-up not counted. Energy: the devices' alone.",
         *(["", SHORT_JOB] if short else []),
         "",
     ]

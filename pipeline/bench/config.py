@@ -89,6 +89,11 @@ class AdviseSettings:
     # A split that saves less than this share of colocated's $ per output token does not pay
     # for its second pool and the KV it moves.
     min_saving: float = 0.05
+    # A job too small to keep plan.max_devices GPUs busy well past their engines' start-up
+    # (loading the weights, capturing CUDA graphs) is planned on fewer: the most whose start-up
+    # stays within startup_share of the run (at least a split's two engines).
+    gpu_startup_s: float = 300.0
+    startup_share: float = 0.1
 
 
 @dataclass
