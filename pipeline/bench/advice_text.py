@@ -135,7 +135,7 @@ def whole_job(figures: dict, cfg: AdviseConfig, run: MachineRun, choices: list[C
         f"{hw.idle_watts:g}-{hw.busy_watts:g} W each. "
         f"Planned rows: the steady state on up to {figures['planned_max_devices']} devices per option "
         f"(plan.max_devices={cfg.plan.max_devices}; fewer where the job would not keep them busy well past their "
-        f"start-up: advise.gpu_startup_s={cfg.advise.gpu_startup_s:g} at most advise.startup_share="
+        f"start-up: advise.gpu_startup_s={cfg.advise.gpu_startup_s:g} s at most advise.startup_share="
         f"{cfg.advise.startup_share:.0%} of the run), start-up not counted. Energy: the devices' alone.",
         *(["", SHORT_JOB] if short else []),
         "",
