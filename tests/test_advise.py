@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pipeline.bench.advice import OUTPUT, Choice, command, decide, planned, user_overrides
-from pipeline.bench.advise import advise, sample_indices, take_rows, total_rows
 from pipeline.bench.advice_report import job_sized
+from pipeline.bench.advise import advise, sample_indices, take_rows, total_rows
 from pipeline.bench.config import AdviseConfig, AdviseSettings, register
 from pipeline.bench.verdict import split_reasons
 from pipeline.config import Mode
