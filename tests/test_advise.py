@@ -16,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.bench.advice import OUTPUT, Choice, command, decide, planned, user_overrides
+from pipeline.bench.advice import OUTPUT, Choice, SampleRun, command, decide, planned, user_overrides
 from pipeline.bench.advice_report import job_sized
 from pipeline.bench.advise import advise, sample_indices, take_rows, total_rows
 from pipeline.bench.config import AdviseConfig, AdviseSettings, register
@@ -27,6 +27,7 @@ from pipeline.io.storage import parquet_dataset
 from pipeline.job.validate import check_job
 from pipeline.plan.roofline import Efficiency, Forecast, Hardware, ModelSpec, Planner, PlanSettings, Pool, Workload
 from tests.conftest import job_config
+from tests.test_bench import DISAGGREGATED, PLAIN
 
 REPO = Path(__file__).resolve().parents[1]
 register()
@@ -129,6 +130,15 @@ def test_a_job_too_small_for_every_device_past_its_start_up_is_planned_on_fewer(
     assert per_device == 5000
     for rows, most in ((100_000, 3), (1_000_000, 5)):
         assert job_sized(planner(replace(WORKLOAD, rows=rows)), [FAST, SLOW], settings).settings.max_devices == most
+
+
+def test_each_further_row_takes_the_slower_pools_busy_time_per_sample_row_refused_ones_too():
+    """The bench's split: 11 sample rows, 10 through the engines (one refused before them); the
+    prefill worker busy 50 s, each of 2 decode workers 40 s. A further input row takes 50 / 11 s,
+    as the refused rows among them take no engine time, and decode is busy 80% of it."""
+    sample = SampleRun.of(DISAGGREGATED, cores=2, rows=11)
+    assert sample.per_row == 50 / 11 and sample.steady == {"prefill": 1.0, "decode": 0.8}
+    assert SampleRun.of(PLAIN, cores=2, rows=11).per_row == 40 / 11  # its generate call's
 
 
 def test_decode_held_back_by_memory_is_a_reason():

@@ -88,35 +88,37 @@ class SampleRun:
     per_row: float
 
     @classmethod
-    def of(cls, result: dict, cores: int) -> "SampleRun":
-        """From bench.json; plain vLLM (one engine on every core, one generate call) goes on at
-        its call's rate, a pipeline at its slower engine pool's rate while busy: its fill and
-        drain, like its start-up, come once per job (a short sample's efficiency is not the job's)."""
+    def of(cls, result: dict, *, cores: int, rows: int) -> "SampleRun":
+        """From bench.json; `rows`: the sample's, those refused before an engine (an overlong
+        prompt) too, which take no engine time. Plain vLLM (one engine on every core, one generate
+        call) goes on at its call's rate, a pipeline at its slower engine pool's while busy: its
+        fill and drain, like its start-up, come once per job (a short sample's efficiency is not
+        the job's)."""
         if "stages" not in result:
             processing, plain = result["generate_seconds"], {"plain": 1.0}
             return cls(
                 wall=result["wall_seconds"],
                 processing=processing,
-                rows=result["rows"],
+                rows=rows,
                 cores={"plain": cores},
                 sizes={"plain": 1},
                 load=plain,
                 steady=plain,
-                per_row=processing / result["rows"],
+                per_row=processing / rows,
             )
         metrics = JobMetrics.from_dict(result)
         engines = {name: s for name, s in metrics.stages.items() if name in ENGINE_POOLS}
-        rates = {name: s.rates()["rows_per_s"] for name, s in engines.items()}
-        slowest = min(rates.values())
+        busy = {name: s.busy_seconds / s.size for name, s in engines.items()}  # a worker's, for the sample
+        slowest = max(busy.values())
         return cls(
             wall=metrics.wall_seconds,
             processing=metrics.processing_seconds,
-            rows=metrics.rows_in,
+            rows=rows,
             cores={name: len({c for worker in s.worker_cores for c in worker}) for name, s in engines.items()},
             sizes={name: s.size for name, s in engines.items()},
-            load={name: min(1.0, s.busy_seconds / s.size / metrics.processing_seconds) for name, s in engines.items()},
-            steady={name: slowest / rate for name, rate in rates.items()},
-            per_row=1 / slowest,
+            load={name: min(1.0, b / metrics.processing_seconds) for name, b in busy.items()},
+            steady={name: b / slowest for name, b in busy.items()},
+            per_row=slowest / rows,
         )
 
     def watts(self, hw: Hardware, load: dict[str, float]) -> float:
@@ -128,7 +130,8 @@ def measured(mode: str, run: MachineRun, total_rows: int, bound: str) -> Choice:
     """A mode of the sample's bench, extended to the input's `total_rows`: the sample's run as
     measured, then each further row at its rate. The cores draw busy watts through start-up
     (imports, loading the engines) and the tail."""
-    hw, sample = run.hardware, SampleRun.of(run.results[mode], run.cores)
+    rows = run.results["colocated"]["rows_in"]  # the sample's
+    hw, sample = run.hardware, SampleRun.of(run.results[mode], cores=run.cores, rows=rows)
     used = min(sum(sample.cores.values()), run.cores)
     more = (total_rows - sample.rows) * sample.per_row
     seconds = sample.wall + more
