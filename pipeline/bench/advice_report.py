@@ -48,7 +48,8 @@ def advice(
     each of `devices` as the planner prices it for `gpu`, the choice and why."""
     sampled = JobMetrics.from_dict(run.results["colocated"])
     mean = Workload.from_metrics(sampled)
-    workload = Workload(mean.prompt_tokens, mean.output_tokens, total_rows)
+    # The rows that generate: the sample's share of them (an overlong prompt is refused, not run).
+    workload = Workload(mean.prompt_tokens, mean.output_tokens, round(total_rows * mean.rows / sampled.rows_in))
     rows = {row["mode"]: row for row in bench_rows(run.results)}
     here = Planner(run.spec, workload, run.efficiency, run.settings)
     theirs = job_sized(Planner(gpu, workload, cfg.efficiency, cfg.plan), devices, cfg.advise)

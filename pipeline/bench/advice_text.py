@@ -121,12 +121,13 @@ def measured_here(figures: dict, cfg: AdviseConfig, run: MachineRun) -> list[str
 
 
 def whole_job(figures: dict, cfg: AdviseConfig, run: MachineRun, choices: list[Choice], verdict: Verdict) -> list[str]:
-    w, hw = figures["workload"], run.hardware
+    w, hw, total = figures["workload"], run.hardware, figures["input"]["rows"]
     short = verdict.chosen.basis == PLANNED and verdict.chosen.forecast.hours < 0.1
     return [
-        f"## The whole job: {w['rows']:,} rows of {w['prompt_tokens']:,.0f} prompt and {w['output_tokens']:,.1f} "
-        "output "
-        f"tokens (the sample's means), {w['output_tokens_total']:,.0f} output tokens",
+        f"## The whole job: {total:,} rows"
+        + (f", {w['rows']:,} of which generate (the sample's share)" if w["rows"] != total else "")
+        + f", of {w['prompt_tokens']:,.0f} prompt and {w['output_tokens']:,.1f} output tokens (the sample's means): "
+        f"{w['output_tokens_total']:,.0f} output tokens",
         "",
         *options_table(choices, verdict.chosen),
         "",
