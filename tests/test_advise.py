@@ -235,7 +235,7 @@ def test_advise_on_a_64_row_sample_measures_checks_identity_and_prints_a_command
     # its engine pool kept while busy.
     metrics = json.loads((tmp_path / "bench" / "bench.json").read_text())["colocated"]
     pool = metrics["stages"]["colocated"]
-    per_row = pool["busy_seconds"] / pool["size"] / pool["rows"]
+    per_row = pool["busy_seconds"] / pool["size"] / metrics["rows_in"]
     expected = metrics["wall_seconds"] + (320 - 64) * per_row
     assert modes[("cpu-core", "colocated")]["hours"] * 3600 == pytest.approx(expected)
     assert 0 < figures["efficiency"]["machine"]["prefill"] and 0 < figures["efficiency"]["machine"]["handoff"] < 0.5
