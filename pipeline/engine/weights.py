@@ -3,6 +3,7 @@ what the utilisation of an engine pool (pipeline/engine/work.py) and the planner
 (jobs.advise) are computed from."""
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ def count_weights(path: str, text_config: "PretrainedConfig") -> Optional[Weight
     if not files:
         return None
     shapes = {name: shape for f in files for name, shape in _tensor_shapes(f).items()}
-    count = lambda names: sum(_product(shapes[n]) for n in names)  # noqa: E731
+    count = lambda names: sum(math.prod(shapes[n]) for n in names)  # noqa: E731
     params = count(shapes)
     experts = count(n for n in shapes if ".experts." in n)
     per_token, total = _config_int(text_config, EXPERTS_PER_TOKEN), _config_int(text_config, EXPERTS)
@@ -57,13 +58,6 @@ def _tensor_shapes(file: Path) -> dict[str, list[int]]:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
-
-
-def _product(shape: list[int]) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
 
 
 def _config_int(config: "PretrainedConfig", keys: tuple[str, ...]) -> Optional[int]:
