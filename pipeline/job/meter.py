@@ -38,10 +38,11 @@ class BatchReport:
     # connector (vLLM's own count needs its stats on), so a colocated engine reports none.
     preempted: int = 0
     kv_handoff_seconds: float = 0.0
-    # Engine stages: the work's FLOPs and cache bytes (pipeline/engine/work.py), and the engine's
-    # steps since its last batch ended (pipeline/engine/steps.py).
+    # Engine stages: the work's FLOPs and memory bytes (pipeline/engine/work.py: the cache's per
+    # request, the weights per step), and the engine's steps since its last batch ended
+    # (pipeline/engine/steps.py).
     model_flops: float = 0.0
-    cache_bytes: float = 0.0
+    memory_bytes: float = 0.0
     engine_steps: int = 0
     step_seconds: Histogram = field(default_factory=Histogram)
     inter_token_seconds: Histogram = field(default_factory=Histogram)

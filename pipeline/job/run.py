@@ -32,7 +32,6 @@ from pipeline.columns import (
 from pipeline.config import ENGINE_POOLS, EngineConfig, JobConfig, Phase
 from pipeline.engine.model import ResolvedModel, resolve_model
 from pipeline.engine.sampling import RowSampling
-from pipeline.engine.work import ModelWork
 from pipeline.errors import JobUnfinished
 from pipeline.io.commit import ShardLedger
 from pipeline.io.output import OutputTarget
@@ -250,7 +249,6 @@ def _stage_metrics(
     graph: list[Stage], totals: dict[str, StageTotals], model: ResolvedModel, engine: EngineConfig
 ) -> dict[str, StageMetrics]:
     """The pools that ran a batch, in graph order; an engine pool's with its utilisation."""
-    work = ModelWork.of(model)
     stages = {
         stage.name: StageMetrics(
             busy_seconds=round(t.busy_seconds, 3),
@@ -264,7 +262,7 @@ def _stage_metrics(
             per_worker=[replace(w, busy_seconds=round(w.busy_seconds, 3)) for w in t.workers.values()],
             engine_steps=t.work.engine_steps,
             model_flops=t.work.model_flops,
-            memory_bytes=t.work.cache_bytes + t.work.engine_steps * (work.weight_bytes if work else 0),
+            memory_bytes=t.work.memory_bytes,
             step_seconds=t.work.step_seconds.spread(),
             inter_token_seconds=t.work.inter_token_seconds.spread(),
         )

@@ -125,7 +125,7 @@ class EngineStage:
         for n, completion in enumerate(out.outputs):
             seen = cached if n == 0 else prompt
             report.model_flops += self.work.request_flops(prompt, seen, len(completion.token_ids))
-            report.cache_bytes += self.work.request_bytes(prompt, seen, len(completion.token_ids))
+            report.memory_bytes += self.work.request_bytes(prompt, seen, len(completion.token_ids))
 
     def with_completions(
         self,
@@ -182,6 +182,8 @@ class EngineStage:
             steps = self.steps.take()  # the engine's steps since the last batch ended
             report.engine_steps = steps.steps
             report.step_seconds, report.inter_token_seconds = steps.step_seconds, steps.inter_token_seconds
+            if self.work:  # each step reads every weight once
+                report.memory_bytes += steps.steps * self.work.weight_bytes
             return done
 
     async def process(
