@@ -18,12 +18,12 @@ from omegaconf import OmegaConf
 
 from pipeline.bench.advice import OUTPUT, Choice, SampleRun, command, decide, planned, user_overrides
 from pipeline.bench.advice_report import job_sized
-from pipeline.bench.advise import advise, sample_indices, take_rows, total_rows
+from pipeline.bench.advise import advise, sample_indices, take_rows
 from pipeline.bench.config import AdviseConfig, AdviseSettings, register
 from pipeline.bench.verdict import split_reasons
-from pipeline.config import Mode
+from pipeline.config import InputConfig, Mode
 from pipeline.errors import JobError
-from pipeline.io.storage import parquet_dataset
+from pipeline.io.source import PromptSource
 from pipeline.job.validate import check_job
 from pipeline.plan.roofline import Efficiency, Forecast, Hardware, ModelSpec, Planner, PlanSettings, Pool, Workload
 from tests.conftest import job_config
@@ -66,10 +66,10 @@ def test_the_sample_reads_its_rows_from_every_file_and_row_group_with_every_colu
         ids = [f"r{part * 100 + i:03d}" for i in range(100)]
         table = pa.table({"id": ids, "prompt": [f"p{i}" for i in ids], "n": list(range(100))})
         pq.write_table(table, tmp_path / f"part-{part}.parquet", row_group_size=30)
-    dataset = parquet_dataset(str(tmp_path))
-    assert total_rows(dataset) == 300
+    source = PromptSource(InputConfig(path=str(tmp_path)), 1000, ("prompt",))
+    assert source.num_rows == 300
     rows = sample_indices(300, 20, seed=3)
-    sample = take_rows(dataset, rows)
+    sample = take_rows(source, rows)
     assert sample.column_names == ["id", "prompt", "n"]
     assert sample.column("id").to_pylist() == [f"r{i:03d}" for i in rows]
     assert sample.column("prompt").to_pylist() == [f"pr{i:03d}" for i in rows]

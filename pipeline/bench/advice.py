@@ -114,7 +114,7 @@ class SampleRun:
             wall=metrics.wall_seconds,
             processing=metrics.processing_seconds,
             rows=rows,
-            cores={name: len({c for worker in s.worker_cores for c in worker}) for name, s in engines.items()},
+            cores={name: len(s.cores) for name, s in engines.items()},
             sizes={name: s.size for name, s in engines.items()},
             load={name: min(1.0, b / metrics.processing_seconds) for name, b in busy.items()},
             steady={name: b / slowest for name, b in busy.items()},

@@ -118,7 +118,7 @@ def machine_options(planner: Planner, run: MachineRun) -> tuple[Option, Option]:
     for mode in ("colocated", "disaggregated"):
         for name, stage in JobMetrics.from_dict(run.results[mode]).stages.items():
             if name in ENGINE_POOLS:
-                cores[name] = len({c for worker in stage.worker_cores for c in worker})
+                cores[name] = len(stage.cores)
     pool = lambda name: Pool(run.hardware, cores[name])  # noqa: E731
     return planner.colocated(pool("colocated")), planner.disaggregated(pool("prefill"), pool("decode"))
 

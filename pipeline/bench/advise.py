@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset
 import pyarrow.parquet as pq
 
 from pipeline.bench.advice import Identity, MachineRun
@@ -23,10 +22,12 @@ from pipeline.bench.advice_report import Advice, advice
 from pipeline.bench.config import AdviseConfig, BenchConfig, BenchMode
 from pipeline.bench.throughput import bench
 from pipeline.columns import ERROR, GENERATED_TOKENS, ID
-from pipeline.config import Device
+from pipeline.config import ENGINE_POOLS, Device
 from pipeline.engine.model import ResolvedModel, dtype_bytes, resolve_model
 from pipeline.errors import JobError
-from pipeline.io.storage import parquet_dataset, read_output
+from pipeline.io.source import PromptSource
+from pipeline.io.storage import read_output
+from pipeline.job.metrics import JobMetrics
 from pipeline.plan.roofline import Efficiency, Hardware, ModelSpec, Planner, Workload, catalogue, load_bench
 
 SAMPLE, ADVICE_MD, ADVICE_JSON, BENCH_DIR = "_sample.parquet", "_advice.md", "_advice.json", "bench"
@@ -36,14 +37,15 @@ def advise(cfg: AdviseConfig, overrides: list[str]) -> Advice:
     """Runs the sample, writes _advice.md and _advice.json into output.path and returns the
     advice. `overrides`: the command line's, whose job keys the recommended command repeats."""
     root = Path(cfg.output.path)
-    dataset = open_input(cfg.input.path)
-    total = total_rows(dataset)
+    # The input as the job reads it: its files, checks and row numbers.
+    source = PromptSource(cfg.input, cfg.output.shard_rows, (cfg.input.source_column,))
+    total = source.num_rows
     machine = machine_entry(cfg)
     here, gpu = model_specs(cfg)
     devices = catalogue(cfg.hardware)
     if devices:  # a model that fits on none of them is refused before any work
         Planner(gpu, Workload(1, 1, 1), cfg.efficiency, cfg.plan).options(devices)
-    run = measure(cfg, root=root, dataset=dataset, total=total, machine=machine, spec=here)
+    run = measure(cfg, root=root, source=source, machine=machine, spec=here)
     said = advice(
         cfg,
         run=run,
@@ -59,14 +61,13 @@ def advise(cfg: AdviseConfig, overrides: list[str]) -> Advice:
     return said
 
 
-def measure(
-    cfg: AdviseConfig, *, root: Path, dataset: pyarrow.dataset.Dataset, total: int, machine: Hardware, spec: ModelSpec
-) -> MachineRun:
+def measure(cfg: AdviseConfig, *, root: Path, source: PromptSource, machine: Hardware, spec: ModelSpec) -> MachineRun:
     """The sample (root/_sample.parquet) through the bench on this machine (root/bench), and
     the efficiencies its disaggregated run measures for this machine's catalogue entry."""
     root.mkdir(parents=True, exist_ok=True)
-    pq.write_table(take_rows(dataset, sample_indices(total, cfg.advise.sample_rows, cfg.advise.seed)), root / SAMPLE)
-    plain_skipped = plain_does_not_apply(cfg, dataset.schema.names)
+    rows = sample_indices(source.num_rows, cfg.advise.sample_rows, cfg.advise.seed)
+    pq.write_table(take_rows(source, rows), root / SAMPLE)
+    plain_skipped = plain_does_not_apply(cfg, source.schema.names)
     bench_json = str(bench(bench_config(cfg, root, plain_skipped is None), root / BENCH_DIR))
     results = load_bench(bench_json)
     cores = machine_cores(results)
@@ -131,27 +132,6 @@ def model_spec(name: str, model: ResolvedModel) -> ModelSpec:
     )
 
 
-def open_input(url: str) -> pyarrow.dataset.Dataset:
-    try:
-        return parquet_dataset(url)
-    except FileNotFoundError:
-        raise JobError(f"input.path {url} does not exist") from None
-
-
-def row_groups(dataset: pyarrow.dataset.Dataset) -> list[tuple[pyarrow.dataset.ParquetFileFragment, int]]:
-    """Every row group of the input in the order the dataset lists its files, with its rows, from
-    the files' footers."""
-    groups = [group for fragment in dataset.get_fragments() for group in fragment.split_by_row_group()]
-    return [(group, group.row_groups[0].num_rows) for group in groups]
-
-
-def total_rows(dataset: pyarrow.dataset.Dataset) -> int:
-    total = sum(rows for _, rows in row_groups(dataset))
-    if not total:
-        raise JobError("the input has no rows")
-    return total
-
-
 def sample_indices(total: int, rows: int, seed: int) -> np.ndarray:
     """`rows` row numbers of `total` (all of them when it has no more), sorted: one drawn with
     `seed` from each of `rows` equal stretches of the input, so that the sample spans all of it
@@ -163,14 +143,18 @@ def sample_indices(total: int, rows: int, seed: int) -> np.ndarray:
     return edges[:-1] + offsets.astype(np.int64)
 
 
-def take_rows(dataset: pyarrow.dataset.Dataset, indices: np.ndarray) -> pa.Table:
-    """The rows at `indices` (sorted), every column, reading only the row groups that hold them."""
+def take_rows(source: PromptSource, indices: np.ndarray) -> pa.Table:
+    """The rows at `indices` (sorted, job-wide row numbers), every column, reading only the row
+    groups that hold them."""
     pieces, start = [], 0
-    for group, rows in row_groups(dataset):
-        first, stop = np.searchsorted(indices, [start, start + rows])
-        if stop > first:
-            pieces.append(group.to_table(schema=dataset.schema).take(indices[first:stop] - start))
-        start += rows
+    for file in source.files:
+        parquet = None
+        for group, rows in enumerate(file.row_groups):
+            first, stop = np.searchsorted(indices, [start, start + rows])
+            if stop > first:
+                parquet = parquet or pq.ParquetFile(file.path, filesystem=source.arrow_fs)
+                pieces.append(parquet.read_row_group(group).take(indices[first:stop] - start))
+            start += rows
     return pa.concat_tables(pieces)
 
 
@@ -204,10 +188,9 @@ def machine_cores(results: dict) -> int:
     cores = {
         core
         for mode in ("colocated", "disaggregated")
-        for name, stage in results[mode]["stages"].items()
-        if name in ("colocated", "prefill", "decode")
-        for worker in stage["worker_cores"]
-        for core in worker
+        for name, stage in JobMetrics.from_dict(results[mode]).stages.items()
+        if name in ENGINE_POOLS
+        for core in stage.cores
     }
     return len(cores) or len(os.sched_getaffinity(0))
 

@@ -50,6 +50,16 @@ class StageMetrics:
     inter_token_seconds: Optional[Spread] = None
     utilisation: Optional["Utilisation"] = None
 
+    @property
+    def cores(self) -> set[int]:
+        """Every core a worker of the pool may run on."""
+        return {core for cores in self.worker_cores for core in cores}
+
+    @property
+    def cores_per_worker(self) -> float:
+        """The cores a worker may run on, on average."""
+        return sum(len(cores) for cores in self.worker_cores) / len(self.worker_cores)
+
     def rates(self) -> dict[str, float]:
         """Rows and tokens per second while busy: the pool's work over a worker's mean busy time."""
         busy = self.busy_seconds / self.size

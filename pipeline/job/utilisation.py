@@ -15,7 +15,7 @@ def pool_utilisation(stage: StageMetrics, engine: EngineConfig, dtype: str) -> O
     if not stage.model_flops or not stage.busy_seconds:
         return None
     device = next((w.device for w in stage.per_worker if w.device), "")
-    cores = sum(len(c) for c in stage.worker_cores) / len(stage.worker_cores)
+    cores = stage.cores_per_worker
     peak = worker_peak(engine.device, device, cores=cores, gpus=engine.tensor_parallel_size, dtype=dtype)
     where = f"{device}, {cores:g} core{'s' if cores != 1 else ''}" if engine.device is Device.cpu else device
     return utilisation(stage, peak, where)

@@ -131,8 +131,7 @@ class Efficiency:
         handoff = run.kv_handoff_share_of_prefill or 0.0
 
         def device_seconds(stage: StageMetrics) -> float:
-            cores = [len(c) for c in stage.worker_cores]
-            return stage.busy_seconds * (sum(cores) / len(cores) if hardware.device == "cpu" else 1)
+            return stage.busy_seconds * (stage.cores_per_worker if hardware.device == "cpu" else 1)
 
         peak = Planner(model, Workload.from_metrics(run), cls(1.0, 1.0, network), settings)
         prefill_seconds = device_seconds(run.stages["prefill"]) * (1 - handoff)
