@@ -9,6 +9,7 @@ import ray
 
 from pipeline.api import compose
 from pipeline.bench.config import register
+from pipeline.bench.sample import write_sample
 from pipeline.config import JobConfig
 from pipeline.engine.model import ResolvedModel, resolve_model
 from tests.s3 import Bucket, local_s3
@@ -25,6 +26,14 @@ def job_config(*overrides: str) -> JobConfig:
 def model() -> ResolvedModel:
     cfg = job_config()
     return resolve_model(cfg.model, cfg.engine)
+
+
+@pytest.fixture(scope="session")
+def sample_prompts(tmp_path_factory) -> Path:
+    """The bundled sample as `make sample` writes it; a clean clone has no data/."""
+    path = tmp_path_factory.mktemp("sample") / "sample_prompts.parquet"
+    write_sample(path, rows=320, seed=0)
+    return path
 
 
 @pytest.fixture(scope="session")

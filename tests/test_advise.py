@@ -191,10 +191,8 @@ def test_advise_config_composes_the_catalogue_and_the_machine_at_hand():
     assert list(gpu.machine) == ["h100"] and sorted(gpu.hardware) == ["a100", "a10g", "h100", "l4"]
 
 
-def test_a_machine_entry_for_another_device_is_refused_before_any_work(tmp_path):
-    cfg = advise_config(
-        f"input.path={REPO}/data/sample_prompts.parquet", f"output.path={tmp_path}", "hardware@machine=h100"
-    )
+def test_a_machine_entry_for_another_device_is_refused_before_any_work(sample_prompts, tmp_path):
+    cfg = advise_config(f"input.path={sample_prompts}", f"output.path={tmp_path}", "hardware@machine=h100")
     with pytest.raises(JobError, match=r"the machine at hand is h100 \(cuda\) but engine.device=cpu"):
         advise(cfg, [])
     assert not (tmp_path / "_sample.parquet").exists()
@@ -211,10 +209,10 @@ def test_cli_input_error_is_one_line_with_exit_code_2(tmp_path):
 
 @pytest.mark.slow
 def test_advise_on_a_64_row_sample_measures_checks_identity_and_prints_a_command_jobs_generate_accepts(
-    ray_cluster, tmp_path
+    ray_cluster, sample_prompts, tmp_path
 ):
     task = [
-        f"input.path={REPO}/data/sample_prompts.parquet",
+        f"input.path={sample_prompts}",
         f"output.path={tmp_path}",
         "advise.sample_rows=64",
         "sampling.max_tokens=16",
