@@ -82,6 +82,9 @@ class ErrorKind(str, Enum):
     invalid_token_ids = "invalid_token_ids"
     invalid_first_token = "invalid_first_token"  # a prefill dataset's row holds one first token
     invalid_messages = "invalid_messages"  # a conversation that is not a list of {role, content} turns
+    # An OpenAI Batch line (input.format=openai_batch) that is not a request the job can run.
+    invalid_request = "invalid_request"
+    unknown_model = "unknown_model"  # its body.model is not what the job serves
     # Its sampling values (input.sampling_column over sampling.*), and what else the engine refuses.
     invalid_sampling = "invalid_sampling"
     engine_refused = "engine_refused"

@@ -28,6 +28,18 @@ class Overlong(str, Enum):
     truncate_left = "truncate_left"
 
 
+class InputFormat(str, Enum):
+    parquet = "parquet"
+    openai_batch = "openai_batch"  # JSONL files of OpenAI Batch API requests (pipeline/io/openai_requests.py)
+
+
+class OutputFormat(str, Enum):
+    parquet = "parquet"
+    # The Parquet parts, and beside them the results as OpenAI's Batch API gives them
+    # (pipeline/io/openai_results.py).
+    openai_batch = "openai_batch"
+
+
 class DuplicateIds(str, Enum):
     error = "error"  # the first row with an id is generated, later ones get an error
     keep = "keep"
@@ -64,6 +76,9 @@ class ModelConfig:
 @dataclass
 class InputConfig:
     path: str = "???"
+    # openai_batch: the columns below are the requests' own (custom_id, body.messages or
+    # body.prompt, the body's sampling fields); the chat template applies to chat requests.
+    format: InputFormat = InputFormat.parquet
     prompt_column: str = "prompt"
     id_column: str = "id"
     apply_chat_template: bool = True
@@ -90,6 +105,7 @@ class InputConfig:
 @dataclass
 class OutputConfig:
     path: str = "???"
+    format: OutputFormat = OutputFormat.parquet
     # Rerunning a job into its own output resumes it; overwrite starts it over.
     overwrite: bool = False
     # Rows per output file: the unit of commit, and of work redone after a crash.

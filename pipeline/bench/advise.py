@@ -22,12 +22,13 @@ from pipeline.bench.advice_report import Advice, advice
 from pipeline.bench.config import AdviseConfig, BenchConfig, BenchMode
 from pipeline.bench.throughput import bench
 from pipeline.columns import ERROR, GENERATED_TOKENS, ID
-from pipeline.config import ENGINE_POOLS, Device
+from pipeline.config import ENGINE_POOLS, Device, InputFormat
 from pipeline.engine.model import ResolvedModel, dtype_bytes, resolve_model
 from pipeline.errors import JobError
 from pipeline.io.source import PromptSource
 from pipeline.io.storage import read_output
 from pipeline.job.metrics import JobMetrics
+from pipeline.job.run import served_models
 from pipeline.plan.roofline import Efficiency, Hardware, ModelSpec, Planner, Workload, catalogue, load_bench
 
 SAMPLE, ADVICE_MD, ADVICE_JSON, BENCH_DIR = "_sample.parquet", "_advice.md", "_advice.json", "bench"
@@ -38,7 +39,8 @@ def advise(cfg: AdviseConfig, overrides: list[str]) -> Advice:
     advice. `overrides`: the command line's, whose job keys the recommended command repeats."""
     root = Path(cfg.output.path)
     # The input as the job reads it: its files, checks and row numbers.
-    source = PromptSource(cfg.input, cfg.output.shard_rows, (cfg.input.source_column,))
+    source = PromptSource(cfg.input, cfg.output.shard_rows, (cfg.input.source_column,), models=served_models(cfg))
+    cfg = replace(cfg, input=source.cfg)  # OpenAI Batch files: the columns their rows have
     total = source.num_rows
     machine = machine_entry(cfg)
     here, gpu = model_specs(cfg)
@@ -146,6 +148,8 @@ def sample_indices(total: int, rows: int, seed: int) -> np.ndarray:
 def take_rows(source: PromptSource, indices: np.ndarray) -> pa.Table:
     """The rows at `indices` (sorted, job-wide row numbers), every column, reading only the row
     groups that hold them."""
+    if source.requests:  # OpenAI Batch files, as rows
+        return pa.concat_tables(source.request_tables()).take(indices)
     pieces, start = [], 0
     for file in source.files:
         parquet = None
@@ -177,6 +181,7 @@ def bench_config(cfg: AdviseConfig, root: Path, plain: bool) -> BenchConfig:
     (plain vLLM where it applies, then colocated and disaggregated)."""
     job = BenchConfig(**{f.name: copy.deepcopy(getattr(cfg, f.name)) for f in fields(BenchConfig)})
     job.input.path, job.output.path = str(root / SAMPLE), str(root / BENCH_DIR)
+    job.input.format = InputFormat.parquet  # the sample: the input's rows, as the job reads them
     wanted = [BenchMode.plain] if plain else []
     job.bench = replace(job.bench, modes=wanted + [BenchMode.colocated, BenchMode.disaggregated])
     (root / BENCH_DIR).mkdir(exist_ok=True)

@@ -32,7 +32,7 @@ from pipeline.columns import ERROR, GENERATED_TOKENS, NUM_INPUT_TOKENS, error_ki
 from pipeline.config import OutputConfig
 from pipeline.errors import JobError
 from pipeline.io.lease import LEASE, OutputLease
-from pipeline.io.storage import IN_FLIGHT, METRICS, REPORT, REPORT_PLOT, aside, filesystem
+from pipeline.io.storage import BATCH_ERRORS, BATCH_OUTPUT, IN_FLIGHT, METRICS, REPORT, REPORT_PLOT, aside, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,10 @@ _PART = re.compile(r"part-(\d{6,})\.parquet")
 # What a kvrelay job writes at the top of its output, besides its parts.
 # With the names earlier versions gave the metrics and the report, before every name that is not
 # a part took a leading "_": a rerun clears them, so that Parquet readers open the directory.
-_OWN = (MANIFEST, LEASE, FRAGMENTS, SUCCESS, METRICS, REPORT, REPORT_PLOT, "metrics.json", "report.md", "report.png")
+_OWN = (
+    *(MANIFEST, LEASE, FRAGMENTS, SUCCESS, METRICS, REPORT, REPORT_PLOT, BATCH_OUTPUT, BATCH_ERRORS),
+    *("metrics.json", "report.md", "report.png"),
+)
 
 
 def part_name(shard: int) -> str:

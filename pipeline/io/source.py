@@ -1,8 +1,9 @@
 """The prompt dataset, cut into shards: fixed row ranges of the input files, numbered the same
-way on every run, so a rerun knows which shards a crashed run already committed.
+way on every run, so a rerun knows which shards a crashed run already committed. The files are
+Parquet, or JSONL of OpenAI Batch requests read as rows (pipeline/io/openai_requests.py).
 
 Everything that can make the whole job fail is checked here, on the driver, before any
-worker starts: the path, the Parquet files, the prompt column, empty input."""
+worker starts: the path, the files, the prompt column, empty input."""
 
 import hashlib
 import json
@@ -19,8 +20,9 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.columns import ERROR, INTERNAL, ROW, ErrorKind, row_error
-from pipeline.config import DuplicateIds, InputConfig
+from pipeline.config import DuplicateIds, InputConfig, InputFormat
 from pipeline.errors import JobError
+from pipeline.io.openai_requests import CHAT, Requests, first_endpoint, input_config, parse, read_lines
 from pipeline.io.prefix_order import order_by_prefix
 from pipeline.io.storage import NOT_ROWS, filesystem
 
@@ -83,26 +85,54 @@ def check_columns(schema: pa.Schema, needs: tuple[str, ...], reserved: tuple[str
         )
 
 
+@dataclass(frozen=True)
+class RequestFormat:
+    """How OpenAI Batch files are read as rows: every file's requests go to one endpoint, and
+    name one of the models the job serves."""
+
+    endpoint: str
+    models: frozenset[str]
+
+    def read(self, fs, path: str) -> Requests:
+        return parse(read_lines(fs, path), self.endpoint, set(self.models))
+
+
 class PromptSource:
-    def __init__(self, cfg: InputConfig, shard_rows: int, needs: tuple[str, ...], reserved: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        cfg: InputConfig,
+        shard_rows: int,
+        needs: tuple[str, ...],
+        reserved: tuple[str, ...] = (),
+        models: frozenset[str] = frozenset(),
+    ):
+        """`models`: what an OpenAI Batch request's body.model may name. For those files `cfg`
+        becomes the columns their rows have (`self.cfg`), which the job then reads."""
         self.cfg = cfg
         self.fs, self.arrow_fs, self.root = filesystem(cfg.path)
         if not self.fs.exists(self.root):
             raise JobError(f"input.path {cfg.path} does not exist")
-        self.files, read_schema = self._inspect(self.root)
+        self.requests: RequestFormat | None = None
+        self._tables: dict[str, Requests] = {}  # OpenAI Batch files, read once on the driver
+        self.files, read_schema = self._inspect(self.root, models)
+        if self.requests:
+            self.cfg = input_config(cfg, self.requests.endpoint)
+            needs = (self.cfg.source_column,)
         self.schema = without_views(read_schema)  # what every stage sees
         self.num_rows = sum(f.num_rows for f in self.files)
         if self.num_rows == 0:
             raise JobError(f"input.path {cfg.path} has no rows")
         check_columns(self.schema, needs, reserved)
-        self.has_ids = cfg.id_column in self.schema.names
-        self.shards = self._cut(shard_rows, self._bad_ids() if self.has_ids else {})
+        self.has_ids = self.cfg.id_column in self.schema.names
+        self.shards = self._cut(shard_rows, {**(self._bad_ids() if self.has_ids else {}), **self._bad_requests()})
 
     @cached_property
     def sample(self) -> pa.RecordBatch:
         """Up to 1,024 of the first rows of the first file that has any, decoded: what sizes are
         estimated from before the job runs. Fewer where rows are large (a prefill dataset's KV)."""
         first = next(f for f in self.files if f.num_rows)
+        if self.requests:
+            return self._tables[first.path].table.slice(0, 1024).combine_chunks().to_batches()[0]
         file = pq.ParquetFile(first.path, filesystem=self.arrow_fs)
         group = file.metadata.row_group(0)
         rows = max(1, min(1024, _READ_BYTES * group.num_rows // max(group.total_byte_size, 1)))
@@ -122,10 +152,19 @@ class PromptSource:
     def values(self, column: str) -> pa.ChunkedArray:
         """One column, or one field of a struct column (`column.field`), of every input file,
         read alone."""
-        tables = [pq.read_table(f.path, columns=[column], filesystem=self.arrow_fs) for f in self.files]
+        tables = [self._read_column(f.path, column) for f in self.files]
         return pa.chunked_array([chunk for t in tables for chunk in t.column(0).chunks], tables[0].schema.field(0).type)
 
-    def _inspect(self, root: str) -> tuple[list[InputFile], pa.Schema]:
+    def request_tables(self) -> list[pa.Table]:
+        """OpenAI Batch files' rows, file by file, as the driver read them."""
+        return [self._tables[f.path].table for f in self.files]
+
+    def _read_column(self, path: str, column: str) -> pa.Table:
+        if self.requests:
+            return self._tables[path].table.select([column])
+        return pq.read_table(path, columns=[column], filesystem=self.arrow_fs)
+
+    def _inspect(self, root: str, models: frozenset[str]) -> tuple[list[InputFile], pa.Schema]:
         if self.fs.isdir(root):
             # Hidden and underscore entries at any depth are not data (.ipynb_checkpoints/, _tmp/,
             # _SUCCESS), as Spark and pyarrow read a directory.
@@ -135,6 +174,8 @@ class PromptSource:
             paths = [root]
         if not paths:
             raise JobError(f"input.path {self.cfg.path} holds no files")
+        if self.cfg.format is InputFormat.openai_batch:
+            return self._inspect_requests(paths, models)
         files, schema = [], None
         for path in paths:
             try:
@@ -146,21 +187,40 @@ class PromptSource:
                 raise JobError(f"input file {path} has a different schema from {paths[0]}")
             schema = file_schema
             info = self.fs.info(path)
-            version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
             footer = pa.BufferOutputStream()
             meta.write_metadata_file(footer)  # the footer's bytes: schema, row groups, column statistics
             groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
             digest = hashlib.sha256(footer.getvalue()).hexdigest()[:16]
-            files.append(InputFile(path, info["size"], meta.num_rows, groups, str(version), digest))
+            files.append(InputFile(path, info["size"], meta.num_rows, groups, _version(info), digest))
         return files, schema
+
+    def _inspect_requests(self, paths: list[str], models: frozenset[str]) -> tuple[list[InputFile], pa.Schema]:
+        """OpenAI Batch files, each read whole: a file's rows are its lines, one "row group"
+        (a file is read by one task), identified by a digest of its text."""
+        lines = {path: read_lines(self.fs, path) for path in paths}
+        endpoint = next(filter(None, map(first_endpoint, lines.values())), CHAT)
+        self.requests = RequestFormat(endpoint, models)
+        files = []
+        for path, text in lines.items():
+            self._tables[path] = parse(text, endpoint, set(models))
+            digest = hashlib.sha256("".join(text).encode()).hexdigest()[:16]
+            info = self.fs.info(path)
+            files.append(InputFile(path, info["size"], len(text), (len(text),), _version(info), digest))
+        return files, self._tables[paths[0]].table.schema
+
+    def _bad_requests(self) -> dict[int, str]:
+        """Job-wide row number -> error, for the lines of OpenAI Batch files that cannot run."""
+        bad, first_row = {}, 0
+        for f in self.files:
+            if f.path in self._tables:
+                bad.update({first_row + row: error for row, error in self._tables[f.path].errors.items()})
+            first_row += f.num_rows
+        return bad
 
     def _bad_ids(self) -> dict[int, str]:
         """Job-wide row number -> error, for null ids and (by policy) repeats of an earlier id."""
         ids = pd.concat(
-            [
-                pq.read_table(f.path, columns=[self.cfg.id_column], filesystem=self.arrow_fs).column(0).to_pandas()
-                for f in self.files
-            ],
+            [self._read_column(f.path, self.cfg.id_column).column(0).to_pandas() for f in self.files],
             ignore_index=True,
         )
         bad = {int(row): row_error(ErrorKind.null_id, "the id is null") for row in np.flatnonzero(ids.isna())}
@@ -207,8 +267,21 @@ class PromptSource:
     def reader(self, shards: list[Shard], sink_name: str | None = None, order_by: str | None = None) -> "ShardReader":
         units = self.units(shards)
         return ShardReader(
-            self.arrow_fs, self.cfg.id_column, self.has_ids, dict(enumerate(units)), self.schema, sink_name, order_by
+            self.arrow_fs,
+            self.cfg.id_column,
+            self.has_ids,
+            dict(enumerate(units)),
+            self.schema,
+            sink_name,
+            order_by,
+            self.requests,
         )
+
+
+def _version(info: dict) -> str:
+    """What changes when a file is rewritten, even at the same size: its store's ETag, else its
+    modification time."""
+    return str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
 
 
 def _skipped(parts: list[str]) -> bool:
@@ -253,10 +326,21 @@ class ShardReader:
     schema: pa.Schema  # the rows' types as every stage sees them (`without_views`)
     sink_name: str | None = None  # where to count the rows decoded
     order_by: str | None = None
+    requests: RequestFormat | None = None  # OpenAI Batch files, not Parquet
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for i in batch.column(UNIT).to_pylist():
-            yield from self.read(self.units[i])
+            unit = self.units[i]
+            yield from self.read_requests(unit) if self.requests else self.read(unit)
+
+    def read_requests(self, unit: ReadUnit) -> Iterator[pa.Table]:
+        """An OpenAI Batch file's lines as rows, shard by shard."""
+        fs = self.filesystem.handler.fs
+        table = self.requests.read(fs, unit.path).table
+        for shard in unit.shards:
+            yield self._rows(shard, table.slice(shard.start, shard.num_rows))
+        if self.sink_name:
+            ray.get_actor(self.sink_name).count.remote("input_rows_decoded", table.num_rows)
 
     def read(self, unit: ReadUnit) -> Iterator[pa.Table]:
         """Decodes the unit's row groups once, in order, stopping after its last shard."""

@@ -11,6 +11,9 @@ METRICS = "_metrics.json"
 IN_FLIGHT = "_tmp."  # a file written aside, moved into place once whole
 REPORT = "_report.md"
 REPORT_PLOT = "_report.png"
+# output.format=openai_batch: the results as OpenAI's Batch API gives them (pipeline/io/openai_results.py).
+BATCH_OUTPUT = "_batch_output.jsonl"
+BATCH_ERRORS = "_batch_errors.jsonl"
 # Name prefixes never read as rows: hidden and underscore files, and what a job writes beside its rows
 # (so a job's output, e.g. a prefill dataset, reads back as an input).
 NOT_ROWS = (".", "_", METRICS, REPORT, REPORT_PLOT)

@@ -8,6 +8,7 @@ again.
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict, replace
 
@@ -29,11 +30,12 @@ from pipeline.columns import (
     PROMPT_TOKENS,
     STAGE_COLUMNS,
 )
-from pipeline.config import ENGINE_POOLS, EngineConfig, JobConfig, Phase
-from pipeline.engine.model import ResolvedModel, resolve_model
+from pipeline.config import ENGINE_POOLS, EngineConfig, JobConfig, OutputFormat, Phase
+from pipeline.engine.model import ResolvedModel, load_tokenizer, resolve_model
 from pipeline.engine.sampling import RowSampling
 from pipeline.errors import JobUnfinished
 from pipeline.io.commit import ShardLedger
+from pipeline.io.openai_results import ResultFormat, write_results
 from pipeline.io.output import OutputTarget
 from pipeline.io.source import PromptSource
 from pipeline.io.storage import REPORT_PLOT
@@ -47,6 +49,8 @@ from pipeline.job.validate import check_handoff, check_job
 from pipeline.kv.blocks import start_registry
 from pipeline.kv.store import PayloadStore
 
+log = logging.getLogger(__name__)
+
 
 def run(cfg: JobConfig) -> JobMetrics:
     """Runs one job to completion (or finishes a crashed run of it); returns the metrics also
@@ -54,7 +58,8 @@ def run(cfg: JobConfig) -> JobMetrics:
     output is touched."""
     started, started_at = time.perf_counter(), time.time()
     check_job(cfg)
-    source = PromptSource(cfg.input, cfg.output.shard_rows, needs(cfg), reserved(cfg))
+    source = PromptSource(cfg.input, cfg.output.shard_rows, needs(cfg), reserved(cfg), served_models(cfg))
+    cfg = replace(cfg, input=source.cfg)  # OpenAI Batch files: the columns their rows have
     model = resolve_model(cfg.model, cfg.engine)
     check_handoff(cfg, model)
     sampling = RowSampling.of(cfg.sampling, cfg.input.sampling_column, source.schema)
@@ -146,6 +151,8 @@ def run(cfg: JobConfig) -> JobMetrics:
                 plot_url = output.fs.unstrip_protocol(f"{output.root}/{REPORT_PLOT}")
                 ray.get(ray.remote(write_plot).options(num_cpus=0).remote(plot_url, timeline))
             lease.check()
+            if cfg.output.format is OutputFormat.openai_batch:
+                write_batch_results(cfg, output, len(source.shards), job, model, sampling)
             write_report(output, metrics, plotted=bool(timeline))  # before finish: _SUCCESS stays the last file
             output.finish(metrics.to_json())
     finally:
@@ -173,6 +180,25 @@ def commit(ds: ray.data.Dataset, ledger: ShardLedger, total_rows: int) -> None:
         progress.update(ledger.committed(wait=True))
     if ledger.missing():
         raise JobUnfinished(f"the pipeline ended without every row of shards {ledger.missing()}; rerun to finish them")
+
+
+def served_models(cfg: JobConfig) -> frozenset[str]:
+    """What an OpenAI Batch request's body.model may name."""
+    return frozenset({cfg.model.name})
+
+
+def write_batch_results(
+    cfg: JobConfig, output: OutputTarget, shards: int, job: dict, model: ResolvedModel, sampling: RowSampling
+) -> None:
+    form = ResultFormat(
+        chat=cfg.input.messages_column is not None or cfg.input.apply_chat_template,
+        model=cfg.model.name,
+        created=int(time.time()),
+        job=_digest(job),
+        tokenizer=load_tokenizer(model.path) if sampling.logprobs_column else None,
+    )
+    completed, failed = write_results(output, list(range(shards)), form)
+    log.info("OpenAI Batch results: %d completed, %d failed", completed, failed)
 
 
 def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict:
