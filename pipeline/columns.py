@@ -40,6 +40,8 @@ INTERNAL = "__kvrelay_"  # prefix of the columns below, which are never written 
 ROW = "__kvrelay_row"  # job-wide input row number: orders and deduplicates the committed output
 KV_FILE = "__kvrelay_kv_file"  # a payload file to remove once its row is committed
 ENGINE_TEXT = "__kvrelay_text"  # the engine's own text of a completion cut at a stop string
+IMAGES = "__kvrelay_images"  # a row's image URLs, in prompt order (a vision-language model's rows)
+IMAGES_DIGEST = "__kvrelay_images_digest"  # what the row's images are (pipeline/io/images.py); null: none
 
 TOKEN_LIST = pa.list_(pa.int32())
 TOKEN_LOGPROB = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])
@@ -82,14 +84,16 @@ class ErrorKind(str, Enum):
     invalid_token_ids = "invalid_token_ids"
     invalid_first_token = "invalid_first_token"  # a prefill dataset's row holds one first token
     invalid_messages = "invalid_messages"  # a conversation that is not a list of {role, content} turns
+    image_unreadable = "image_unreadable"  # one of its images cannot be fetched or decoded
     # An OpenAI Batch line (input.format=openai_batch) that is not a request the job can run.
     invalid_request = "invalid_request"
     unknown_model = "unknown_model"  # its body.model is not what the job serves
     # Its sampling values (input.sampling_column over sampling.*), and what else the engine refuses.
     invalid_sampling = "invalid_sampling"
+    unknown_lora = "unknown_lora"  # its lora names no adapter of engine.lora.adapters
     engine_refused = "engine_refused"
     # Its KV payload, at decode time.
-    kv_mismatch = "kv_mismatch"  # made for another engine (model, format, shape, dtype, codec)
+    kv_mismatch = "kv_mismatch"  # made for another engine (model, LoRA adapter, format, shape, dtype, codec)
     kv_corrupt = "kv_corrupt"  # damaged on the way (kv.on_load_failure=error; else recomputed)
     kv_missing = "kv_missing"  # its file is gone (kv.on_load_failure=error; else recomputed)
     kv_unreadable = "kv_unreadable"  # its storage fails after retries, or refuses access (likewise)

@@ -85,6 +85,9 @@ class InputConfig:
     # Conversations instead of prompts: a list<struct<role, content>> column (system, user,
     # assistant turns), rendered with the model's chat template.
     messages_column: Optional[str] = None
+    # A vision-language model: a column of image bytes (binary, or a list of binary) whose
+    # images go before the text of each row's first user turn.
+    image_column: Optional[str] = None
     # A system turn for every row that has none (with the chat template).
     system_prompt: Optional[str] = None
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -142,6 +145,9 @@ class SamplingConfig:
     # Completions per prompt, from one prefill: with more than one (here or per row), the
     # completion columns hold a list of n per row.
     n: int = 1
+    # The LoRA adapter a row runs under, by its name in engine.lora.adapters (None: the base
+    # model). Per row in the sampling column; a name the job does not have is that row's error.
+    lora: Optional[str] = None
 
 
 @dataclass
@@ -196,6 +202,22 @@ class PoolsConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters rows may run under (`sampling.lora`, or a row's own): both pools load them,
+    and a row's KV is bound to its adapter's weights (pipeline/engine/lora.py)."""
+
+    # name -> a PEFT adapter's folder (adapter_config.json, adapter_model.safetensors): a local
+    # path or an fsspec URL (s3://...), copied into the cache.
+    adapters: Dict[str, str] = field(default_factory=dict)
+    # Adapters in one engine step. None: all of them. On CPU an engine always holds all of them
+    # (pipeline/engine/lora.py says why); a smaller number is refused there.
+    max_loras: Optional[int] = None
+    # The largest rank an engine holds room for, one of vLLM's (1, 8, 16, 32, ... 512). None: the
+    # least of those that holds every adapter's.
+    max_lora_rank: Optional[int] = None
+
+
+@dataclass
 class EngineConfig:
     device: Device = Device.cpu
     # None: eager on CPU, CUDA graphs on CUDA.
@@ -213,6 +235,10 @@ class EngineConfig:
     # More of vLLM's engine arguments, as given (max_num_batched_tokens, quantization,
     # trust_remote_code, ...); those kvrelay sets itself are refused, naming the key to use.
     extra: Dict[str, Any] = field(default_factory=dict)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # A vision-language model: the most images a prompt may carry (the prefill and colocated
+    # engines' limit; the decode engine holds no vision encoder).
+    max_images: int = 4
 
 
 class Codec(str, Enum):

@@ -29,7 +29,7 @@ class FakeEngine:
         self.per_step: list[list[str]] = []  # the requests that ran in each step
         self.aborted: list[str] = []
 
-    def add_request(self, request_id: str, prompt: int, params) -> str:
+    def add_request(self, request_id: str, prompt: int, params, lora_request=None) -> str:
         if prompt < 0:
             raise ValueError(f"request {request_id} refused")
         self.waiting.append([request_id, prompt])

@@ -36,6 +36,7 @@ BAD = {
     "choice": ([], "choice must not be empty"),
     "logprobs": (21, "logprobs must be in [0, 20], not 21"),
     "n": (0, "n must be in [1, 128], not 0"),
+    "lora": (["a"], "lora must be a LoRA adapter's name"),
 }
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from pipeline.cache import cache_dir
 from pipeline.config import Device, EngineConfig, KVConfig, PoolConfig
 from pipeline.engine.family import Family
+from pipeline.engine.lora import engine_args as lora_args
 from pipeline.engine.model import ResolvedModel, ssm_state_dtype
 
 if TYPE_CHECKING:
@@ -28,6 +29,13 @@ OWN_ENGINE_ARGS = {
     "distributed_executor_backend": "kvrelay (the engine runs in its worker's process)",
     "disable_hybrid_kv_cache_manager": "kvrelay (off with the KV connector, but for models with recurrent layers)",
     "disable_log_stats": "kvrelay",
+    "enable_lora": "engine.lora.adapters",
+    "max_loras": "engine.lora.max_loras",
+    "max_lora_rank": "engine.lora.max_lora_rank",
+    "max_cpu_loras": "kvrelay (every adapter of engine.lora.adapters stays loaded)",
+    "lora_target_modules": "kvrelay (the modules engine.lora.adapters adapt)",
+    "limit_mm_per_prompt": "engine.max_images",
+    "language_model_only": "kvrelay (a decode engine of a vision-language model)",
 }
 _MAX_DEFAULT_KV_CACHE = 4 << 30
 
@@ -115,8 +123,21 @@ def build_engine(
         # recurrent layers need groups of their own.
         disable_hybrid_kv_cache_manager=kv_transfer is not None and not hybrid,
         disable_log_stats=True,
+        **lora_args(engine.lora, model.adapters, engine.device),
+        **image_args(model, engine, kv_role),
         **{**state_args, **engine.extra},
     )
+
+
+def image_args(model: ResolvedModel, engine: EngineConfig, kv_role: str | None) -> dict:
+    """A vision-language model's engine: the decode engine gets the KV of the images with the
+    prompt's, so it runs the language model alone and never holds the vision encoder; the
+    others take up to engine.max_images images a prompt."""
+    if model.image_token_id is None:
+        return {}
+    if kv_role == CONSUMER:
+        return {"language_model_only": True}
+    return {"limit_mm_per_prompt": {"image": engine.max_images}}
 
 
 def caches_no_prefix(model: ResolvedModel, engine: EngineConfig, kv_role: str | None) -> str | None:

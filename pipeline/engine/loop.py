@@ -27,12 +27,15 @@ from pipeline.engine.steps import StepClock
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
+    from vllm.lora.request import LoRARequest
 
 
 class Engine(Protocol):
     """What the loop uses of vLLM's `LLMEngine` (`LLM.llm_engine`)."""
 
-    def add_request(self, request_id: str, prompt: Any, params: "SamplingParams") -> Any: ...
+    def add_request(
+        self, request_id: str, prompt: Any, params: "SamplingParams", lora_request: "LoRARequest | None" = None
+    ) -> Any: ...
 
     def step(self) -> list["RequestOutput"]: ...
 
@@ -54,6 +57,7 @@ class RequestRefused:
 class _Batch:
     prompts: list[Any]
     params: list["SamplingParams"]
+    loras: list["LoRARequest | None"]
     done: Future = field(default_factory=Future)  # the outputs, in the order of the prompts
     ids: list[str] = field(default_factory=list)
     outputs: dict[str, "RequestOutput | RequestRefused"] = field(default_factory=dict)
@@ -88,12 +92,13 @@ class EngineLoop:
         built.result()  # raises what building raised
 
     async def generate(
-        self, prompts: list[Any], params: list["SamplingParams"]
+        self, prompts: list[Any], params: list["SamplingParams"], loras: list["LoRARequest | None"] | None = None
     ) -> list["RequestOutput | RequestRefused"]:
-        """Adds the requests (prompts as `LLMEngine.add_request` takes them) before the next step
-        and waits until all of them finish; their outputs, in the order of the prompts, a
-        request the engine refused as `RequestRefused`."""
-        batch = _Batch(prompts, params)
+        """Adds the requests (prompts as `LLMEngine.add_request` takes them, each under its LoRA
+        adapter in `loras`, if any) before the next step and waits until all of them finish;
+        their outputs, in the order of the prompts, a request the engine refused as
+        `RequestRefused`."""
+        batch = _Batch(prompts, params, loras or [None] * len(prompts))
         self._put(batch)
         try:
             return await asyncio.shield(asyncio.wrap_future(batch.done))
@@ -147,11 +152,11 @@ class EngineLoop:
         item.done.set_result(None)
 
     def _add(self, batch: _Batch) -> None:
-        for prompt, params in zip(batch.prompts, batch.params):
+        for prompt, params, lora in zip(batch.prompts, batch.params, batch.loras):
             request_id = str(next(self._ids))
             batch.ids.append(request_id)
             try:
-                self._engine.add_request(request_id, prompt, params)
+                self._engine.add_request(request_id, prompt, params, lora_request=lora)
             except Exception as error:  # a request the engine refuses is that request's error alone
                 batch.outputs[request_id] = RequestRefused(str(error))
                 continue

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, BinaryIO, Optional
 from pipeline.cache import cache_dir
 from pipeline.config import Device, EngineConfig, ModelConfig
 from pipeline.engine.family import CacheGeometry, geometry
+from pipeline.engine.lora import Adapter, resolve_adapters
 from pipeline.engine.weights import Weights, count_weights
 from pipeline.errors import JobError
 
@@ -39,6 +40,10 @@ class ResolvedModel:
     cache: CacheGeometry  # what a request keeps, and the split moves
     weights: Optional[Weights] = None  # counted from the checkpoint; None where it cannot be
     query_heads: int = 0  # attention's query heads: with cache.head_dim, its FLOPs per context token
+    adapters: tuple[Adapter, ...] = ()  # the LoRA adapters rows may run under (engine.lora)
+    # A vision-language model's image placeholder, one per image in a rendered prompt (the
+    # engine expands it); None: the model takes text alone.
+    image_token_id: Optional[int] = None
 
     @property
     def unmovable_kv(self) -> str | None:
@@ -70,7 +75,18 @@ def resolve_model(cfg: ModelConfig, engine: EngineConfig) -> ResolvedModel:
         ),
         weights=count_weights(path, text),
         query_heads=getattr(text, "num_attention_heads", 0) or 0,
+        adapters=resolve_adapters(engine.lora),
+        image_token_id=image_token_id(hf),
     )
+
+
+def image_token_id(hf: "PretrainedConfig") -> int | None:
+    """The placeholder of an image in a vision-language model's prompts (Idefics3 and most
+    others: image_token_id; LLaVA: image_token_index); None for a text model."""
+    if not hasattr(hf, "vision_config"):
+        return None
+    found = getattr(hf, "image_token_id", None)
+    return found if found is not None else getattr(hf, "image_token_index", None)
 
 
 def local_or_hub(checkpoint: str) -> str:

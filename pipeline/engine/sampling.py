@@ -146,6 +146,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "choice": lambda v: _list_of(str, "strings")(v) or (None if v else "must not be empty"),
     "logprobs": _integer(0, MAX_LOGPROBS),
     "n": _integer(1, MAX_N),
+    # Which adapters the job has is the engine's to know: a name it lacks is `unknown_lora`.
+    "lora": lambda v: None if isinstance(v, str) and v else "must be a LoRA adapter's name",
 }
 
 

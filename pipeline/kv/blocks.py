@@ -5,8 +5,8 @@ not once per row.
 
 A prompt's KV moves in blocks of kv.shared_block_tokens tokens (pipeline/kv/codec.py Blocked).
 Each whole block is named by a content hash of its parent block's hash and its own tokens,
-salted with the model, cache dtype, codec and block size, so that a hash names the whole
-prefix up to the block's end, as vLLM's prefix cache names its blocks. The hash is SHA-256, as
+salted with the model, cache dtype, codec, block size and LoRA adapter, so that a hash names the
+whole prefix up to the block's end, as vLLM's prefix cache names its blocks. The hash is SHA-256, as
 vLLM's: rows of many users meet in one batch, and a prompt crafted to collide with another's
 prefix under a fast hash would hand its KV to that prompt. The prefill side
 (`PrefixTracker`) takes a block as shared when another row of the batch, or an earlier row of
@@ -55,9 +55,10 @@ def keys_of(payload: KVPayload) -> list[BlockKey]:
     return [block_key(h, c) for h, c in zip(payload.blocks, payload.block_checksums)]
 
 
-def salt(fingerprint: str, dtype: str, codec: str, block_tokens: int) -> bytes:
-    """What a block's KV depends on besides its tokens."""
-    return hashlib.sha256(f"{fingerprint}/{dtype}/{codec}/{block_tokens}".encode()).digest()
+def salt(fingerprint: str, dtype: str, codec: str, block_tokens: int, lora: str = "") -> bytes:
+    """What a block's KV depends on besides its tokens: the engine, and the LoRA adapter it ran
+    under (its digest; empty: none), so that two adapters never share a block."""
+    return hashlib.sha256(f"{fingerprint}/{dtype}/{codec}/{block_tokens}/{lora}".encode()).digest()
 
 
 def block_hashes(prompt: Sequence[int], block_tokens: int, salt: bytes) -> list[bytes]:

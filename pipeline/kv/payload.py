@@ -10,11 +10,14 @@ may be shared with other prompts: then the payload names them (their content has
 pipeline.kv.blocks) and carries only the blocks after them. The carried bytes are inline, or in
 a file named by `file` (pipeline.kv.store).
 
-Format 5 says what cache it carries (pipeline/engine/family.py): the `family`, the first token
-carried (a sliding window's), and the bytes of recurrent layers' state that follow the KV in
-`data`; an MLA latent is canonical KV of one part and one head. Formats 3 and 4, still read,
-carry attention KV from token 0; format 4 names shared blocks by SHA-256 (32 bytes), format 3 by
-XXH3-128 (16)."""
+Format 6 binds the KV to what it was computed under besides its tokens (`lora`: the LoRA
+adapter's digest, pipeline/engine/lora.py, then `+images:` and the row's images' digest,
+pipeline/io/images.py; empty for neither): a decode engine refuses it for a row of another
+adapter or other images. Format 5 says what cache it carries (pipeline/engine/family.py): the `family`, the
+first token carried (a sliding window's), and the bytes of recurrent layers' state that follow
+the KV in `data`; an MLA latent is canonical KV of one part and one head. Formats 3 and 4, still
+read, carry attention KV from token 0; format 4 names shared blocks by SHA-256 (32 bytes),
+format 3 by XXH3-128 (16)."""
 
 import itertools
 from collections.abc import Sequence
@@ -31,9 +34,9 @@ from pipeline.engine.model import ResolvedModel
 from pipeline.kv.codec import CODECS, Codec, codec
 from pipeline.kv.transfer import DeviceCopies, Upload
 
-FORMAT = 5
+FORMAT = 6
 # The formats this kvrelay reads, and the length of the block hashes of each.
-HASH_BYTES = {3: 16, 4: 32, 5: 32}
+HASH_BYTES = {3: 16, 4: 32, 5: 32, 6: 32}
 TYPE = pa.struct(
     [
         ("format", pa.int16()),
@@ -50,12 +53,18 @@ TYPE = pa.struct(
         ("family", pa.string()),
         ("first_token", pa.int32()),
         ("state_bytes", pa.int64()),
+        ("lora", pa.string()),
     ]
 )
 OPTIONAL = ("file",)  # every other field of a payload must be set
-# Fields format ADDED_IN added, and what a payload of an earlier format means by their absence.
-ADDED_IN = 5
-ADDED = {"family": Family.attention.value, "first_token": 0, "state_bytes": 0}
+# Fields later formats added: the format that added each, and what a payload of an earlier
+# format means by its absence.
+ADDED = {
+    "family": (5, Family.attention.value),
+    "first_token": (5, 0),
+    "state_bytes": (5, 0),
+    "lora": (6, ""),
+}
 
 
 class PayloadError(ValueError):
@@ -87,6 +96,7 @@ class KVPayload:
     family: str = Family.attention.value
     first_token: int = 0  # of the prompt: the KV before it is not carried (outside a window)
     state_bytes: int = 0  # at the end of `data`: recurrent layers' state
+    lora: str = ""  # the digest of the LoRA adapter it was computed under (+images: theirs); empty: none
 
     @classmethod
     def of(
@@ -99,10 +109,12 @@ class KVPayload:
         blocks: tuple[bytes, ...] = (),
         block_checksums: tuple[int, ...] = (),
         first_token: int = 0,
+        lora: str = "",
     ) -> "KVPayload":
         """The payload of KV of `shape` from `first_token` on that `codec_name` encoded as
         `data`, per block of `block_tokens` (all of it, or the blocks after the shared `blocks`
-        it names), with `model`'s recurrent state after it, if it has any."""
+        it names), with `model`'s recurrent state after it, if it has any; computed under the
+        LoRA adapter of digest `lora`, if any."""
         return cls(
             model.fingerprint,
             model.dtype,
@@ -116,6 +128,7 @@ class KVPayload:
             family=model.cache.family.value,
             first_token=first_token,
             state_bytes=model.cache.state_bytes,
+            lora=lora,
         )
 
     @classmethod
@@ -128,11 +141,12 @@ class KVPayload:
         *,
         first_token: int = 0,
         state: np.ndarray | None = None,
+        lora: str = "",
     ) -> "KVPayload":
         data = codec(codec_name, block_tokens).encode(kv).cpu().numpy()
         if state is not None:
             data = np.concatenate([data, state])
-        return cls.of(data, tuple(kv.shape), model, codec_name, block_tokens, first_token=first_token)
+        return cls.of(data, tuple(kv.shape), model, codec_name, block_tokens, first_token=first_token, lora=lora)
 
     @property
     def num_tokens(self) -> int:
@@ -172,9 +186,10 @@ class KVPayload:
     def blocked_codec(self) -> Codec:
         return codec(self.codec, self.block_tokens)
 
-    def check(self, model: ResolvedModel, num_tokens: int) -> None:
-        """Refuses a payload that is not the KV of a prompt of `num_tokens` on `model` by what
-        it says of itself, before any of its bytes are read."""
+    def check(self, model: ResolvedModel, num_tokens: int, lora: str = "") -> None:
+        """Refuses a payload that is not the KV of a prompt of `num_tokens` on `model` under
+        the LoRA adapter of digest `lora` (empty: none) by what it says of itself, before any
+        of its bytes are read."""
         if self.format not in HASH_BYTES:
             raise PayloadMismatch(
                 ErrorKind.kv_mismatch,
@@ -183,6 +198,11 @@ class KVPayload:
         if self.fingerprint != model.fingerprint:
             raise PayloadMismatch(
                 ErrorKind.kv_mismatch, f"KV payload is from model {self.fingerprint}, engine runs {model.fingerprint}"
+            )
+        if self.lora != lora:
+            raise PayloadMismatch(
+                ErrorKind.kv_mismatch,
+                f"KV payload was computed under {_adapter(self.lora)}, the row runs under {_adapter(lora)}",
             )
         cache = model.cache
         if self.family != cache.family.value:
@@ -223,10 +243,10 @@ class KVPayload:
         if len(self.block_checksums) != len(self.blocks) or any(len(h) != HASH_BYTES[self.format] for h in self.blocks):
             raise PayloadLost(ErrorKind.kv_corrupt, "KV payload's shared blocks and their checksums do not match")
 
-    def verify(self, model: ResolvedModel, num_tokens: int) -> None:
+    def verify(self, model: ResolvedModel, num_tokens: int, lora: str = "") -> None:
         """Refuses a payload that is not whole and sound KV of a prompt of `num_tokens` on
-        `model`, reading its bytes."""
-        self.check(model, num_tokens)
+        `model` under adapter `lora`, reading its bytes."""
+        self.check(model, num_tokens, lora)
         if self.data.size != self.nbytes:
             # Under a valid checksum too: the codec would read past the bytes or leave some unread.
             raise PayloadLost(
@@ -235,10 +255,13 @@ class KVPayload:
         if checksum(self.data, self.block_tokens) != self.checksum:
             raise PayloadLost(ErrorKind.kv_corrupt, "KV payload fails its checksum")
 
-    def decode(self, model: ResolvedModel, num_tokens: int, shared: Sequence[np.ndarray] = ()) -> torch.Tensor:
-        """The KV for a prompt of `num_tokens` on `model`, in host memory, or why this payload
-        is not it; `shared`: the bytes of its shared blocks, checked (`check_shared`)."""
-        self.verify(model, num_tokens)
+    def decode(
+        self, model: ResolvedModel, num_tokens: int, shared: Sequence[np.ndarray] = (), lora: str = ""
+    ) -> torch.Tensor:
+        """The KV for a prompt of `num_tokens` on `model` under adapter `lora`, in host memory,
+        or why this payload is not it; `shared`: the bytes of its shared blocks, checked
+        (`check_shared`)."""
+        self.verify(model, num_tokens, lora)
         return self.upload(None, shared).to_device(0)[0]
 
     def check_shared(self, shared: Sequence[np.ndarray]) -> None:
@@ -262,6 +285,13 @@ class KVPayload:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+
+def _adapter(conditioning: str) -> str:
+    """What a KV's conditioning says: `<adapter digest>[+images:<digest>]` (pipeline/stages/engine_stage.py)."""
+    adapter, _, images = conditioning.partition("+images:")
+    said = f"LoRA adapter {adapter}" if adapter else "no LoRA adapter"
+    return f"{said} with images {images}" if images else said
 
 
 def checksum(data: np.ndarray, block_tokens: int = 0) -> int:
@@ -297,6 +327,7 @@ def _chunk(p: KVPayload) -> pa.StructArray:
         "family": pa.array([p.family], pa.string()),
         "first_token": pa.array([p.first_token], pa.int32()),
         "state_bytes": pa.array([p.state_bytes], pa.int64()),
+        "lora": pa.array([p.lora], pa.string()),
     }
     return pa.StructArray.from_arrays(list(fields.values()), fields=list(TYPE))
 
@@ -352,8 +383,8 @@ def _fields(chunk: pa.Array) -> dict[str, pa.Array]:
 
 
 def _payload(row: dict, data: np.ndarray | None) -> "KVPayload | PayloadError":
-    if isinstance(row["format"], int) and row["format"] < ADDED_IN:
-        row = {**row, **{name: value for name, value in ADDED.items() if row[name] is None}}
+    if isinstance(row["format"], int):
+        row = {**row, **{k: value for k, (since, value) in ADDED.items() if row[k] is None and row["format"] < since}}
     missing = [name for name, value in {**row, "data": data}.items() if value is None and name not in OPTIONAL]
     if missing:
         return PayloadLost(ErrorKind.kv_corrupt, f"KV payload has no {', '.join(missing)}")

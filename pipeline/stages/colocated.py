@@ -2,7 +2,8 @@
 
 import pyarrow as pa
 
-from pipeline.columns import ERROR
+from pipeline.columns import ERROR, IMAGES, NUM_INPUT_TOKENS, with_columns
+from pipeline.engine.loop import RequestRefused
 from pipeline.job.meter import BatchReport
 from pipeline.stages.engine_stage import EngineStage
 
@@ -18,4 +19,12 @@ class Colocated(EngineStage):
         outputs = await self.generate([prompts[i] for i in requests], list(requests.values()), report)
         report.rows = len(rows)
         report.input_tokens = sum(len(prompts[i]) for i in rows)
-        return self.with_completions(batch, dict(zip(requests, outputs)), requests, errors, report)
+        batch = self.with_completions(batch, dict(zip(requests, outputs)), requests, errors, report)
+        if IMAGES not in batch.column_names:
+            return batch
+        # A row with images counts its prompt as the engine expanded it, as the split does.
+        num_input = batch.column(NUM_INPUT_TOKENS).to_pylist()
+        for i, out in zip(requests, outputs):
+            if requests[i].images and not isinstance(out, RequestRefused):
+                num_input[i] = len(out.prompt_token_ids)
+        return with_columns(batch, **{NUM_INPUT_TOKENS: pa.array(num_input, pa.int32())})

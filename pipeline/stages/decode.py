@@ -1,8 +1,9 @@
 """Decode stage: loads each prompt's KV payload into its own engine and continues generating
 after the first token. A payload's shared blocks (pipeline/kv/blocks.py) come from the worker's
 block cache, fetched once while it holds them. A payload lost or damaged on the way is
-recomputed here or reported, by kv.on_load_failure; one made for another engine is always
-refused.
+recomputed here or reported, by kv.on_load_failure; one made for another engine, or under
+another LoRA adapter or of other images than its row's, is always refused. A row's images came
+with their KV: this engine runs the language model alone.
 
 A prefill dataset may come from anywhere and may have been edited, so each row is checked
 before its request reaches the engine: the engine refuses a bad request by failing its whole
@@ -10,6 +11,7 @@ batch, and a payload that does not match its prompt would give wrong tokens sile
 
 import logging
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ import pyarrow as pa
 from pipeline.columns import (
     ERROR,
     GENERATED_TOKENS,
+    IMAGES_DIGEST,
     KV_FILE,
     KV_PAYLOAD,
     NUM_INPUT_TOKENS,
@@ -51,7 +54,7 @@ class Decode(EngineStage):
         from transformers import AutoConfig
 
         # Token ids are checked before the engine sees them (it fails the whole batch on one).
-        self.vocab_size = AutoConfig.from_pretrained(self.model.path).vocab_size
+        self.vocab_size = AutoConfig.from_pretrained(self.model.path).get_text_config().vocab_size
         self.block_cache = BlockCache(self.shared_blocks, int(self.kv.block_cache_gib * (1 << 30)))
 
     async def process(
@@ -75,7 +78,7 @@ class Decode(EngineStage):
         requests = self.requests(batch, [i for i in rows if errors[i] is None], prompts, errors)
         # A payload is checked against the engine before anything it names is fetched.
         for i in requests:
-            payloads[i] = checked(payloads[i], self.model, len(prompts[i]))
+            payloads[i] = checked(payloads[i], self.model, len(prompts[i]), requests[i].conditioning)
         with handoff.timed():
             blocks = self.fetch_shared([payloads[i] for i in requests], report)
         keys: dict[int, str | None] = {}  # row -> handoff key; None: the engine prefills the prompt itself
@@ -88,11 +91,13 @@ class Decode(EngineStage):
                 continue
             try:
                 with handoff.timed():
-                    loaded = load(payloads[i], self.model, len(prompts[i]), self.store)
+                    loaded = load(payloads[i], self.model, len(prompts[i]), self.store, lora=requests[i].conditioning)
                     shared = shared_of(loaded, blocks)
                     kv = loaded.upload(handoff.copies, shared)
             except PayloadError as error:
-                if isinstance(error, PayloadLost) and self.kv.on_load_failure is OnLoadFailure.recompute:
+                # A row's images cannot be recomputed here: this engine has no vision encoder.
+                recompute = self.kv.on_load_failure is OnLoadFailure.recompute and not requests[i].images_digest
+                if isinstance(error, PayloadLost) and recompute:
                     log.warning("row %d: %s; recomputing its prefill", i, error)
                     keys[i] = None
                     recomputed += 1
@@ -109,7 +114,9 @@ class Decode(EngineStage):
             # The prompt alone: the engine loads the KV of all its tokens but the last, computes
             # that one's, and samples every token of the completion itself.
             outputs = await self.generate(
-                [prompts[i] for i in keys], [with_kv_key(requests[i], key) for i, key in keys.items()], report
+                [prompts[i] for i in keys],
+                [replace(requests[i], params=with_kv_key(requests[i].params, key)) for i, key in keys.items()],
+                report,
             )
         finally:
             for key in keys.values():
@@ -133,6 +140,14 @@ class Decode(EngineStage):
             **{KV_FILE: pa.array(files, pa.string()), NUM_INPUT_TOKENS: pa.array(num_input, pa.int32())},
         )
         return batch.drop_columns([KV_PAYLOAD])
+
+    def row_images(self, batch: pa.Table, rows: list[int], errors: list[str | None]) -> dict[int, dict]:
+        """A row's images' identity, which prefill wrote: their KV comes in its payload, and
+        this engine holds no vision encoder."""
+        if IMAGES_DIGEST not in batch.column_names:
+            return {}
+        digests = batch.column(IMAGES_DIGEST).to_pylist()
+        return {i: {"images_digest": digests[i]} for i in rows if digests[i]}
 
     def fetch_shared(self, payloads: list, report: BatchReport) -> Fetched:
         """The shared blocks the batch's payloads name, from the block cache (fetching those
@@ -169,34 +184,40 @@ def shared_of(p: KVPayload, blocks: Fetched) -> list[np.ndarray]:
 
 
 def checked(
-    p: KVPayload | PayloadError | None, model: ResolvedModel, num_tokens: int
+    p: KVPayload | PayloadError | None, model: ResolvedModel, num_tokens: int, lora: str = ""
 ) -> KVPayload | PayloadError | None:
-    """The payload if what it says of itself fits a prompt of `num_tokens` on `model`, else why not."""
+    """The payload if what it says of itself fits a prompt of `num_tokens` on `model` under the
+    adapter of digest `lora`, else why not."""
     if isinstance(p, KVPayload):
         try:
-            p.check(model, num_tokens)
+            p.check(model, num_tokens, lora)
         except PayloadError as error:
             return error
     return p
 
 
 def load(
-    p: KVPayload | PayloadError | None, model: ResolvedModel, num_tokens: int, store: PayloadStore | None
+    p: KVPayload | PayloadError | None,
+    model: ResolvedModel,
+    num_tokens: int,
+    store: PayloadStore | None,
+    *,
+    lora: str = "",
 ) -> KVPayload:
-    """A row's payload with its bytes at hand, verified; a payload is checked against the
-    engine before its file is read."""
+    """A row's payload with its bytes at hand, verified (for adapter `lora`); a payload is
+    checked against the engine before its file is read."""
     if isinstance(p, PayloadError):
         raise p
     if p is None:
         raise PayloadLost(ErrorKind.kv_missing, "KV payload is missing")
-    p.check(model, num_tokens)
+    p.check(model, num_tokens, lora)
     if p.file is not None:
         if store is None:
             raise PayloadMismatch(
                 ErrorKind.kv_mismatch, f"KV payload is in file {p.file}; set kv.storage_path to its root"
             )
         p = store.fetch(p)
-    p.verify(model, num_tokens)
+    p.verify(model, num_tokens, lora)
     return p
 
 

@@ -8,6 +8,7 @@ last one's finish. A block with nothing left to generate (every row refused befo
 engine) passes at once."""
 
 import asyncio
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ from pipeline.columns import (
     ERROR,
     FINISH_REASON,
     GENERATED_TOKENS,
+    IMAGES,
     LOGPROB_LIST,
     LOGPROBS,
     PROMPT_TOKENS,
@@ -30,17 +32,52 @@ from pipeline.columns import (
 from pipeline.config import Device, EngineConfig, KVConfig, PoolConfig
 from pipeline.engine.build import bind_threads, build_engine, device_name
 from pipeline.engine.loop import EngineLoop, RequestRefused
+from pipeline.engine.lora import Adapter
 from pipeline.engine.model import ResolvedModel
 from pipeline.engine.placement import Placement
 from pipeline.engine.sampling import RowSampling, check
 from pipeline.engine.steps import StepClock, watch_tokens
 from pipeline.engine.work import ModelWork
+from pipeline.io.images import ImageUnreadable, RowImages, load_images
 from pipeline.job.meter import BatchReport, StageMeter
 from pipeline.kv.blocks import block_store
 from pipeline.kv.store import PayloadStore
 
 if TYPE_CHECKING:
     from vllm import CompletionOutput, RequestOutput, SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    """A row's request as its engine takes it: its sampling, the LoRA adapter it runs under, and
+    its images (prefill, colocated) or their identity alone (decode, which gets their KV)."""
+
+    params: "SamplingParams"
+    adapter: Adapter | None = None
+    images: RowImages | None = None
+    images_digest: str = ""
+
+    @property
+    def conditioning(self) -> str:
+        """What its KV depends on besides its tokens and the model: its adapter's identity, then
+        its images' (empty: neither). Its KV payload and shared blocks carry it."""
+        adapter = self.adapter.digest if self.adapter else ""
+        images = self.images.digest if self.images else self.images_digest
+        return f"{adapter}+images:{images}" if images else adapter
+
+    def prompt(self, tokens: list[int]) -> Any:
+        """The engine's prompt. Its images go with their digests, which key vLLM's caches of
+        them; without them (decode), its images' identity salts the prefix cache, whose
+        block hashes would otherwise name another row's image KV behind the same ids."""
+        from vllm.inputs import tokens_input
+
+        if self.images:
+            return {
+                "prompt_token_ids": tokens,
+                "multi_modal_data": {"image": list(self.images.images)},
+                "multi_modal_uuids": {"image": list(self.images.digests)},
+            }
+        return tokens_input(tokens, cache_salt=self.images_digest or None)
 
 
 class EngineStage:
@@ -62,9 +99,13 @@ class EngineStage:
         if engine.device is Device.cpu:
             bind_threads(placement.cores, placement.threads)
         self.steps = StepClock()
+        self.adapters = {a.name: a.on_this_node() for a in model.adapters}
 
         def build() -> Any:
             llm_engine = build_engine(model, engine, pool, self.kv_role, kv).llm_engine
+            # Loaded now: an adapter the model cannot take fails the engine's start, not a batch.
+            for adapter in self.adapters.values():
+                llm_engine.add_lora(adapter.request())
             watch_tokens(llm_engine, self.steps)
             return llm_engine
 
@@ -82,36 +123,67 @@ class EngineStage:
 
     def requests(
         self, batch: pa.Table, rows: list[int], prompts: list[list[int]], errors: list[str | None]
-    ) -> dict[int, "SamplingParams"]:
-        """The sampling of each row in `rows` as its request takes it: the row's values over the
-        job's, for max_tokens or fewer where the context ends first. A row whose values are bad
-        (by kvrelay's checks or vLLM's own) gets its error instead."""
+    ) -> dict[int, Request]:
+        """The request of each row in `rows`: the row's sampling values over the job's, for
+        max_tokens or fewer where the context ends first, under the adapter it names. A row
+        whose values are bad (by kvrelay's checks or vLLM's own) gets its error instead."""
         values = self.sampling.values(batch)
+        images = self.row_images(batch, rows, errors)
         requests = {}
-        for i in rows:
+        for i in [i for i in rows if errors[i] is None]:
             if isinstance(values[i], InvalidUTF8):
                 errors[i] = values[i].error(self.sampling.column)
                 continue
             problem = check(values[i])
+            if problem is None and (unknown := self.unknown_lora(values[i]["lora"])):
+                errors[i] = unknown
+                continue
             if problem is None:
                 budget = min(values[i]["max_tokens"], self.model.max_model_len - len(prompts[i]))
                 try:
-                    requests[i] = self.sampling.params(values[i], budget)
+                    requests[i] = Request(
+                        self.sampling.params(values[i], budget),
+                        self.adapters.get(values[i]["lora"]),
+                        **images.get(i, {}),
+                    )
                 except Exception as error:  # what vLLM refuses of a value: its row's error alone
                     problem = str(error)
             if problem:
                 errors[i] = row_error(ErrorKind.invalid_sampling, problem)
         return requests
 
+    def row_images(self, batch: pa.Table, rows: list[int], errors: list[str | None]) -> dict[int, dict]:
+        """The images of each row in `rows` that has any, as Request fields; a row whose image
+        cannot be fetched or decoded gets its error instead."""
+        if IMAGES not in batch.column_names:
+            return {}
+        urls, found = batch.column(IMAGES).to_pylist(), {}
+        for i in rows:
+            if errors[i] is None and urls[i]:
+                try:
+                    found[i] = {"images": load_images(urls[i])}
+                except ImageUnreadable as error:
+                    errors[i] = str(error)
+        return found
+
+    def unknown_lora(self, name: str | None) -> str | None:
+        """The row's error if it names an adapter the job does not have."""
+        if name is None or name in self.adapters:
+            return None
+        known = ", ".join(self.adapters) or "none"
+        return row_error(ErrorKind.unknown_lora, f"lora {name!r} is not one of engine.lora.adapters ({known})")
+
     async def generate(
-        self, prompts: list[list[int]], params: list["SamplingParams"], report: BatchReport
+        self, prompts: list[list[int]], requests: list[Request], report: BatchReport
     ) -> list["RequestOutput | RequestRefused"]:
         """The engine's outputs, their work counted in `report`."""
-        from vllm.inputs import tokens_input
-
         if not prompts:
             return []
-        outputs = await self.engine.generate([tokens_input(p) for p in prompts], params)
+        outputs = await self.engine.generate(
+            [r.prompt(p) for p, r in zip(prompts, requests)],
+            [r.params for r in requests],
+            [r.adapter.request() if r.adapter else None for r in requests],
+        )
         if self.work:
             for out in outputs:
                 if not isinstance(out, RequestRefused):
@@ -131,7 +203,7 @@ class EngineStage:
         self,
         batch: pa.Table,
         outputs: dict[int, "RequestOutput | RequestRefused"],
-        requests: dict[int, "SamplingParams"],
+        requests: dict[int, Request],
         errors: list[str | None],
         report: BatchReport,
     ) -> pa.Table:
@@ -160,8 +232,8 @@ class EngineStage:
             report.output_tokens += sum(len(c.token_ids) for c in samples)
             tokens[i] = per_row([list(c.token_ids) for c in samples])
             finish[i] = per_row([c.finish_reason for c in samples])
-            logprobs[i] = per_row([token_logprobs(c, requests[i].logprobs) for c in samples])
-            if requests[i].stop:  # the text ends before the stop string; the tokens hold all of it
+            logprobs[i] = per_row([token_logprobs(c, requests[i].params.logprobs) for c in samples])
+            if requests[i].params.stop:  # the text ends before the stop string; the tokens hold all of it
                 texts[i] = per_row([c.text for c in samples])
         columns = {
             GENERATED_TOKENS: pa.array(tokens, typed(TOKEN_LIST)),

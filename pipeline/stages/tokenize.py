@@ -7,6 +7,7 @@ import pyarrow.compute as pc
 from pipeline.columns import (
     ERROR,
     FINISH_REASON,
+    IMAGES,
     NUM_INPUT_TOKENS,
     PROMPT_TOKENS,
     TOKEN_LIST,
@@ -18,6 +19,7 @@ from pipeline.columns import (
 )
 from pipeline.config import InputConfig, Overlong
 from pipeline.engine.model import ResolvedModel, load_tokenizer
+from pipeline.io.images import data_url
 from pipeline.job.meter import StageMeter
 
 
@@ -25,25 +27,34 @@ class Tokenize:
     def __init__(self, model: ResolvedModel, input: InputConfig, max_tokens: int, sink_name: str):
         self.encoder = PromptEncoder(model, input, max_tokens)
         self.prompt_column = input.source_column
+        self.image_column = input.image_column
+        self.takes_images = model.image_token_id is not None
         self.meter = StageMeter("tokenize", sink_name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with self.meter.batch() as report:
-            tokens, errors = self.encoder.encode_all(
-                prompt_values(batch.column(self.prompt_column)), batch.column(ERROR).to_pylist()
+            leading = column_images(batch.column(self.image_column)) if self.image_column else None
+            tokens, errors, images = self.encoder.encode_rows(
+                prompt_values(batch.column(self.prompt_column)), batch.column(ERROR).to_pylist(), leading
             )
             lengths = pa.array([len(t) for t in tokens], pa.int32())
             report.rows = batch.num_rows
             report.input_tokens = int(pc.sum(lengths).as_py() or 0)
-            return with_columns(
-                batch,
-                **{
-                    PROMPT_TOKENS: pa.array(tokens, TOKEN_LIST),
-                    NUM_INPUT_TOKENS: lengths,
-                    FINISH_REASON: pa.nulls(batch.num_rows, pa.string()),
-                    ERROR: pa.array(errors, pa.string()),
-                },
-            )
+            columns = {
+                PROMPT_TOKENS: pa.array(tokens, TOKEN_LIST),
+                NUM_INPUT_TOKENS: lengths,
+                FINISH_REASON: pa.nulls(batch.num_rows, pa.string()),
+                ERROR: pa.array(errors, pa.string()),
+            }
+            if self.takes_images:  # every batch, so that all blocks have the same columns
+                columns[IMAGES] = pa.array(images, pa.list_(pa.string()))
+            return with_columns(batch, **columns)
+
+
+def column_images(column: pa.ChunkedArray) -> list[list[str]]:
+    """An image column's bytes (one image a row, or a list), as data URLs."""
+    rows = column.to_pylist()
+    return [[data_url(b) for b in ([row] if isinstance(row, bytes) else row or []) if b] for row in rows]
 
 
 def prompt_values(column: pa.ChunkedArray) -> list:
@@ -72,6 +83,11 @@ class PromptEncoder:
         self.max_model_len = model.max_model_len
         # Truncation keeps room for the whole generation budget (and at least one token).
         self.truncated_len = model.max_model_len - min(max_tokens, model.max_model_len - 1)
+        self.image_token_id = model.image_token_id
+        if input.image_column and (self.image_token_id is None or not self.templated):
+            raise ValueError(
+                f"input.image_column needs a vision-language model with a chat template; model {model.path} is not one"
+            )
 
     def encode(self, prompt: object) -> tuple[list[int], str | None]:
         tokens, errors = self.encode_all([prompt], [None])
@@ -80,8 +96,17 @@ class PromptEncoder:
     def encode_all(self, prompts: list, errors: list[str | None]) -> tuple[list[list[int]], list[str | None]]:
         """Token ids and error per prompt; rows with an error already are left as they are. Text
         goes to the tokenizer in one call for the batch."""
+        tokens, errors, _ = self.encode_rows(prompts, errors)
+        return tokens, errors
+
+    def encode_rows(
+        self, prompts: list, errors: list[str | None], leading: list[list[str]] | None = None
+    ) -> tuple[list[list[int]], list[str | None], list[list[str]]]:
+        """Token ids, error and image URLs per prompt (those of its image parts, in order);
+        `leading`: per row, the URLs of images that go before the text of its first user turn."""
         tokens: list[list[int]] = [[] for _ in prompts]
         errors = list(errors)
+        images: list[list[str]] = [list(urls) if urls else [] for urls in leading or [None] * len(prompts)]
         texts: dict[int, str | list[dict]] = {}  # text, or a conversation
         for i, prompt in enumerate(prompts):
             if errors[i] is not None:
@@ -94,7 +119,10 @@ class PromptEncoder:
                 if problem:
                     errors[i] = row_error(ErrorKind.invalid_messages, problem)
                 else:
-                    texts[i] = prompt
+                    texts[i], images[i] = with_image_parts(prompt, images[i])
+                    if images[i] and self.image_token_id is None:  # before its template sees image parts
+                        errors[i] = self.placeholder_problem([], len(images[i]))
+                        del texts[i]
                 continue
             if isinstance(prompt, bytes):
                 try:
@@ -112,7 +140,9 @@ class PromptEncoder:
                         ErrorKind.invalid_token_ids, "prompt token ids must be integers in the vocabulary"
                     )
             elif isinstance(prompt, str):
-                if prompt.strip():
+                if prompt.strip() and images[i]:
+                    texts[i], images[i] = with_image_parts([{"role": "user", "content": prompt}], images[i])
+                elif prompt.strip():
                     texts[i] = prompt
             elif prompt is None:
                 errors[i] = row_error(ErrorKind.null_prompt, "prompt is null")
@@ -123,7 +153,25 @@ class PromptEncoder:
         for i, ids in enumerate(tokens):
             if errors[i] is None:
                 tokens[i], errors[i] = self.fit(ids)
-        return tokens, errors
+            if errors[i] is None and (images[i] or self.image_token_id is not None):
+                errors[i] = self.placeholder_problem(tokens[i], len(images[i]))
+            if errors[i] is not None:
+                images[i] = []
+        return tokens, errors, images
+
+    def placeholder_problem(self, tokens: list[int], count: int) -> str | None:
+        """Why a prompt's rendered tokens do not place its `count` images, or None. The engine
+        takes a placeholder without an image as text, and the literal text of a placeholder
+        in a prompt is one too: the counts must agree."""
+        if self.image_token_id is None:
+            return row_error(ErrorKind.invalid_messages, "image parts need a vision-language model")
+        found = tokens.count(self.image_token_id)
+        if found != count:
+            return row_error(
+                ErrorKind.invalid_messages,
+                f"the prompt holds {found} image placeholders for {count} images (is one in its text, or cut off?)",
+            )
+        return None
 
     def fit(self, tokens: list[int]) -> tuple[list[int], str | None]:
         """A prompt's tokens as the engine gets them, or why there are none."""
@@ -159,6 +207,36 @@ class PromptEncoder:
 
 
 ROLES = ("system", "user", "assistant")
+PART_TYPES = ("text", "image_url")
+
+
+def with_image_parts(conversation: list[dict], leading: list[str]) -> tuple[list[dict], list[str]]:
+    """The conversation as the chat template takes it, and its image URLs in order: `leading`
+    (an image column's) go before the text of the first user turn. An image part renders as
+    {"type": "image"}, which a vision-language model's template turns into its placeholder; a
+    turn of text parts alone, as its text."""
+    urls: list[str] = []
+    turns = []
+    for turn in conversation:
+        content = turn["content"]
+        if leading and turn["role"] == "user":
+            text = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            content = [*({"type": "image_url", "image_url": {"url": url}} for url in leading), *text]
+            leading = []
+        if isinstance(content, list) and all(part["type"] == "text" for part in content):
+            content = "".join(part["text"] for part in content)  # as every template takes it
+        elif isinstance(content, list):
+            content = [rendered_part(part, urls) for part in content]
+        turns.append({"role": turn["role"], "content": content})
+    return turns, urls
+
+
+def rendered_part(part: dict, urls: list[str]) -> dict:
+    """A content part for the template; an image part's URL goes to `urls`."""
+    if part["type"] == "image_url":
+        urls.append(part["image_url"]["url"])
+        return {"type": "image"}
+    return {"type": "text", "text": part["text"]}
 
 
 def conversation_problem(conversation: object) -> str | None:
@@ -172,6 +250,27 @@ def conversation_problem(conversation: object) -> str | None:
             return f"turn {n} is not a {{role, content}} struct"
         if turn.get("role") not in ROLES:
             return f"turn {n} has role {turn.get('role')!r}; roles are {', '.join(ROLES)}"
-        if not isinstance(turn.get("content"), str):
+        content = turn.get("content")
+        if isinstance(content, list):
+            problem = parts_problem(content)
+            if problem:
+                return f"turn {n} {problem}"
+        elif not isinstance(content, str):
             return f"turn {n} has no text content"
+    return None
+
+
+def parts_problem(parts: list) -> str | None:
+    """Why a turn's content parts are not text and image_url parts, or None."""
+    if not parts:
+        return "has no content parts"
+    for n, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in PART_TYPES:
+            return f"part {n} has type {kind!r}; parts are {', '.join(PART_TYPES)}"
+        if kind == "text" and not isinstance(part.get("text"), str):
+            return f"part {n} is text with no text"
+        url = (part.get("image_url") or {}).get("url") if kind == "image_url" else ""
+        if not isinstance(url, str) or (kind == "image_url" and not url):
+            return f"part {n} is an image_url with no url"
     return None
