@@ -77,6 +77,14 @@ GPU_EACH = ["pools.prefill.num_gpus=1", "pools.decode.num_gpus=1"]
             ["model.checkpoint=/models/x"],
             "model 'smollm2-135m': set exactly one of model.bundled_gguf and model.checkpoint",
         ),
+        (
+            ["input.format=openai_batch", "input.messages_column=turns"],
+            "input.format=openai_batch takes its columns from the requests: drop input.messages_column",
+        ),
+        (
+            ["input.format=openai_batch", "phase=decode", "mode=disaggregated"],
+            "a decode job reads a prefill dataset (Parquet): drop input.format=openai_batch",
+        ),
         (["cluster=existing", "cluster.address=null"], "cluster=existing needs cluster.address"),
         (["cluster.address=ray://head:10001"], "use cluster=existing cluster.address=..."),
         (["cluster.kind=local_hetero"], "cluster=local-hetero needs cluster.nodes"),

@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletion
 from pipeline.api import run_job
 from pipeline.bench.advise import take_rows
 from pipeline.config import InputConfig, InputFormat
-from pipeline.io.openai_requests import CHAT, COMPLETIONS
+from pipeline.io.openai_requests import CHAT, COMPLETIONS, Served, parse
 from pipeline.io.openai_results import ResultFormat, result_line
 from pipeline.io.source import PromptSource
 from pipeline.io.storage import BATCH_ERRORS, BATCH_OUTPUT
@@ -116,7 +116,7 @@ def requests_dir(tmp_path_factory) -> Path:
 
 def source_of(path: Path, shard_rows: int = 1000) -> PromptSource:
     cfg = InputConfig(path=str(path), format=InputFormat.openai_batch)
-    return PromptSource(cfg, shard_rows, ("prompt",), models=frozenset({MODEL}))
+    return PromptSource(cfg, shard_rows, ("prompt",), served=Served(MODEL))
 
 
 def test_requests_are_rows_and_bad_lines_their_rows_errors(requests_dir):
@@ -290,3 +290,14 @@ def test_advise_samples_a_batch_file_as_the_rows_a_job_reads(requests_dir):
     rows = take_rows(source_of(requests_dir), np.array([0, 7, 12]))
     assert rows.column("id").to_pylist() == ["capital", "hot", "cold"]
     assert rows.column("messages")[2].as_py() == [{"role": "user", "content": "Hello."}]
+
+
+def test_a_body_naming_a_lora_adapter_runs_under_it():
+    served = Served(MODEL, frozenset({"support"}))
+    lines = [
+        json.dumps(request(str(i), chat("Hi.")) | {"body": {"model": m, **chat("Hi.")}})
+        for i, m in enumerate((MODEL, "support", "legal"))
+    ]
+    requests = parse(lines, CHAT, served)
+    assert [row["sampling_params"]["lora"] for row in requests.table.to_pylist()[:2]] == [None, "support"]
+    assert requests.errors == {2: "unknown_model: body.model 'legal'; this job serves smollm2-135m, support"}

@@ -39,7 +39,7 @@ def advise(cfg: AdviseConfig, overrides: list[str]) -> Advice:
     advice. `overrides`: the command line's, whose job keys the recommended command repeats."""
     root = Path(cfg.output.path)
     # The input as the job reads it: its files, checks and row numbers.
-    source = PromptSource(cfg.input, cfg.output.shard_rows, (cfg.input.source_column,), models=served_models(cfg))
+    source = PromptSource(cfg.input, cfg.output.shard_rows, (cfg.input.source_column,), served=served_models(cfg))
     cfg = replace(cfg, input=source.cfg)  # OpenAI Batch files: the columns their rows have
     total = source.num_rows
     machine = machine_entry(cfg)
@@ -173,6 +173,8 @@ def plain_does_not_apply(cfg: AdviseConfig, columns: list[str]) -> str | None:
         return f"rows carry their own sampling ({cfg.input.sampling_column}), which the baseline does not apply"
     if cfg.sampling.n > 1:
         return f"sampling.n={cfg.sampling.n}: the baseline counts one completion per prompt"
+    if cfg.sampling.lora is not None:
+        return f"sampling.lora={cfg.sampling.lora}: the baseline runs the base model"
     return None
 
 

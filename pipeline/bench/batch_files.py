@@ -25,7 +25,7 @@ from pipeline.columns import (
     TOKEN_LIST,
 )
 from pipeline.config import InputConfig, InputFormat, OutputConfig
-from pipeline.io.openai_requests import CHAT, MESSAGES
+from pipeline.io.openai_requests import CHAT, MESSAGES, Served
 from pipeline.io.openai_requests import ID as REQUEST_ID
 from pipeline.io.openai_results import ResultFormat, write_results
 from pipeline.io.output import OutputTarget, ShardStats, write_part
@@ -86,7 +86,7 @@ def batch_files_bench(folder: Path, rows: int, rounds: int) -> Rates:
 
 
 def read_all(cfg: InputConfig) -> int:
-    source = PromptSource(cfg, 1000, (MESSAGES,), models=frozenset({MODEL}))
+    source = PromptSource(cfg, 1000, (MESSAGES,), served=Served(MODEL))
     reader = source.reader(source.shards)
     return sum(t.num_rows for i in reader.units for t in reader(pa.table({"unit": [i]})))
 

@@ -8,8 +8,9 @@ read as rows of a prompt table: `custom_id` is the row's `id`, `body.messages` (
 its `model` and `url` are carried to the output (and through a prefill dataset), where the
 results are written as OpenAI's (pipeline/io/openai_results.py).
 One file may be `.jsonl` or `.jsonl.gz`, on any fsspec URL. A line that is not such a request is
-that row's error, never the job's; so is a body naming a model the job does not serve. Fields a
-body leaves out take the job's `sampling.*`."""
+that row's error, never the job's; so is a body naming a model the job does not serve. A body
+naming one of the job's LoRA adapters runs under it. Fields a body leaves out take the job's
+`sampling.*`."""
 
 import json
 from dataclasses import dataclass, replace
@@ -45,6 +46,7 @@ SAMPLING_TYPE = pa.struct(
         ("stop", pa.list_(pa.string())),
         ("logprobs", pa.int64()),
         ("json_schema", pa.string()),  # JSON text: a schema's keys vary row by row
+        ("lora", pa.string()),
     ]
 )
 # Read elsewhere (model, prompt, messages) or in how they are read (stop, logprobs, response_format).
@@ -52,6 +54,24 @@ _READ = {"model", "messages", "prompt", "stop", "logprobs", "top_logprobs", "res
 # Accepted and without effect on a completion: bookkeeping, and streaming (a batch has none).
 _IGNORED = {"user", "store", "metadata", "service_tier", "stream", "stream_options"}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a request's body.model may name: the job's model, or one of its LoRA adapters, which
+    the row then runs under."""
+
+    model: str
+    adapters: frozenset[str] = frozenset()
+
+    def lora(self, name: object) -> str | None:
+        """The adapter a body's model names (None: the model itself); a name neither is refused."""
+        if name == self.model:
+            return None
+        if name in self.adapters:
+            return str(name)
+        served = ", ".join([self.model, *sorted(self.adapters)])
+        raise RequestError(ErrorKind.unknown_model, f"body.model {name!r}; this job serves {served}")
 
 
 class RequestError(ValueError):
@@ -108,12 +128,12 @@ def read_lines(fs, path: str) -> list[str]:
         return [line for line in f if line.strip()]
 
 
-def parse(lines: list[str], endpoint: str, models: set[str]) -> Requests:
+def parse(lines: list[str], endpoint: str, served: Served) -> Requests:
     """The lines as rows for `endpoint`; a row whose line cannot run has nulls and an error."""
     rows, errors = [], {}
     for number, line in enumerate(lines):
         try:
-            rows.append(_request(line, endpoint, models))
+            rows.append(_request(line, endpoint, served))
         except RequestError as error:
             errors[number] = str(error)
             rows.append({ID: _custom_id(line), URL: endpoint})
@@ -130,7 +150,7 @@ def _custom_id(line: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _request(line: str, endpoint: str, models: set[str]) -> dict[str, Any]:
+def _request(line: str, endpoint: str, served: Served) -> dict[str, Any]:
     try:
         request = json.loads(line)
     except ValueError as error:
@@ -150,12 +170,10 @@ def _request(line: str, endpoint: str, models: set[str]) -> dict[str, Any]:
         )
     if not isinstance(body, dict):
         raise RequestError(ErrorKind.invalid_request, "body is missing or not an object")
-    if body.get("model") not in models:
-        raise RequestError(
-            ErrorKind.unknown_model, f"body.model {body.get('model')!r}; this job serves {', '.join(sorted(models))}"
-        )
+    lora = served.lora(body.get("model"))
     prompt = {MESSAGES: _messages(body.get("messages"))} if endpoint == CHAT else {PROMPT: _prompt(body.get("prompt"))}
-    return {ID: custom_id, **prompt, SAMPLING: _sampling(body, endpoint), MODEL: body["model"], URL: endpoint}
+    sampling = {**_sampling(body, endpoint), "lora": lora}
+    return {ID: custom_id, **prompt, SAMPLING: sampling, MODEL: body["model"], URL: endpoint}
 
 
 def _prompt(prompt: Any) -> str:

@@ -22,7 +22,7 @@ import ray
 from pipeline.columns import ERROR, INTERNAL, ROW, ErrorKind, row_error
 from pipeline.config import DuplicateIds, InputConfig, InputFormat
 from pipeline.errors import JobError
-from pipeline.io.openai_requests import CHAT, Requests, first_endpoint, input_config, parse, read_lines
+from pipeline.io.openai_requests import CHAT, Requests, Served, first_endpoint, input_config, parse, read_lines
 from pipeline.io.prefix_order import order_by_prefix
 from pipeline.io.storage import NOT_ROWS, filesystem
 
@@ -88,13 +88,13 @@ def check_columns(schema: pa.Schema, needs: tuple[str, ...], reserved: tuple[str
 @dataclass(frozen=True)
 class RequestFormat:
     """How OpenAI Batch files are read as rows: every file's requests go to one endpoint, and
-    name one of the models the job serves."""
+    name what the job serves."""
 
     endpoint: str
-    models: frozenset[str]
+    served: Served
 
     def read(self, fs, path: str) -> Requests:
-        return parse(read_lines(fs, path), self.endpoint, set(self.models))
+        return parse(read_lines(fs, path), self.endpoint, self.served)
 
 
 class PromptSource:
@@ -104,9 +104,9 @@ class PromptSource:
         shard_rows: int,
         needs: tuple[str, ...],
         reserved: tuple[str, ...] = (),
-        models: frozenset[str] = frozenset(),
+        served: Served | None = None,
     ):
-        """`models`: what an OpenAI Batch request's body.model may name. For those files `cfg`
+        """`served`: what an OpenAI Batch request's body.model may name. For those files `cfg`
         becomes the columns their rows have (`self.cfg`), which the job then reads."""
         self.cfg = cfg
         self.fs, self.arrow_fs, self.root = filesystem(cfg.path)
@@ -114,7 +114,7 @@ class PromptSource:
             raise JobError(f"input.path {cfg.path} does not exist")
         self.requests: RequestFormat | None = None
         self._tables: dict[str, Requests] = {}  # OpenAI Batch files, read once on the driver
-        self.files, read_schema = self._inspect(self.root, models)
+        self.files, read_schema = self._inspect(self.root, served)
         if self.requests:
             self.cfg = input_config(cfg, self.requests.endpoint)
             needs = (self.cfg.source_column,)
@@ -164,7 +164,7 @@ class PromptSource:
             return self._tables[path].table.select([column])
         return pq.read_table(path, columns=[column], filesystem=self.arrow_fs)
 
-    def _inspect(self, root: str, models: frozenset[str]) -> tuple[list[InputFile], pa.Schema]:
+    def _inspect(self, root: str, served: Served | None) -> tuple[list[InputFile], pa.Schema]:
         if self.fs.isdir(root):
             # Hidden and underscore entries at any depth are not data (.ipynb_checkpoints/, _tmp/,
             # _SUCCESS), as Spark and pyarrow read a directory.
@@ -175,7 +175,9 @@ class PromptSource:
         if not paths:
             raise JobError(f"input.path {self.cfg.path} holds no files")
         if self.cfg.format is InputFormat.openai_batch:
-            return self._inspect_requests(paths, models)
+            if served is None:
+                raise ValueError("OpenAI Batch input needs the models the job serves")
+            return self._inspect_requests(paths, served)
         files, schema = [], None
         for path in paths:
             try:
@@ -194,15 +196,15 @@ class PromptSource:
             files.append(InputFile(path, info["size"], meta.num_rows, groups, _version(info), digest))
         return files, schema
 
-    def _inspect_requests(self, paths: list[str], models: frozenset[str]) -> tuple[list[InputFile], pa.Schema]:
+    def _inspect_requests(self, paths: list[str], served: Served) -> tuple[list[InputFile], pa.Schema]:
         """OpenAI Batch files, each read whole: a file's rows are its lines, one "row group"
         (a file is read by one task), identified by a digest of its text."""
         lines = {path: read_lines(self.fs, path) for path in paths}
         endpoint = next(filter(None, map(first_endpoint, lines.values())), CHAT)
-        self.requests = RequestFormat(endpoint, models)
+        self.requests = RequestFormat(endpoint, served)
         files = []
         for path, text in lines.items():
-            self._tables[path] = parse(text, endpoint, set(models))
+            self._tables[path] = parse(text, endpoint, served)
             digest = hashlib.sha256("".join(text).encode()).hexdigest()[:16]
             info = self.fs.info(path)
             files.append(InputFile(path, info["size"], len(text), (len(text),), _version(info), digest))

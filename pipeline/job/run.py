@@ -35,6 +35,7 @@ from pipeline.engine.model import ResolvedModel, load_tokenizer, resolve_model
 from pipeline.engine.sampling import RowSampling
 from pipeline.errors import JobUnfinished
 from pipeline.io.commit import ShardLedger
+from pipeline.io.openai_requests import Served
 from pipeline.io.openai_results import ResultFormat, write_results
 from pipeline.io.output import OutputTarget
 from pipeline.io.source import PromptSource
@@ -182,9 +183,9 @@ def commit(ds: ray.data.Dataset, ledger: ShardLedger, total_rows: int) -> None:
         raise JobUnfinished(f"the pipeline ended without every row of shards {ledger.missing()}; rerun to finish them")
 
 
-def served_models(cfg: JobConfig) -> frozenset[str]:
-    """What an OpenAI Batch request's body.model may name."""
-    return frozenset({cfg.model.name})
+def served_models(cfg: JobConfig) -> Served:
+    """What an OpenAI Batch request's body.model may name: the model, or a LoRA adapter's name."""
+    return Served(cfg.model.name, frozenset(cfg.engine.lora.adapters))
 
 
 def write_batch_results(
@@ -212,6 +213,7 @@ def identity(cfg: JobConfig, source: PromptSource, model: ResolvedModel) -> dict
         "model_dtype": model.dtype,
         "max_model_len": cfg.model.max_model_len,
         **({"engine_extra": cfg.engine.extra} if cfg.engine.extra else {}),  # absent when unset, as before it existed
+        **({"lora": {a.name: a.digest for a in model.adapters}} if model.adapters else {}),  # likewise
         "sampling": asdict(cfg.sampling),
         "kv_codec": cfg.kv.codec.value,
         "kv_on_load_failure": cfg.kv.on_load_failure.value,
@@ -253,7 +255,7 @@ def needs(cfg: JobConfig) -> tuple[str, ...]:
     """The input columns the job reads, its prompts' first."""
     if cfg.phase is Phase.decode:  # a prefill dataset
         return (PROMPT_TOKENS, GENERATED_TOKENS, NUM_INPUT_TOKENS, FINISH_REASON, KV_PAYLOAD)
-    return (cfg.input.source_column,)
+    return (cfg.input.source_column, *([cfg.input.image_column] if cfg.input.image_column else []))
 
 
 def reserved(cfg: JobConfig) -> tuple[str, ...]:
