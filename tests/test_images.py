@@ -249,7 +249,7 @@ def test_a_payload_of_other_images_is_refused(vlm):
 
     tokens = 40
     kv = torch.randn(vlm.cache.token_shape(tokens), generator=torch.Generator().manual_seed(0))
-    p = KVPayload.encode(kv, vlm, "none", lora="+images:aaaa")
+    p = KVPayload.encode(kv, vlm, "none", conditioning="+images:aaaa")
     assert checked(p, vlm, tokens, "+images:aaaa") is p
     refused = checked(p, vlm, tokens, "+images:bbbb")
     assert isinstance(refused, PayloadMismatch) and str(refused).startswith("kv_mismatch: ")

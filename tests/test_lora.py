@@ -104,10 +104,10 @@ def test_a_cpu_engine_keeps_a_slot_free_for_rows_without_an_adapter(adapters):
 def test_a_payload_computed_under_another_adapter_is_kv_mismatch(model, adapters, tmp_path):
     a, b = (resolve(name, str(path), i).digest for i, (name, path) in enumerate(adapters.items(), 1))
     kv = torch.randn(model.cache.token_shape(TOKENS), generator=torch.Generator().manual_seed(0))
-    sent = [KVPayload.encode(kv, model, "none", lora=a), KVPayload.encode(kv, model, "none")]
+    sent = [KVPayload.encode(kv, model, "none", conditioning=a), KVPayload.encode(kv, model, "none")]
     pq.write_table(pa.table({payload.KV_PAYLOAD: payload.to_column(sent)}), tmp_path / "prefilled.parquet")
     under_a, under_none = payload.from_column(pq.read_table(tmp_path / "prefilled.parquet"))
-    assert (under_a.lora, under_none.lora) == (a, "")
+    assert (under_a.conditioning, under_none.conditioning) == (a, "")
     for p, row_runs_under, computed, runs in [
         (under_a, b, f"LoRA adapter {a}", f"LoRA adapter {b}"),
         (under_a, "", f"LoRA adapter {a}", "no LoRA adapter"),
@@ -117,8 +117,8 @@ def test_a_payload_computed_under_another_adapter_is_kv_mismatch(model, adapters
         assert isinstance(refused, PayloadMismatch)
         assert str(refused) == f"kv_mismatch: KV payload was computed under {computed}, the row runs under {runs}"
         with pytest.raises(PayloadMismatch):
-            load(p, model, TOKENS, None, lora=row_runs_under)
-    assert torch.equal(load(under_a, model, TOKENS, None, lora=a).decode(model, TOKENS, lora=a), kv)
+            load(p, model, TOKENS, None, conditioning=row_runs_under)
+    assert torch.equal(load(under_a, model, TOKENS, None, conditioning=a).decode(model, TOKENS, conditioning=a), kv)
 
 
 def test_two_adapters_never_share_a_kv_block(adapters):
@@ -206,10 +206,10 @@ def test_a_payload_written_before_adapters_were_bound_is_of_no_adapter(model, ad
     kv = torch.randn(model.cache.token_shape(TOKENS), generator=torch.Generator().manual_seed(0))
     column = payload.to_column([dataclasses.replace(KVPayload.encode(kv, model, "none"), format=5)]).chunk(0)
     older = pa.StructArray.from_arrays(
-        [column.field(name) for name in payload.TYPE.names if name != "lora"],
-        names=[name for name in payload.TYPE.names if name != "lora"],
+        [column.field(name) for name in payload.TYPE.names if name != "conditioning"],
+        names=[name for name in payload.TYPE.names if name != "conditioning"],
     )
     pq.write_table(pa.table({payload.KV_PAYLOAD: older}), tmp_path / "prefilled.parquet")
     (read,) = payload.from_column(pq.read_table(tmp_path / "prefilled.parquet"))
-    assert read.format == 5 and read.lora == "" and checked(read, model, TOKENS) is read
+    assert read.format == 5 and read.conditioning == "" and checked(read, model, TOKENS) is read
     assert isinstance(checked(read, model, TOKENS, a), PayloadMismatch)

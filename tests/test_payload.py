@@ -194,8 +194,12 @@ def _crafted(p: KVPayload) -> list[tuple[str, dict[str, pa.Array], str]]:
         ("first_token", {"first_token": pa.array([None], pa.int32())}, "kv_corrupt"),
         ("state_bytes", {"state_bytes": pa.array([4], pa.int64())}, "kv_mismatch"),  # state of a hybrid model
         ("state_bytes", {"state_bytes": pa.array([None], pa.int64())}, "kv_corrupt"),
-        ("lora", {"lora": pa.array(["0" * 32])}, "kv_mismatch"),  # computed under an adapter the row lacks
-        ("lora", {"lora": pa.array([None], pa.string())}, "kv_corrupt"),
+        (
+            "conditioning",
+            {"conditioning": pa.array(["0" * 32])},
+            "kv_mismatch",
+        ),  # computed under an adapter the row lacks
+        ("conditioning", {"conditioning": pa.array([None], pa.string())}, "kv_corrupt"),
     ]
 
 

@@ -55,10 +55,10 @@ def keys_of(payload: KVPayload) -> list[BlockKey]:
     return [block_key(h, c) for h, c in zip(payload.blocks, payload.block_checksums)]
 
 
-def salt(fingerprint: str, dtype: str, codec: str, block_tokens: int, lora: str = "") -> bytes:
+def salt(fingerprint: str, dtype: str, codec: str, block_tokens: int, conditioning: str = "") -> bytes:
     """What a block's KV depends on besides its tokens: the engine, and the LoRA adapter it ran
     under (its digest; empty: none), so that two adapters never share a block."""
-    return hashlib.sha256(f"{fingerprint}/{dtype}/{codec}/{block_tokens}/{lora}".encode()).digest()
+    return hashlib.sha256(f"{fingerprint}/{dtype}/{codec}/{block_tokens}/{conditioning}".encode()).digest()
 
 
 def block_hashes(prompt: Sequence[int], block_tokens: int, salt: bytes) -> list[bytes]:

@@ -10,7 +10,7 @@ may be shared with other prompts: then the payload names them (their content has
 pipeline.kv.blocks) and carries only the blocks after them. The carried bytes are inline, or in
 a file named by `file` (pipeline.kv.store).
 
-Format 6 binds the KV to what it was computed under besides its tokens (`lora`: the LoRA
+Format 6 binds the KV to what it was computed under besides its tokens (`conditioning`: the LoRA
 adapter's digest, pipeline/engine/lora.py, then `+images:` and the row's images' digest,
 pipeline/io/images.py; empty for neither): a decode engine refuses it for a row of another
 adapter or other images. Format 5 says what cache it carries (pipeline/engine/family.py): the `family`, the
@@ -53,7 +53,7 @@ TYPE = pa.struct(
         ("family", pa.string()),
         ("first_token", pa.int32()),
         ("state_bytes", pa.int64()),
-        ("lora", pa.string()),
+        ("conditioning", pa.string()),
     ]
 )
 OPTIONAL = ("file",)  # every other field of a payload must be set
@@ -63,7 +63,7 @@ ADDED = {
     "family": (5, Family.attention.value),
     "first_token": (5, 0),
     "state_bytes": (5, 0),
-    "lora": (6, ""),
+    "conditioning": (6, ""),
 }
 
 
@@ -96,7 +96,7 @@ class KVPayload:
     family: str = Family.attention.value
     first_token: int = 0  # of the prompt: the KV before it is not carried (outside a window)
     state_bytes: int = 0  # at the end of `data`: recurrent layers' state
-    lora: str = ""  # the digest of the LoRA adapter it was computed under (+images: theirs); empty: none
+    conditioning: str = ""  # what it was computed under: a LoRA adapter's digest (+images: theirs); empty: neither
 
     @classmethod
     def of(
@@ -109,12 +109,12 @@ class KVPayload:
         blocks: tuple[bytes, ...] = (),
         block_checksums: tuple[int, ...] = (),
         first_token: int = 0,
-        lora: str = "",
+        conditioning: str = "",
     ) -> "KVPayload":
         """The payload of KV of `shape` from `first_token` on that `codec_name` encoded as
         `data`, per block of `block_tokens` (all of it, or the blocks after the shared `blocks`
         it names), with `model`'s recurrent state after it, if it has any; computed under the
-        LoRA adapter of digest `lora`, if any."""
+        LoRA adapter of digest `conditioning`, if any."""
         return cls(
             model.fingerprint,
             model.dtype,
@@ -128,7 +128,7 @@ class KVPayload:
             family=model.cache.family.value,
             first_token=first_token,
             state_bytes=model.cache.state_bytes,
-            lora=lora,
+            conditioning=conditioning,
         )
 
     @classmethod
@@ -141,12 +141,14 @@ class KVPayload:
         *,
         first_token: int = 0,
         state: np.ndarray | None = None,
-        lora: str = "",
+        conditioning: str = "",
     ) -> "KVPayload":
         data = codec(codec_name, block_tokens).encode(kv).cpu().numpy()
         if state is not None:
             data = np.concatenate([data, state])
-        return cls.of(data, tuple(kv.shape), model, codec_name, block_tokens, first_token=first_token, lora=lora)
+        return cls.of(
+            data, tuple(kv.shape), model, codec_name, block_tokens, first_token=first_token, conditioning=conditioning
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -186,9 +188,9 @@ class KVPayload:
     def blocked_codec(self) -> Codec:
         return codec(self.codec, self.block_tokens)
 
-    def check(self, model: ResolvedModel, num_tokens: int, lora: str = "") -> None:
+    def check(self, model: ResolvedModel, num_tokens: int, conditioning: str = "") -> None:
         """Refuses a payload that is not the KV of a prompt of `num_tokens` on `model` under
-        the LoRA adapter of digest `lora` (empty: none) by what it says of itself, before any
+        the LoRA adapter of digest `conditioning` (empty: none) by what it says of itself, before any
         of its bytes are read."""
         if self.format not in HASH_BYTES:
             raise PayloadMismatch(
@@ -199,10 +201,10 @@ class KVPayload:
             raise PayloadMismatch(
                 ErrorKind.kv_mismatch, f"KV payload is from model {self.fingerprint}, engine runs {model.fingerprint}"
             )
-        if self.lora != lora:
+        if self.conditioning != conditioning:
             raise PayloadMismatch(
                 ErrorKind.kv_mismatch,
-                f"KV payload was computed under {_adapter(self.lora)}, the row runs under {_adapter(lora)}",
+                f"KV payload was computed under {_adapter(self.conditioning)}, the row runs under {_adapter(conditioning)}",
             )
         cache = model.cache
         if self.family != cache.family.value:
@@ -243,10 +245,10 @@ class KVPayload:
         if len(self.block_checksums) != len(self.blocks) or any(len(h) != HASH_BYTES[self.format] for h in self.blocks):
             raise PayloadLost(ErrorKind.kv_corrupt, "KV payload's shared blocks and their checksums do not match")
 
-    def verify(self, model: ResolvedModel, num_tokens: int, lora: str = "") -> None:
+    def verify(self, model: ResolvedModel, num_tokens: int, conditioning: str = "") -> None:
         """Refuses a payload that is not whole and sound KV of a prompt of `num_tokens` on
-        `model` under adapter `lora`, reading its bytes."""
-        self.check(model, num_tokens, lora)
+        `model` under adapter `conditioning`, reading its bytes."""
+        self.check(model, num_tokens, conditioning)
         if self.data.size != self.nbytes:
             # Under a valid checksum too: the codec would read past the bytes or leave some unread.
             raise PayloadLost(
@@ -256,12 +258,12 @@ class KVPayload:
             raise PayloadLost(ErrorKind.kv_corrupt, "KV payload fails its checksum")
 
     def decode(
-        self, model: ResolvedModel, num_tokens: int, shared: Sequence[np.ndarray] = (), lora: str = ""
+        self, model: ResolvedModel, num_tokens: int, shared: Sequence[np.ndarray] = (), conditioning: str = ""
     ) -> torch.Tensor:
-        """The KV for a prompt of `num_tokens` on `model` under adapter `lora`, in host memory,
+        """The KV for a prompt of `num_tokens` on `model` under adapter `conditioning`, in host memory,
         or why this payload is not it; `shared`: the bytes of its shared blocks, checked
         (`check_shared`)."""
-        self.verify(model, num_tokens, lora)
+        self.verify(model, num_tokens, conditioning)
         return self.upload(None, shared).to_device(0)[0]
 
     def check_shared(self, shared: Sequence[np.ndarray]) -> None:
@@ -327,7 +329,7 @@ def _chunk(p: KVPayload) -> pa.StructArray:
         "family": pa.array([p.family], pa.string()),
         "first_token": pa.array([p.first_token], pa.int32()),
         "state_bytes": pa.array([p.state_bytes], pa.int64()),
-        "lora": pa.array([p.lora], pa.string()),
+        "conditioning": pa.array([p.conditioning], pa.string()),
     }
     return pa.StructArray.from_arrays(list(fields.values()), fields=list(TYPE))
 

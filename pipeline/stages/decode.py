@@ -91,7 +91,9 @@ class Decode(EngineStage):
                 continue
             try:
                 with handoff.timed():
-                    loaded = load(payloads[i], self.model, len(prompts[i]), self.store, lora=requests[i].conditioning)
+                    loaded = load(
+                        payloads[i], self.model, len(prompts[i]), self.store, conditioning=requests[i].conditioning
+                    )
                     shared = shared_of(loaded, blocks)
                     kv = loaded.upload(handoff.copies, shared)
             except PayloadError as error:
@@ -184,13 +186,13 @@ def shared_of(p: KVPayload, blocks: Fetched) -> list[np.ndarray]:
 
 
 def checked(
-    p: KVPayload | PayloadError | None, model: ResolvedModel, num_tokens: int, lora: str = ""
+    p: KVPayload | PayloadError | None, model: ResolvedModel, num_tokens: int, conditioning: str = ""
 ) -> KVPayload | PayloadError | None:
     """The payload if what it says of itself fits a prompt of `num_tokens` on `model` under the
-    adapter of digest `lora`, else why not."""
+    adapter of digest `conditioning`, else why not."""
     if isinstance(p, KVPayload):
         try:
-            p.check(model, num_tokens, lora)
+            p.check(model, num_tokens, conditioning)
         except PayloadError as error:
             return error
     return p
@@ -202,22 +204,22 @@ def load(
     num_tokens: int,
     store: PayloadStore | None,
     *,
-    lora: str = "",
+    conditioning: str = "",
 ) -> KVPayload:
-    """A row's payload with its bytes at hand, verified (for adapter `lora`); a payload is
+    """A row's payload with its bytes at hand, verified (for adapter `conditioning`); a payload is
     checked against the engine before its file is read."""
     if isinstance(p, PayloadError):
         raise p
     if p is None:
         raise PayloadLost(ErrorKind.kv_missing, "KV payload is missing")
-    p.check(model, num_tokens, lora)
+    p.check(model, num_tokens, conditioning)
     if p.file is not None:
         if store is None:
             raise PayloadMismatch(
                 ErrorKind.kv_mismatch, f"KV payload is in file {p.file}; set kv.storage_path to its root"
             )
         p = store.fetch(p)
-    p.verify(model, num_tokens, lora)
+    p.verify(model, num_tokens, conditioning)
     return p
 
 

@@ -169,13 +169,15 @@ class Prefill(EngineStage):
                 saved[i] = handoff.take_saved(key).result()
             report.kv_tokens += carried[i][1] - carried[i][0]
         with handoff.timed():
-            loras = {i: requests[i].conditioning for i in saved}
-            payloads = self.payloads(saved, carried, loras=loras, numbers=numbers, shares=shares, report=report)
+            conditions = {i: requests[i].conditioning for i in saved}
+            payloads = self.payloads(
+                saved, carried, conditions=conditions, numbers=numbers, shares=shares, report=report
+            )
         return tokens, payloads
 
-    def block_salt(self, lora: str) -> bytes:
-        """What a block's KV depends on besides its tokens, for a row under adapter `lora`."""
-        return salt(self.model.fingerprint, self.model.dtype, self.kv.codec.value, self.block_tokens, lora)
+    def block_salt(self, conditioning: str) -> bytes:
+        """What a block's KV depends on besides its tokens, for a row of `conditioning`."""
+        return salt(self.model.fingerprint, self.model.dtype, self.kv.codec.value, self.block_tokens, conditioning)
 
     def give_back(self, shares: BatchShares, numbers: list[int], rows: Iterable[int]) -> None:
         """The blocks these rows hold (`rows`: indices in the batch) are not theirs any more."""
@@ -188,13 +190,13 @@ class Prefill(EngineStage):
         saved: dict[int, np.ndarray],
         carried: dict[int, tuple[int, int]],
         *,
-        loras: dict[int, str],
+        conditions: dict[int, str],
         numbers: list[int],
         shares: BatchShares,
         report: BatchReport,
     ) -> list[KVPayload | None]:
         """Each row's payload from the KV its engine saved (under the adapter of digest
-        `loras[row]`): naming the shared blocks, carrying the rest. The shared blocks this batch
+        `conditions[row]`): naming the shared blocks, carrying the rest. The shared blocks this batch
         supplies are stored, each from its supplier's KV."""
         model, codec_name = self.model, self.kv.codec.value
         block = codec(codec_name).nbytes(model.cache.token_shape(self.block_tokens), getattr(torch, model.dtype))
@@ -219,7 +221,7 @@ class Prefill(EngineStage):
                 hashes,
                 [checksums[h] for h in hashes],
                 first_token=start,
-                lora=loras[i],
+                conditioning=conditions[i],
             )
             payloads[i] = self.store.put(p) if self.kv.transport is Transport.storage else p
             report.kv_bytes += p.data.nbytes
